@@ -1,0 +1,76 @@
+"""Graceful shutdown: a registry of live streams a server can end cleanly.
+
+Every long-lived stream (a broker's SSE subscriber, a WebSocket connection)
+registers itself here while it is open. On SIGTERM the server stops
+accepting, then calls :meth:`Lifecycle.shutdown_all`, which asks each stream
+to end politely (SSE: a final event with a ``retry:`` hint; WebSocket: close
+1001 "going away"), and waits for them up to a deadline.
+
+Streams are held weakly so that a stream that forgets to unregister cannot
+leak through this registry.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import weakref
+from typing import Protocol
+
+import gevent
+
+__all__ = ["Drainable", "Lifecycle", "lifecycle"]
+
+log = logging.getLogger("gstream.lifecycle")
+
+
+class Drainable(Protocol):
+    """Anything the server can end gracefully."""
+
+    def shutdown(self, reason: str = "server shutting down") -> None:
+        """Start ending the stream politely; must not block for long."""
+
+
+class Lifecycle:
+    """Tracks live streams of one process."""
+
+    def __init__(self) -> None:
+        self._streams: weakref.WeakSet[Drainable] = weakref.WeakSet()
+        self.shutting_down = False
+        """True once :meth:`shutdown_all` has started; new streams should refuse."""
+
+    def register(self, stream: Drainable) -> None:
+        """Track ``stream`` until it unregisters (or is garbage collected)."""
+        self._streams.add(stream)
+
+    def unregister(self, stream: Drainable) -> None:
+        """Stop tracking ``stream``; a no-op if it is not tracked."""
+        self._streams.discard(stream)
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+    def shutdown_all(self, timeout: float = 5.0, reason: str = "server shutting down") -> int:
+        """Ask every live stream to end, then wait up to ``timeout`` seconds.
+
+        Returns the number of streams still registered when the wait ended
+        (0 means every stream ended in time).
+        """
+        self.shutting_down = True
+        for stream in list(self._streams):
+            try:
+                stream.shutdown(reason)
+            except Exception:  # one broken stream must not stop the others
+                log.exception("error while shutting down %r", stream)
+        deadline = time.monotonic() + timeout
+        while self._streams and time.monotonic() < deadline:
+            gevent.sleep(0.02)
+        return len(self._streams)
+
+    def reset(self) -> None:
+        """Forget the shutting-down state (tests and in-process restarts)."""
+        self.shutting_down = False
+
+
+#: The process-wide registry used by gstream's server and streams.
+lifecycle = Lifecycle()

@@ -1,0 +1,48 @@
+"""Package metadata for gstream (tool settings live in pyproject.toml)."""
+
+from setuptools import find_packages, setup
+
+TEST = [
+    "pytest>=7",
+    "pytest-timeout>=2",
+    "hypothesis>=6",
+    "requests>=2.28",
+    "httpx>=0.24",
+    "websocket-client>=1.5",
+    "ruff>=0.4",
+    "mypy>=1.5",
+]
+
+setup(
+    name="gstream",
+    version="0.1.0",
+    description="Server-Sent Events and WebSockets for gevent/greenlet WSGI servers",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=find_packages(include=["gstream", "gstream.*"]),
+    package_data={"gstream": ["py.typed", "demo_static/*"]},
+    install_requires=[
+        "gevent>=22.10",
+        "greenlet>=2.0",
+        "websockets>=13",
+    ],
+    extras_require={
+        "test": TEST,
+        "redis": ["redis>=4.5", "hiredis>=2"],
+        "locust": ["locust>=2.20"],
+        "flask": ["flask>=2.2"],
+        "django": ["django>=4.2"],
+        "gunicorn": ["gunicorn>=21"],
+        "browser": ["playwright>=1.40"],
+        "demo": [],
+    },
+    entry_points={"console_scripts": ["gstream=gstream.cli:main"]},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Framework :: Flask",
+        "Framework :: Django",
+        "Topic :: Internet :: WWW/HTTP :: WSGI",
+    ],
+)

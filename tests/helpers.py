@@ -1,0 +1,157 @@
+"""Test helpers: running servers, streaming HTTP reads, leak checks."""
+
+from __future__ import annotations
+
+import gc
+import os
+import socket
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import gevent
+from greenlet import greenlet
+
+from gstream.sseparse import EventStreamParser, ParsedEvent
+
+
+class RunningServer:
+    """A started WSGI server and the URL it listens on."""
+
+    def __init__(self, server: Any) -> None:
+        self.server = server
+        self.host, self.port = server.address[0], server.address[1]
+        self.url = f"http://{self.host}:{self.port}"
+
+    def stop(self, timeout: float = 2) -> None:
+        self.server.stop(timeout=timeout)
+
+
+def raw_http(port: int, request: bytes, *, timeout: float = 5.0) -> socket.socket:
+    """Open a TCP connection to 127.0.0.1:port and send ``request`` as is."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    s.sendall(request)
+    return s
+
+
+def read_response_head(sock: socket.socket, limit: int = 65536) -> tuple[int, dict[str, str], bytes]:
+    """Read an HTTP response head; return (status, headers, bytes after head)."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        buf += chunk
+        assert len(buf) < limit, "response head too large"
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1]) if lines and len(lines[0].split()) > 1 else 0
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        k, _, v = line.partition(":")
+        headers[k.strip().lower()] = v.strip()
+    return status, headers, rest
+
+
+class ChunkedReader:
+    """Decode an HTTP/1.1 chunked body from a socket, incrementally."""
+
+    def __init__(self, sock: socket.socket, initial: bytes = b"") -> None:
+        self.sock = sock
+        self.buf = initial
+        self.done = False
+
+    def _fill(self) -> bool:
+        data = self.sock.recv(65536)
+        if not data:
+            return False
+        self.buf += data
+        return True
+
+    def read_chunk(self) -> bytes | None:
+        """Return the next chunk's payload, or None at the end of the body."""
+        while b"\r\n" not in self.buf:
+            if not self._fill():
+                return None
+        size_line, _, rest = self.buf.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        while len(rest) < size + 2:
+            if not self._fill():
+                return None
+            size_line, _, rest = self.buf.partition(b"\r\n")
+        if size == 0:
+            self.done = True
+            return None
+        self.buf = rest[size + 2 :]
+        return rest[:size]
+
+
+class SSEStream:
+    """Read a server-sent event stream over a raw socket, like a browser."""
+
+    def __init__(self, port: int, path: str, headers: dict[str, str] | None = None,
+                 timeout: float = 5.0) -> None:
+        extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+        req = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAccept: text/event-stream\r\n{extra}\r\n"
+        self.sock = raw_http(port, req.encode(), timeout=timeout)
+        self.status, self.headers, rest = read_response_head(self.sock)
+        self.reader = ChunkedReader(self.sock, rest)
+        self.parser = EventStreamParser()
+        self.pending: list[ParsedEvent] = []
+        self.raw = b""
+
+    def next_event(self, timeout: float = 5.0) -> ParsedEvent:
+        """Return the next dispatched event; raise on timeout or end."""
+        with gevent.Timeout(timeout):
+            while not self.pending:
+                chunk = self.reader.read_chunk()
+                if chunk is None:
+                    raise EOFError("stream ended")
+                self.raw += chunk
+                self.pending.extend(self.parser.feed(chunk))
+        return self.pending.pop(0)
+
+    def events(self, n: int, timeout: float = 5.0) -> list[ParsedEvent]:
+        return [self.next_event(timeout) for _ in range(n)]
+
+    def read_until_end(self, timeout: float = 5.0) -> list[ParsedEvent]:
+        out: list[ParsedEvent] = []
+        with gevent.Timeout(timeout):
+            while True:
+                chunk = self.reader.read_chunk()
+                if chunk is None:
+                    break
+                self.raw += chunk
+                out.extend(self.parser.feed(chunk))
+        return self.pending + out
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def live_greenlets() -> int:
+    """Number of live greenlets in this process (for leak checks)."""
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if isinstance(o, greenlet) and not o.dead)
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def wait_until(predicate: Any, timeout: float = 5.0, interval: float = 0.01) -> bool:
+    """Poll ``predicate`` cooperatively until true or ``timeout``; return it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() > deadline:
+            return bool(predicate())
+        gevent.sleep(interval)
+
+
+def iter_sse(resp: Any) -> Iterator[ParsedEvent]:
+    """Parse events from a ``requests`` streaming response as they arrive."""
+    parser = EventStreamParser()
+    for chunk in resp.iter_content(chunk_size=None):
+        yield from parser.feed(chunk)
