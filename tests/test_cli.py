@@ -82,7 +82,7 @@ def test_sigterm_drains_streams_and_requests(procs: Any) -> None:
     url = p.wait_url()
     clients = [SSEClient(url + "/stream", reconnect=False) for _ in range(3)]
     got: list[list[Any]] = [[] for _ in clients]
-    readers = [gevent.spawn(lambda c=c, out=out: out.extend(c)) for c, out in zip(clients, got)]
+    readers = [gevent.spawn(lambda c=c, out=out: out.extend(c)) for c, out in zip(clients, got, strict=True)]
     with gevent.Timeout(5):
         while not all(got):
             gevent.sleep(0.02)
@@ -91,7 +91,7 @@ def test_sigterm_drains_streams_and_requests(procs: Any) -> None:
     t0 = time.monotonic()
     p.p.send_signal(signal.SIGTERM)
     gevent.joinall(readers, timeout=4, raise_error=True)
-    for out, client in zip(got, clients):
+    for out, client in zip(got, clients, strict=True):
         assert [e.data for e in out] == ["hello", "server shutting down"]
         assert out[-1].event == "shutdown" and client.retry_ms == 1500
     r = slow.get(timeout=4)

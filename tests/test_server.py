@@ -105,7 +105,7 @@ def test_graceful_shutdown(start: Any) -> None:
     # Two open SSE streams, one in-flight slow request, one idle keep-alive connection.
     clients = [SSEClient(srv.url + "/stream", reconnect=False) for _ in range(2)]
     received: list[list[Any]] = [[], []]
-    readers = [gevent.spawn(lambda c=c, out=out: out.extend(c)) for c, out in zip(clients, received)]
+    readers = [gevent.spawn(lambda c=c, out=out: out.extend(c)) for c, out in zip(clients, received, strict=True)]
     assert wait_until(lambda: all(received))
     idle = raw_http(srv.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     status, _, _ = read_response_head(idle)
@@ -123,7 +123,7 @@ def test_graceful_shutdown(start: Any) -> None:
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", srv.port), timeout=1)
     gevent.joinall(readers, timeout=3, raise_error=True)
-    for out, client in zip(received, clients):
+    for out, client in zip(received, clients, strict=True):
         assert [e.data for e in out][0] == "hello"
         assert out[-1].event == "shutdown" and out[-1].data == "server shutting down"
         assert client.retry_ms == 1500

@@ -83,6 +83,13 @@ class WebSocketClient:
         self._part_text = False
         self._part_size = 0
         self._handle_events(pending, block=False)
+        # Frames that came with the handshake response may need an answer
+        # (a pong, the close echo) before the reader's first recv().
+        with self._lock:
+            try:
+                self._flush_locked()
+            except OSError:
+                pass
         self._reader = gevent.spawn(self._read_loop)
 
     # -- state -----------------------------------------------------------
@@ -213,7 +220,7 @@ class WebSocketClient:
             self._messages.put(_CLOSED)  # every later recv() raises too
             raise self._closed_error()
         self._space.set()
-        return item  # type: ignore[no-any-return]
+        return item
 
     def __iter__(self) -> Iterator[str | bytes]:
         while True:
@@ -227,6 +234,8 @@ class WebSocketClient:
     def _read_loop(self) -> None:
         sock, protocol = self._sock, self._protocol
         try:
+            if protocol.close_expected():
+                sock.settimeout(self.close_timeout)
             while True:
                 try:
                     data = sock.recv(65536)
