@@ -1,36 +1,107 @@
-"""The ``gstream`` command line (a first version: ``gstream demo``)."""
+"""The ``gstream`` command line: ``gstream serve module:app`` and ``gstream demo``.
+
+gevent's monkey-patching is applied first, before the application module is
+imported, so that every ``socket``, ``ssl``, ``time.sleep`` and ``threading``
+the application (and the libraries it imports) reaches is cooperative.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import logging
+import os
 import sys
+from typing import Any
+
+__all__ = ["main", "load_app"]
+
+
+def _patch() -> None:
+    from gevent import monkey
+
+    if not monkey.is_module_patched("socket"):
+        monkey.patch_all()
+
+
+def load_app(spec: str) -> Any:
+    """Import ``module:attribute`` (``module:factory()`` calls a factory)."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise SystemExit(f"gstream: expected module:app, got {spec!r}")
+    # Like gunicorn: the current directory is importable.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    module = importlib.import_module(module_name)
+    call = attr.endswith("()")
+    obj: Any = module
+    for part in attr.removesuffix("()").split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise SystemExit(f"gstream: {module_name!r} has no attribute {attr!r}") from None
+    if call:
+        obj = obj()
+    if not callable(obj):
+        raise SystemExit(f"gstream: {spec!r} is not a WSGI application")
+    return obj
+
+
+def _add_server_options(p: argparse.ArgumentParser, default_port: int) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=default_port, help="port (0 picks a free one)")
+    p.add_argument("--max-connections", type=int, default=10_000,
+                   help="most connections handled at once (default 10000)")
+    p.add_argument("--overflow", choices=("queue", "reject"), default="queue",
+                   help="past the cap: queue in the listen backlog, or reject with 503")
+    p.add_argument("--certfile", help="TLS certificate (PEM); serves HTTPS with --keyfile")
+    p.add_argument("--keyfile", help="TLS private key (PEM)")
+    p.add_argument("--access-log", action="store_true", help="log every request")
+    p.add_argument("--shutdown-timeout", type=float, default=10.0,
+                   help="seconds a graceful shutdown may take (default 10)")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a client has to send a request head (0 disables)")
+    p.add_argument("--log-level", default="info",
+                   choices=("debug", "info", "warning", "error"))
+
+
+def _run(app: Any, args: argparse.Namespace, banner: str) -> int:
+    from .server import Server
+
+    server = Server(
+        app, args.host, args.port,
+        max_connections=args.max_connections, overflow=args.overflow,
+        certfile=args.certfile, keyfile=args.keyfile, access_log=args.access_log,
+        shutdown_timeout=args.shutdown_timeout, header_timeout=args.header_timeout or None,
+    )
+    server.start()
+    print(banner.format(url=server.url), flush=True)
+    server.serve_forever()
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``gstream`` command; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="gstream", description="gstream command line")
+    parser = argparse.ArgumentParser(prog="gstream",
+                                     description="Serve WSGI apps with SSE and WebSockets on gevent.")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run the demo server")
-    demo.add_argument("--host", default="127.0.0.1")
-    demo.add_argument("--port", type=int, default=8000)
+    srv = sub.add_parser("serve", help="serve a WSGI application (module:app)")
+    srv.add_argument("app", help="the application, as module:attribute or module:factory()")
+    _add_server_options(srv, 8000)
+    demo = sub.add_parser("demo", help="run the demo and print the URL to open")
+    _add_server_options(demo, 8000)
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        from gevent import monkey
 
-        monkey.patch_all()
-        from gevent.pywsgi import WSGIServer
+    # Patch before anything imports the application (or ssl, threading...).
+    _patch()
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "serve":
+        app = load_app(args.app)
+        return _run(app, args, f"gstream: serving {args.app} on {{url}}")
+    from .demo_app import make_app
 
-        from .demo_app import make_app
-
-        server = WSGIServer((args.host, args.port), make_app())
-        server.start()
-        print(f"gstream demo: open http://{args.host}:{server.server_port}/", flush=True)
-        try:
-            server.serve_forever()
-        except KeyboardInterrupt:
-            pass
-        return 0
-    return 2
+    return _run(make_app(), args, "gstream demo: open {url}/")
 
 
 if __name__ == "__main__":

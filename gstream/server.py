@@ -1,0 +1,381 @@
+"""gstream's server: gevent's pywsgi with a connection cap and graceful shutdown.
+
+:class:`Server` wraps :class:`gevent.pywsgi.WSGIServer` and adds what
+long-lived streams need from a server:
+
+* **a connection cap**: at most ``max_connections`` handler greenlets. Past
+  it, ``overflow="queue"`` stops accepting (new connections wait in the
+  kernel's listen backlog) and ``overflow="reject"`` answers ``503`` with
+  ``Retry-After`` at once;
+* **a request-head deadline** (``header_timeout``) against slowloris
+  clients; it also bounds how long an idle keep-alive connection is kept;
+* **graceful shutdown** on SIGTERM/SIGINT (:meth:`Server.stop`): stop
+  accepting, close idle keep-alive connections, ask every registered stream
+  to end politely through :data:`gstream.lifecycle.lifecycle` (SSE: a final
+  event and a ``retry:`` hint; WebSocket: close 1001), let in-flight
+  requests finish, all within ``shutdown_timeout``; whatever is left at the
+  deadline is cut.
+
+Logging goes through :mod:`logging`: ``gstream.server`` for the server,
+``gstream.access`` for the optional access log.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import gevent
+import gevent.event
+from gevent import pywsgi
+from gevent import socket as gsocket
+from gevent.pool import Pool
+
+from .lifecycle import Lifecycle
+from .lifecycle import lifecycle as default_lifecycle
+
+try:  # the WebSocket-aware handler, when present
+    from .handler import GStreamHandler as _DefaultHandler  # type: ignore[import-not-found,unused-ignore]
+except ImportError:  # pragma: no cover - depends on the branch
+    _DefaultHandler = pywsgi.WSGIHandler
+
+__all__ = ["Server", "serve"]
+
+log = logging.getLogger("gstream.server")
+
+_REJECT_BODY = b"server at capacity, retry later\n"
+_REJECT_RESPONSE = (
+    b"HTTP/1.1 503 Service Unavailable\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\n"
+    b"Retry-After: 1\r\n"
+    b"Connection: close\r\n"
+    b"Content-Length: " + str(len(_REJECT_BODY)).encode() + b"\r\n\r\n" + _REJECT_BODY
+)
+# Rejections run in short greenlets of their own; past this many at once a
+# flood is simply closed, so rejecting can't itself exhaust memory.
+_MAX_REJECTING = 256
+
+
+def _managed_handler(base: Any) -> Any:
+    """Subclass ``base`` (a pywsgi handler) with gstream's server bookkeeping."""
+
+    class Managed(base):
+        _gs_timer: Any = None
+        _gs_served = 0
+
+        def handle_one_request(self) -> Any:
+            ctl: Server = self.server.controller
+            if ctl.draining:
+                return None
+            timer = None
+            if ctl.header_timeout:
+                timer = gevent.Timeout(ctl.header_timeout)
+                timer.start()
+            self._gs_timer = timer
+            ctl._idle.add(self)
+            if self._gs_served:
+                ctl._keepalive.add(self)
+            try:
+                result = super().handle_one_request()
+            except gevent.Timeout as exc:
+                if exc is not timer:
+                    raise
+                # Slowloris, or a keep-alive connection idle for too long.
+                log.debug("no complete request head from %s within %s s; closing",
+                          self.client_address, ctl.header_timeout)
+                self.close_connection = True
+                return None
+            finally:
+                if timer is not None:
+                    timer.close()
+                ctl._idle.discard(self)
+                ctl._keepalive.discard(self)
+            self._gs_served += 1
+            if result is True and (ctl.draining or ctl._active >= ctl.max_connections):
+                # Draining, or at capacity: an idle keep-alive connection
+                # would hold a slot that a waiting client needs.
+                return None
+            return result
+
+        def get_environ(self) -> Any:
+            # The head is complete: the application may take as long as it needs.
+            if self._gs_timer is not None:
+                self._gs_timer.close()
+            self.server.controller._idle.discard(self)
+            self.server.controller._keepalive.discard(self)
+            return super().get_environ()
+
+        def start_response(self, status: str, headers: Any, exc_info: Any = None) -> Any:
+            if self.server.controller.draining and not status.startswith("101"):
+                headers = [h for h in headers if h[0].lower() != "connection"]
+                headers.append(("Connection", "close"))
+            return super().start_response(status, headers, exc_info)
+
+    Managed.__name__ = Managed.__qualname__ = f"Managed{base.__name__}"
+    return Managed
+
+
+class _WSGIServer(pywsgi.WSGIServer):
+    """pywsgi's server, reporting to a :class:`Server` and rejecting past the cap."""
+
+    controller: Server
+
+    def handle(self, sock: Any, address: Any) -> None:
+        ctl = self.controller
+        if ctl.overflow == "reject" and ctl._active >= ctl.max_connections:
+            ctl.rejected += 1
+            if ctl._rejecting >= _MAX_REJECTING:
+                return  # the caller closes the socket
+            ctl._rejecting += 1
+            try:
+                _reject(sock)
+            finally:
+                ctl._rejecting -= 1
+            return
+        ctl._active += 1
+        if ctl._active >= ctl.max_connections:
+            ctl._close_idle(ctl._keepalive)
+        try:
+            super().handle(sock, address)
+        finally:
+            ctl._active -= 1
+
+
+def _reject(sock: Any) -> None:
+    """Answer 503 politely: read the request head first so closing doesn't reset."""
+    try:
+        sock.settimeout(1.0)
+        buf = b""
+        while b"\r\n\r\n" not in buf and len(buf) < 16384:
+            data = sock.recv(4096)
+            if not data:
+                break
+            buf += data
+        sock.sendall(_REJECT_RESPONSE)
+        sock.shutdown(gsocket.SHUT_WR)
+        sock.recv(4096)  # wait (bounded) for the client to close first
+    except OSError:
+        pass
+
+
+class Server:
+    """A gevent WSGI server for apps with long-lived SSE and WebSocket streams.
+
+    Args:
+        app: the WSGI application.
+        host, port: where to listen (port 0 picks a free port; see :attr:`port`).
+        max_connections: the most connections handled at once.
+        overflow: past the cap, ``"queue"`` (wait in the listen backlog) or
+            ``"reject"`` (answer ``503 Service Unavailable`` with ``Retry-After``).
+        certfile, keyfile: serve HTTPS with this certificate and key.
+        access_log: log each request to the ``gstream.access`` logger.
+        shutdown_timeout: seconds a graceful shutdown may take in total.
+        header_timeout: seconds a client has to send a complete request head
+            (also the keep-alive idle limit); ``None`` disables it.
+        handler_class: the pywsgi handler class (default: gstream's
+            WebSocket-aware handler when available, else pywsgi's).
+        backlog: the listen backlog (where queued connections wait).
+        lifecycle: the stream registry to drain (default: the process-wide one).
+        shutdown_reason: the reason given to streams when shutting down.
+    """
+
+    def __init__(
+        self,
+        app: Callable[..., Any],
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        *,
+        max_connections: int = 10_000,
+        overflow: str = "queue",
+        certfile: str | None = None,
+        keyfile: str | None = None,
+        access_log: bool = False,
+        shutdown_timeout: float = 10.0,
+        header_timeout: float | None = 10.0,
+        handler_class: type | None = None,
+        backlog: int | None = None,
+        lifecycle: Lifecycle | None = None,
+        shutdown_reason: str = "server shutting down",
+    ) -> None:
+        if overflow not in ("queue", "reject"):
+            raise ValueError("overflow must be 'queue' or 'reject'")
+        if max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
+        if bool(certfile) != bool(keyfile):
+            raise ValueError("certfile and keyfile go together")
+        self.app = app
+        self.max_connections = max_connections
+        self.overflow = overflow
+        self.shutdown_timeout = shutdown_timeout
+        self.header_timeout = header_timeout
+        self.lifecycle = lifecycle if lifecycle is not None else default_lifecycle
+        self.shutdown_reason = shutdown_reason
+        self.secure = bool(certfile)
+        self.draining = False
+        """True once a graceful shutdown has begun."""
+        self.rejected = 0
+        """Connections answered ``503`` because the server was at capacity."""
+        self._active = 0
+        self._rejecting = 0
+        self._idle: set[Any] = set()  # handlers waiting for a request head
+        self._keepalive: set[Any] = set()  # ... after serving one on that connection
+        self._stopped = gevent.event.Event()
+        self._stopper: gevent.Greenlet | None = None
+        self._signals: list[Any] = []
+        # Reject mode accepts everything (an unbounded pool) and answers 503 itself.
+        self.pool = Pool(max_connections if overflow == "queue" else None)
+        handler = _managed_handler(handler_class or _DefaultHandler)
+        kwargs: dict[str, Any] = {}
+        if certfile:
+            kwargs.update(certfile=certfile, keyfile=keyfile)
+        if backlog is not None:
+            kwargs["backlog"] = backlog
+        self._wsgi = _WSGIServer(
+            (host, port), app, spawn=self.pool, handler_class=handler,
+            log=logging.getLogger("gstream.access") if access_log else None,
+            error_log=log, **kwargs,
+        )
+        self._wsgi.controller = self
+
+    # -- introspection ---------------------------------------------------
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound (host, port); the real port once started."""
+        addr = self._wsgi.address
+        return addr[0], addr[1]
+
+    @property
+    def port(self) -> int:
+        """The bound port (the real one when created with port 0)."""
+        return self.address[1]
+
+    @property
+    def url(self) -> str:
+        """The base URL, e.g. ``http://127.0.0.1:8000``."""
+        host, port = self.address
+        if ":" in host:
+            host = f"[{host}]"
+        return f"{'https' if self.secure else 'http'}://{host}:{port}"
+
+    @property
+    def connections(self) -> int:
+        """Connections being handled now (including rejections in progress)."""
+        return self._active
+
+    # -- running ---------------------------------------------------------
+
+    def start(self) -> None:
+        """Bind and start accepting in the background (returns at once)."""
+        self.lifecycle.reset()
+        self._wsgi.start()
+        log.info("gstream serving on %s (max %d connections, overflow=%s)",
+                 self.url, self.max_connections, self.overflow)
+
+    def install_signal_handlers(self) -> None:
+        """Shut down gracefully on SIGTERM and SIGINT (a second signal cuts it short)."""
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._signals.append(gevent.signal_handler(signum, self._on_signal, signum))
+
+    def _on_signal(self, signum: int) -> None:
+        if self._stopper is None:
+            log.info("received %s: shutting down gracefully", signal.Signals(signum).name)
+            self._stopper = gevent.spawn(self.stop)
+        else:
+            log.warning("received %s again: closing every connection now",
+                        signal.Signals(signum).name)
+            gevent.spawn(self._force_close)
+
+    def serve_forever(self, install_signals: bool = True) -> None:
+        """Start if needed, then block until the server has stopped.
+
+        With ``install_signals``, SIGTERM and SIGINT start a graceful
+        shutdown (the handlers are removed again on return).
+        """
+        if not self._wsgi.started:
+            self.start()
+        if install_signals:
+            self.install_signal_handlers()
+        try:
+            self._stopped.wait()
+        finally:
+            for handler in self._signals:
+                handler.cancel()
+            self._signals.clear()
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Shut down gracefully within ``timeout`` (default ``shutdown_timeout``) seconds.
+
+        Stops accepting, closes idle keep-alive connections, asks registered
+        streams to end, waits for in-flight requests, and closes whatever is
+        left at the deadline. Returns True when everything ended in time.
+        Safe to call more than once (later calls wait for the first).
+        """
+        if self.draining:
+            self._stopped.wait()
+            return True
+        self.draining = True
+        timeout = self.shutdown_timeout if timeout is None else timeout
+        deadline = time.monotonic() + max(0.0, timeout)
+        log.info("shutting down: %d connections, %d streams, deadline %.1f s",
+                 self._active, len(self.lifecycle), timeout)
+        self._wsgi.close()  # no new connections
+        self._close_idle()
+        left = self.lifecycle.shutdown_all(max(0.0, deadline - time.monotonic()),
+                                           self.shutdown_reason)
+        if left:
+            log.warning("%d streams did not end before the deadline", left)
+        # Handlers that were between requests when the drain began, or that
+        # just finished one, must not linger until the deadline.
+        while self.pool and time.monotonic() < deadline:
+            self._close_idle()
+            self.pool.join(timeout=min(0.05, max(0.0, deadline - time.monotonic())))
+        clean = not self.pool
+        if not clean:
+            log.warning("%d connections still open at the deadline; closing them", len(self.pool))
+            self._force_close()
+        log.info("server stopped%s", "" if clean else " (some connections were cut)")
+        self._stopped.set()
+        return clean
+
+    def _close_idle(self, handlers: set[Any] | None = None) -> None:
+        for handler in list(self._idle if handlers is None else handlers):
+            sock = getattr(handler, "socket", None)
+            if sock is not None:
+                try:
+                    # Wakes the handler's pending read with an error: pywsgi
+                    # then closes the connection quietly.
+                    sock.shutdown(gsocket.SHUT_RD)
+                except OSError:
+                    pass
+
+    def _force_close(self) -> None:
+        self.pool.kill(block=True, timeout=1)
+        self._stopped.set()
+
+
+def serve(
+    app: Callable[..., Any],
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    ready: Callable[[Server], Any] | None = None,
+    install_signals: bool = True,
+    **options: Any,
+) -> Server:
+    """Run ``app`` until a graceful shutdown (SIGTERM/SIGINT); return the stopped Server.
+
+    ``options`` are :class:`Server` arguments. ``ready(server)`` is called
+    once the server listens (e.g. to print :attr:`Server.url`).
+    The process should be monkey-patched by gevent before the application
+    is imported (``gstream serve`` does it for you).
+    """
+    server = Server(app, host, port, **options)
+    server.start()
+    if ready is not None:
+        ready(server)
+    server.serve_forever(install_signals=install_signals)
+    return server
