@@ -11,6 +11,19 @@ from .events import Event, EventType, encode, encode_comment, encode_retry, json
 from .sse import SSE_HEADERS, ChunkedWriter, SSEWriter, last_event_id, stream_events
 from .sseparse import EventStreamParser, ParsedEvent
 
+# gstream.server imports gevent.pywsgi, which imports ssl; importing it here
+# would load ssl before `gstream serve` has monkey-patched. Load it lazily.
+_LAZY = {"Server": "gstream.server", "serve": "gstream.server"}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'gstream' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -26,11 +39,13 @@ __all__ = [
     "ParsedEvent",
     "SSEWriter",
     "SSE_HEADERS",
+    "Server",
     "SubscriberLimit",
     "encode",
     "encode_comment",
     "encode_retry",
     "json_event",
     "last_event_id",
+    "serve",
     "stream_events",
 ]
