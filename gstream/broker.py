@@ -379,7 +379,7 @@ class SSEBroker:
         self._end(sub, self._final(CUT_EVENT, "block timeout exceeded"))
         g = sub.greenlet
         if g is not None and g is not gevent.getcurrent():
-            gevent.kill(g, block=False)
+            gevent.kill(g)  # asynchronous: raises GreenletExit in its write
 
     # -- subscribing -------------------------------------------------------
 
