@@ -15,7 +15,14 @@ from gevent.monkey import get_original
 from gstream import BrokerClosed, Event
 from gstream.broker import EVICTED_EVENT, MISSED_EVENT, SHUTDOWN_EVENT, BrokerConfig, SSEBroker
 from gstream.lifecycle import lifecycle
-from tests.helpers import SSEStream, live_greenlets, open_fds, raw_http, read_response_head, wait_until
+from tests.helpers import (
+    SSEStream,
+    live_greenlets,
+    open_fds,
+    raw_http,
+    read_response_head,
+    wait_until,
+)
 
 
 def start(serve, **cfg):
