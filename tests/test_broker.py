@@ -280,10 +280,10 @@ def test_cap_rejects_reused_id_without_principal_and_allows_replacement(serve):
 # -- heartbeats (items 67, 72) -----------------------------------------------
 
 def test_heartbeat_on_idle_stream_and_reset_by_writes(serve):
-    broker, srv = start(serve, heartbeat_interval=0.2)
+    broker, srv = start(serve, heartbeat_interval=0.3)
     s = connect(srv, broker)
     s.reader.read_chunk()
-    gevent.sleep(0.5)
+    gevent.sleep(0.75)
     chunks = [s.reader.read_chunk(), s.reader.read_chunk()]
     assert chunks == [b": heartbeat\n\n"] * 2
     # Busy stream: the idle timer restarts after every write, so no heartbeat.
@@ -291,7 +291,7 @@ def test_heartbeat_on_idle_stream_and_reset_by_writes(serve):
     busy.reader.read_chunk()
     for _ in range(12):
         broker.publish("tick")
-        gevent.sleep(0.05)
+        gevent.sleep(0.03)
     assert len(busy.events(12)) == 12
     assert b"heartbeat" not in busy.raw
     s.close()

@@ -113,7 +113,7 @@ def test_drop_oldest_under_stalled_reader_reports_missed(serve):
 
 
 def test_block_mode_bounded_by_timeout_and_others_unaffected(serve):
-    broker, srv = start(serve, allow_client_slow_mode=True, block_timeout=0.5)
+    broker, srv = start(serve, allow_client_slow_mode=True, block_timeout=1.0)
     healthy = Collector(srv.port)
     sock, _ = stalled_client(srv.port, "/?slow=block&buffer=2")
     assert wait_until(lambda: broker.subscriber_count == 2, 3)
@@ -128,11 +128,11 @@ def test_block_mode_bounded_by_timeout_and_others_unaffected(serve):
         n += 1
     assert broker.stats()["cut"] == 1, "the stalled block-mode subscriber was never cut loose"
     worst_n, worst_t0, worst = max(durations, key=lambda d: d[2])
-    assert 0.4 <= worst < 0.9, worst
+    assert 0.9 <= worst < 1.6, worst
     # The healthy subscriber got the blocking event long before the publish returned.
     assert wait_until(lambda: len(healthy.events) == n, 10)
     arrived = dict(healthy.arrivals)[f"{worst_n:06d}" + BIG[:6]]
-    assert arrived - worst_t0 < 0.25
+    assert arrived - worst_t0 < 0.5
     # Cut loose: unregistered, and later publishes are immediate.
     assert broker.subscriber_count == 1
     t0 = time.monotonic()
