@@ -242,7 +242,6 @@ class SSEBroker:
              "rejected", "resets", "replayed", "foreign", "foreign_dropped"), 0)
         self._foreign: deque[Event] = deque()
         self._pump: Any = None
-        self._async: Any = None
         self._bind_hub()
         self._backplane: Backplane = cfg.backplane if cfg.backplane is not None else LocalBackplane()
         self._backplane.attach(cfg.topic, self._deliver_local)
@@ -250,16 +249,12 @@ class SSEBroker:
     # -- threads -----------------------------------------------------------
 
     def _bind_hub(self) -> None:
-        # Cross-thread publishes are handed to the hub through an async
-        # watcher: gevent primitives are not thread-safe, libev's
-        # ev_async_send is.
+        # Cross-thread publishes are handed to the hub's loop with
+        # run_callback_threadsafe (gevent primitives are not thread-safe;
+        # that call is, and it wakes the loop).
         self._pid = os.getpid()
         self._thread = _get_ident()
-        if self._async is not None:
-            self._async.close()
-        self._async = gevent.get_hub().loop.async_()
-        self._async.ref = False  # never keep the loop alive on its own
-        self._async.start(self._on_foreign)
+        self._loop = gevent.get_hub().loop
 
     def _in_hub_thread(self) -> bool:
         if os.getpid() != self._pid:
@@ -305,7 +300,7 @@ class SSEBroker:
                     pass
             self._foreign.append(event)
             self._stats["foreign"] += 1
-            self._async.send()
+            self._loop.run_callback_threadsafe(self._on_foreign)
             return None
         return self._publish_here(event)
 
@@ -556,9 +551,6 @@ class SSEBroker:
             self._end(sub, done)
         self._backplane.close()
         self._foreign.clear()
-        if self._async is not None:
-            self._async.close()
-            self._async = None
 
     @property
     def closed(self) -> bool:

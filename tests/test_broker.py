@@ -363,7 +363,7 @@ def test_lifecycle_shutdown_ends_streams_with_retry_hint(serve):
 
 def test_publish_from_a_native_os_thread(serve):
     broker, srv = start(serve, first_id=1)
-    s = connect(srv, broker)
+    s = connect(srv, broker, "/?buffer=1024")  # the thread may outpace the reader
     start_new_thread = get_original("_thread", "start_new_thread")
     get_ident = get_original("_thread", "get_ident")
     sleep = get_original("time", "sleep")
@@ -427,3 +427,21 @@ def test_stats_and_missed_event_shape(serve):
     st = broker.stats()
     assert (st["published"], st["dropped"], st["delivered"], st["subscribers"]) == (5, 3, 2, 1)
     s.close()
+
+
+def test_publish_from_gevent_threadpool_and_after_close(serve):
+    from gevent.threadpool import ThreadPool
+
+    broker, srv = start(serve)
+    s = connect(srv, broker, "/?buffer=1024")
+    pool = ThreadPool(2)
+    try:
+        results = [pool.spawn(broker.publish, Event(data=str(i))) for i in range(20)]
+        assert [r.get(timeout=5) for r in results] == [None] * 20
+        assert sorted(int(e.data) for e in s.events(20)) == list(range(20))
+        broker.close()
+        with pytest.raises(BrokerClosed):
+            pool.spawn(broker.publish, Event(data="late")).get(timeout=5)
+    finally:
+        pool.kill()
+        s.close()
