@@ -6,6 +6,7 @@ details of layout. See README.md for a tour.
 
 from __future__ import annotations
 
+from .broker import BrokerConfig, SSEBroker
 from .errors import BrokerClosed, Closed, GStreamError, HandshakeError, SubscriberLimit
 from .events import Event, EventType, encode, encode_comment, encode_retry, json_event
 from .sse import SSE_HEADERS, ChunkedWriter, SSEWriter, last_event_id, stream_events
@@ -29,6 +30,7 @@ __version__ = "0.1.0"
 __all__ = [
     "__version__",
     "BrokerClosed",
+    "BrokerConfig",
     "ChunkedWriter",
     "Closed",
     "Event",
@@ -37,6 +39,7 @@ __all__ = [
     "GStreamError",
     "HandshakeError",
     "ParsedEvent",
+    "SSEBroker",
     "SSEWriter",
     "SSE_HEADERS",
     "Server",

@@ -1,0 +1,580 @@
+"""SSEBroker: fan events out to many Server-Sent Events subscribers.
+
+Each subscriber is served by the request's own greenlet, which reads its own
+bounded queue and yields coalesced frames to the WSGI server (see
+docs/broker.md for the design and the protocol events it emits).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import time
+from collections import deque
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field, replace
+from typing import Any
+from urllib.parse import parse_qsl
+
+import gevent
+from gevent.event import Event as GEvent
+from gevent.monkey import get_original
+
+from .backplane import Backplane, LocalBackplane
+from .errors import BrokerClosed
+from .events import Event, EventType, encode, encode_comment, encode_retry, truncate_field
+from .lifecycle import lifecycle
+from .replay import History
+from .sse import SSE_HEADERS, Environ, StartResponse, last_event_id
+
+__all__ = [
+    "BrokerConfig",
+    "SSEBroker",
+    "MISSED_EVENT",
+    "RESET_EVENT",
+    "EVICTED_EVENT",
+    "SHUTDOWN_EVENT",
+    "CUT_EVENT",
+]
+
+log = logging.getLogger("gstream.broker")
+
+#: Event name telling a subscriber how many events it lost (drop-oldest).
+MISSED_EVENT = "gstream.missed"
+#: Event name telling a resuming subscriber its Last-Event-ID could not be honoured.
+RESET_EVENT = "gstream.reset"
+#: Event name sent to a stream replaced by a newer one of the same caller.
+EVICTED_EVENT = "gstream.evicted"
+#: Event name sent on graceful server shutdown.
+SHUTDOWN_EVENT = "gstream.shutdown"
+#: Event name for a block-mode subscriber cut loose after its block timeout.
+CUT_EVENT = "gstream.cut"
+
+HEARTBEAT = encode_comment("heartbeat")
+OPEN_COMMENT = encode_comment("stream open")
+MAX_FILTER_NAMES = 32
+
+_get_ident = get_original("_thread", "get_ident")
+_TEXT = [("Content-Type", "text/plain; charset=utf-8")]
+
+
+@dataclass
+class BrokerConfig:
+    """Settings of an :class:`SSEBroker`; out-of-range values are normalised."""
+
+    topic: str = ""
+    """Logical name (also the backplane channel)."""
+    default_buffer: int = 64
+    """Per-subscriber queue capacity when the client asks for none (<= 0 means 64)."""
+    max_buffer: int = 1024
+    """Upper clamp of a client-requested buffer (<= 0 means 1024)."""
+    heartbeat_interval: float | None = 30.0
+    """Seconds of idleness before a ``: heartbeat`` comment; None or <= 0 disables."""
+    allow_client_slow_mode: bool = False
+    """Whether a client may ask for block mode (``?slow=block`` / ``X-SSE-Slow: block``)."""
+    block_timeout: float = 5.0
+    """Longest one publish waits for block-mode subscribers (<= 0 means 5)."""
+    principal: Callable[[Environ], str | None] | None = None
+    """Caller identity scoping subscriber-id replacement; None never evicts."""
+    max_subscribers: int = 0
+    """Exact cap on concurrent subscribers; 0 (or less) means unlimited."""
+    retry_after: int = 5
+    """Seconds sent as ``Retry-After`` with a 503 at the cap."""
+    history_size: int = 1024
+    """Events kept for Last-Event-ID replay; 0 disables replay."""
+    history_max_age: float | None = 300.0
+    """Seconds an event stays replayable; None or <= 0: no age bound."""
+    retry: int = 3000
+    """Reconnect hint (ms) sent on open and with final frames; <= 0 sends none."""
+    max_subscriber_id: int = 256
+    """Longest subscriber id kept, in UTF-8 bytes (cut on a character boundary)."""
+    first_id: int | None = None
+    """First broker-assigned id; None starts from the clock (microseconds)
+    so a restarted broker never re-issues its predecessor's ids."""
+    foreign_queue: int = 65536
+    """Cross-thread publishes queued at most before the oldest is dropped."""
+    backplane: Backplane | None = field(default=None, repr=False)
+    """Cross-process transport; None means in-process only."""
+
+    def __post_init__(self) -> None:
+        if self.max_buffer <= 0:
+            self.max_buffer = 1024
+        if self.default_buffer <= 0:
+            self.default_buffer = 64
+        self.default_buffer = min(self.default_buffer, self.max_buffer)
+        if self.heartbeat_interval is not None and self.heartbeat_interval <= 0:
+            self.heartbeat_interval = None
+        if self.block_timeout <= 0:
+            self.block_timeout = 5.0
+        self.max_subscribers = max(0, self.max_subscribers)
+        self.retry_after = max(1, int(self.retry_after))
+        self.history_size = max(0, int(self.history_size))
+        self.max_subscriber_id = max(1, int(self.max_subscriber_id))
+        self.foreign_queue = max(1, int(self.foreign_queue))
+
+
+class _Subscriber:
+    """One open stream. Kept small: memory per idle subscriber matters."""
+
+    __slots__ = (
+        "broker", "key", "sid", "principal", "names", "block", "capacity", "items",
+        "ready", "room", "final", "ended", "greenlet", "dropped", "missed",
+        "delivered", "since", "__weakref__",
+    )
+
+    def __init__(self, broker: SSEBroker, key: str, sid: str, principal: str,
+                 names: frozenset[str] | None, block: bool, capacity: int) -> None:
+        self.broker = broker
+        self.key = key
+        self.sid = sid
+        self.principal = principal
+        self.names = names
+        self.block = block
+        self.capacity = capacity
+        self.items: deque[bytes] = deque(maxlen=capacity)
+        self.ready = GEvent()
+        self.room: GEvent | None = GEvent() if block else None
+        self.final: bytes | None = None
+        self.ended = False
+        self.greenlet: Any = None
+        self.dropped = 0
+        self.missed = 0
+        self.delivered = 0
+        self.since = time.time()
+
+    def shutdown(self, reason: str = "server shutting down") -> None:
+        """Lifecycle hook: end this stream with a final event and retry hint."""
+        self.broker._end(self, self.broker._final(SHUTDOWN_EVENT, reason))
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "subscriber_id": self.sid,
+            "mode": "block" if self.block else "drop-oldest",
+            "buffer": self.capacity,
+            "depth": len(self.items),
+            "dropped": self.dropped,
+            "delivered": self.delivered,
+            "events": sorted(self.names) if self.names else None,
+            "connected_at": self.since,
+        }
+
+
+class _Body:
+    """The WSGI body of one subscriber; ``close()`` always unregisters.
+
+    A class rather than a bare generator because closing a generator that
+    was never started does not run its ``finally`` block.
+    """
+
+    __slots__ = ("_sub", "_gen")
+
+    def __init__(self, sub: _Subscriber, prelude: bytes) -> None:
+        self._sub = sub
+        self._gen = sub.broker._run(sub, prelude)
+
+    def __iter__(self) -> Generator[bytes, None, None]:
+        # The generator itself: one Python frame less on every idle stack.
+        return self._gen
+
+    def __next__(self) -> bytes:
+        return next(self._gen)
+
+    def close(self) -> None:
+        try:
+            self._gen.close()
+        finally:
+            self._sub.broker._unregister(self._sub)
+
+
+def _header(environ: Environ, name: str) -> str | None:
+    raw = environ.get(name)
+    if raw is None:
+        return None
+    try:  # WSGI header values are latin-1-decoded bytes; recover the UTF-8.
+        return str(raw).encode("latin-1").decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        return str(raw)
+
+
+def _cut_utf8(value: str, limit: int) -> str:
+    data = value.encode("utf-8", "replace")
+    if len(data) <= limit:
+        return value
+    return data[:limit].decode("utf-8", "ignore")
+
+
+def _parse_buffer(raw: str | None) -> int | None:
+    if raw is None:
+        return None
+    raw = raw.strip()
+    if not raw or len(raw) > 9 or not raw.isascii() or not raw.isdigit():
+        return None
+    value = int(raw)
+    return value if value > 0 else None
+
+
+class SSEBroker:
+    """Fan events out to many SSE subscribers of one topic.
+
+    ``broker.subscribe`` is a WSGI application (mount it at any path);
+    :meth:`stream` gives the same stream to framework views.
+    :meth:`publish` may be called from any greenlet, and from native OS
+    threads (it is marshalled into the hub's thread).
+
+    Args:
+        config: a :class:`BrokerConfig`; keyword ``overrides`` replace its fields.
+    """
+
+    def __init__(self, config: BrokerConfig | None = None, **overrides: Any) -> None:
+        base = config if config is not None else BrokerConfig()
+        self.config = replace(base, **overrides) if overrides else replace(base)
+        cfg = self.config
+        self._subs: dict[str, _Subscriber] = {}
+        self._history = History(cfg.history_size, cfg.history_max_age)
+        self._next_id = cfg.first_id if cfg.first_id is not None else time.time_ns() // 1000
+        self._seq = 0
+        self._closed = False
+        self._stats = dict.fromkeys(
+            ("published", "enqueued", "delivered", "dropped", "cut", "evicted",
+             "rejected", "resets", "replayed", "foreign", "foreign_dropped"), 0)
+        self._foreign: deque[Event] = deque()
+        self._pump: Any = None
+        self._bind_hub()
+        self._backplane: Backplane = cfg.backplane if cfg.backplane is not None else LocalBackplane()
+        self._backplane.attach(cfg.topic, self._deliver_local)
+
+    # -- threads -----------------------------------------------------------
+
+    def _bind_hub(self) -> None:
+        # Cross-thread publishes are handed to the hub's loop with
+        # run_callback_threadsafe (gevent primitives are not thread-safe;
+        # that call is, and it wakes the loop).
+        self._pid = os.getpid()
+        self._thread = _get_ident()
+        self._loop = gevent.get_hub().loop
+
+    def _in_hub_thread(self) -> bool:
+        if os.getpid() != self._pid:
+            self._bind_hub()  # forked after construction (e.g. preload_app)
+        return _get_ident() == self._thread
+
+    def _on_foreign(self) -> None:
+        if self._pump is None and self._foreign:
+            self._pump = gevent.spawn(self._drain_foreign)
+
+    def _drain_foreign(self) -> None:
+        try:
+            while self._foreign:
+                event = self._foreign.popleft()
+                if not self._closed:
+                    self._publish_here(event)
+        finally:
+            self._pump = None
+
+    # -- publishing --------------------------------------------------------
+
+    def publish(self, event: Event | str) -> str | None:
+        """Send ``event`` to every matching subscriber; return its id.
+
+        A ``str`` is sent as a plain message. Without an id, the broker
+        assigns the next one of this topic (monotonic). Called from a native
+        thread, the event is queued for the hub's thread and ``None`` is
+        returned at once (the id is assigned there, in delivery order).
+
+        Raises:
+            BrokerClosed: after :meth:`close`.
+        """
+        if self._closed:
+            raise BrokerClosed("broker is closed")
+        if isinstance(event, str):
+            event = Event(data=event)
+        if not self._in_hub_thread():
+            if len(self._foreign) >= self.config.foreign_queue:
+                try:
+                    self._foreign.popleft()
+                    self._stats["foreign_dropped"] += 1
+                except IndexError:  # drained by the hub meanwhile
+                    pass
+            self._foreign.append(event)
+            self._stats["foreign"] += 1
+            self._loop.run_callback_threadsafe(self._on_foreign)
+            return None
+        return self._publish_here(event)
+
+    def _publish_here(self, event: Event) -> str:
+        if event.id is None or not truncate_field(event.id):
+            event = replace(event, id=str(self._next_id))
+            self._next_id += 1
+        self._stats["published"] += 1
+        self._backplane.publish(self.config.topic, event, encode(event))
+        return event.id  # type: ignore[return-value]
+
+    def _deliver_local(self, event: Event, frame: bytes, *, may_block: bool = True) -> int:
+        """Queue ``frame`` for every local subscriber whose filter accepts it.
+
+        Drop-oldest subscribers are served first and never wait; full
+        block-mode subscribers then share one deadline of ``block_timeout``,
+        so one publish never waits longer than that in total.
+        """
+        name = event.event_name
+        self._seq += 1
+        self._history.append(self._seq, truncate_field(event.id or ""), name, frame)
+        waiting: list[_Subscriber] = []
+        count = 0
+        stats = self._stats
+        for sub in tuple(self._subs.values()):
+            if sub.names is not None and name not in sub.names:
+                continue
+            items = sub.items
+            if len(items) >= sub.capacity:
+                if sub.block and may_block:
+                    waiting.append(sub)
+                    continue
+                sub.dropped += 1
+                sub.missed += 1
+                stats["dropped"] += 1
+            items.append(frame)  # a full deque(maxlen) drops its oldest entry
+            sub.ready.set()
+            count += 1
+        if waiting:
+            count += self._wait_for_room(waiting, frame)
+        stats["enqueued"] += count
+        return count
+
+    def _wait_for_room(self, waiting: list[_Subscriber], frame: bytes) -> int:
+        deadline = time.monotonic() + self.config.block_timeout
+        count = 0
+        for sub in waiting:
+            while not sub.ended and len(sub.items) >= sub.capacity:
+                remaining = deadline - time.monotonic()
+                room = sub.room
+                assert room is not None
+                room.clear()
+                if remaining <= 0 or not room.wait(remaining):
+                    break
+            if sub.ended:
+                continue
+            if len(sub.items) >= sub.capacity:
+                self._cut_loose(sub)
+                continue
+            sub.items.append(frame)
+            sub.ready.set()
+            count += 1
+        return count
+
+    def _cut_loose(self, sub: _Subscriber) -> None:
+        # Its reader is stuck in a socket write (its queue stayed full for a
+        # whole block timeout), so a final frame cannot reach it: end the
+        # request's greenlet, which closes the connection and unregisters.
+        self._stats["cut"] += 1
+        log.info("cutting loose block-mode subscriber %r after %.1fs",
+                 sub.key, self.config.block_timeout)
+        self._end(sub, self._final(CUT_EVENT, "block timeout exceeded"))
+        g = sub.greenlet
+        if g is not None and g is not gevent.getcurrent():
+            gevent.kill(g)  # asynchronous: raises GreenletExit in its write
+
+    # -- subscribing -------------------------------------------------------
+
+    def subscribe(self, environ: Environ, start_response: StartResponse) -> Any:
+        """WSGI application serving one event stream until the client leaves."""
+        status, headers, body = self.stream(environ)
+        start_response(status, headers)
+        return body
+
+    __call__ = subscribe
+
+    def stream(self, environ: Environ) -> tuple[str, list[tuple[str, str]], Any]:
+        """Open a stream for ``environ``: return ``(status, headers, body)``.
+
+        ``body`` is an iterable of bytes with a ``close()`` that always
+        unregisters; hand all three to a framework response. Refusals
+        (405, 503) come back as short plain-text responses, never exceptions.
+        """
+        method = environ.get("REQUEST_METHOD", "GET")
+        if method not in ("GET", "HEAD"):
+            return "405 Method Not Allowed", _TEXT + [("Allow", "GET")], [b"use GET\n"]
+        if self._closed:
+            return "503 Service Unavailable", list(_TEXT), [b"broker closed\n"]
+        if lifecycle.shutting_down:
+            return self._busy(b"server shutting down\n")
+        if not self._in_hub_thread():
+            return "500 Internal Server Error", list(_TEXT), [b"broker used from a foreign thread\n"]
+        if method == "HEAD":  # headers only: no registration, no eviction
+            return "200 OK", list(SSE_HEADERS), []
+        cfg = self.config
+        query = parse_qsl(environ.get("QUERY_STRING") or "", keep_blank_values=True)
+        params: dict[str, str] = {}
+        names: list[str] = []
+        for k, v in query:
+            if k == "event":
+                if v and len(names) < MAX_FILTER_NAMES:
+                    names.append(truncate_field(v)[:256])
+            else:
+                params.setdefault(k, v)
+        capacity = _parse_buffer(params.get("buffer"))
+        if capacity is None:
+            capacity = _parse_buffer(_header(environ, "HTTP_X_SSE_BUFFER"))
+        capacity = min(max(capacity or cfg.default_buffer, 1), cfg.max_buffer)
+        sid = params.get("subscriber_id") or _header(environ, "HTTP_X_SUBSCRIBER_ID") or ""
+        sid = _cut_utf8(truncate_field(sid), cfg.max_subscriber_id) or secrets.token_hex(16)
+        block = cfg.allow_client_slow_mode and (
+            params.get("slow") == "block" or environ.get("HTTP_X_SSE_SLOW") == "block")
+        principal = self._principal(environ)
+        last_id = last_event_id(environ)
+
+        # From here to the end of the method nothing yields: the cap check,
+        # the eviction, the registration and the history snapshot are atomic.
+        key = sid
+        incumbent = self._subs.get(sid)
+        replacing = incumbent is not None and bool(principal) and incumbent.principal == principal
+        if incumbent is not None and not replacing:
+            while key in self._subs:  # unrelated collision: coexist
+                key = f"{sid}#{secrets.token_hex(4)}"
+        if cfg.max_subscribers and not replacing and len(self._subs) >= cfg.max_subscribers:
+            self._stats["rejected"] += 1
+            return self._busy(b"too many subscribers\n")
+        if replacing:
+            assert incumbent is not None
+            self._stats["evicted"] += 1
+            self._end(incumbent, self._final(EVICTED_EVENT, "replaced by a newer stream"))
+        sub = _Subscriber(self, key, sid, principal, frozenset(names) if names else None,
+                          block, capacity)
+        self._subs[key] = sub
+        lifecycle.register(sub)
+        prelude = [OPEN_COMMENT]
+        if cfg.retry > 0:
+            prelude.append(encode_retry(cfg.retry))
+        prelude.extend(self._replay(last_id, sub))
+        return "200 OK", list(SSE_HEADERS), _Body(sub, b"".join(prelude))
+
+    def _busy(self, reason: bytes) -> tuple[str, list[tuple[str, str]], Any]:
+        headers = _TEXT + [("Retry-After", str(self.config.retry_after))]
+        return "503 Service Unavailable", headers, [reason]
+
+    def _principal(self, environ: Environ) -> str:
+        hook = self.config.principal
+        if hook is None:
+            return ""
+        try:
+            value = hook(environ)
+        except Exception:  # a broken hook must not turn into eviction
+            log.exception("principal hook failed; treating the caller as unknown")
+            return ""
+        return str(value)[:1024] if value else ""
+
+    def _replay(self, last_id: str, sub: _Subscriber) -> list[bytes]:
+        names = sub.names
+        result = self._history.since(last_id, None if names is None else names.__contains__)
+        if result.status == "fresh":
+            return []
+        if result.status == "ok":
+            self._stats["replayed"] += len(result.frames)
+            return result.frames
+        self._stats["resets"] += 1
+        data = json.dumps({"last_event_id": last_id[:256], "reason": result.status,
+                           "latest_id": self._history.last_id}, separators=(",", ":"))
+        return [encode(Event(data=data, name=RESET_EVENT, id=self._history.last_id))]
+
+    def _final(self, name: str, reason: str) -> bytes:
+        return encode(Event(data=reason, name=name, retry=self.config.retry))
+
+    def _run(self, sub: _Subscriber, prelude: bytes) -> Generator[bytes, None, None]:
+        # Runs in the request's greenlet; every yield is written at once by
+        # the server. The server stops iterating when the client is gone.
+        sub.greenlet = gevent.getcurrent()
+        yield prelude
+        del prelude  # not kept alive for the life of an idle stream
+        heartbeat = self.config.heartbeat_interval
+        items, ready = sub.items, sub.ready
+        while True:
+            if not items and sub.final is None:
+                ready.clear()
+                if not ready.wait(heartbeat):
+                    yield HEARTBEAT
+                    continue
+            parts: list[bytes] = []
+            if sub.missed:
+                parts.append(encode(Event(data=json.dumps({"missed": sub.missed}, separators=(",", ":")),
+                                          name=MISSED_EVENT)))
+                sub.missed = 0
+            n = len(items)
+            parts.extend(items)
+            items.clear()
+            if sub.room is not None:
+                sub.room.set()
+            sub.delivered += n
+            self._stats["delivered"] += n
+            if sub.final is not None:
+                parts.append(sub.final)
+                yield b"".join(parts)
+                return
+            if parts:
+                yield b"".join(parts)
+
+    def _end(self, sub: _Subscriber, final: bytes) -> None:
+        """Stop routing to ``sub`` and let its reader send ``final`` and end."""
+        if self._subs.get(sub.key) is sub:
+            del self._subs[sub.key]
+        if sub.final is None:
+            sub.final = final
+        sub.ready.set()
+
+    def _unregister(self, sub: _Subscriber) -> None:
+        if sub.ended:
+            return
+        sub.ended = True
+        if self._subs.get(sub.key) is sub:
+            del self._subs[sub.key]
+        lifecycle.unregister(sub)
+        sub.items.clear()
+        if sub.room is not None:
+            sub.room.set()  # wake a publisher waiting for room
+        sub.greenlet = None
+
+    # -- closing and introspection -----------------------------------------
+
+    def close(self) -> None:
+        """Send ``done`` to every subscriber, end the streams, refuse new work.
+
+        Idempotent. Later :meth:`publish` calls raise
+        :class:`~gstream.errors.BrokerClosed`; later subscribes get a 503.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        done = encode(Event(data="[DONE]", type=EventType.DONE, retry=self.config.retry))
+        for sub in tuple(self._subs.values()):
+            self._end(sub, done)
+        self._backplane.close()
+        self._foreign.clear()
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called."""
+        return self._closed
+
+    @property
+    def subscriber_count(self) -> int:
+        """Number of registered subscribers."""
+        return len(self._subs)
+
+    @property
+    def last_id(self) -> str | None:
+        """Id of the latest event delivered by this broker."""
+        return self._history.last_id
+
+    def subscribers(self) -> list[dict[str, Any]]:
+        """Per-subscriber details: id, mode, buffer, queue depth, drops, deliveries."""
+        return [sub.info() for sub in self._subs.values()]
+
+    def stats(self) -> dict[str, Any]:
+        """Totals since start: published, enqueued, delivered, dropped, and more."""
+        out: dict[str, Any] = dict(self._stats)
+        out.update(topic=self.config.topic, subscribers=len(self._subs),
+                   history=len(self._history), last_id=self._history.last_id,
+                   closed=self._closed)
+        return out
