@@ -22,8 +22,8 @@ import gevent
 from gevent.event import Event as GEvent
 from gevent.monkey import get_original
 
-from .backplane import Backplane, LocalBackplane
-from .errors import BrokerClosed
+from .backplane import Backplane, DurableBackplane, LocalBackplane
+from .errors import BackplaneUnavailable, BrokerClosed
 from .events import Event, EventType, encode, encode_comment, encode_retry, truncate_field
 from .lifecycle import lifecycle
 from .replay import History
@@ -96,7 +96,9 @@ class BrokerConfig:
     foreign_queue: int = 65536
     """Cross-thread publishes queued at most before the oldest is dropped."""
     backplane: Backplane | None = field(default=None, repr=False)
-    """Cross-process transport; None means in-process only."""
+    """Cross-process transport; None means in-process only. A
+    :class:`~gstream.backplane.DurableBackplane` (Redis) assigns the ids
+    and answers resumes the in-memory window cannot."""
 
     def __post_init__(self) -> None:
         if self.max_buffer <= 0:
@@ -239,11 +241,14 @@ class SSEBroker:
         self._closed = False
         self._stats = dict.fromkeys(
             ("published", "enqueued", "delivered", "dropped", "cut", "evicted",
-             "rejected", "resets", "replayed", "foreign", "foreign_dropped"), 0)
+             "rejected", "resets", "replayed", "foreign", "foreign_dropped",
+             "foreign_failed"), 0)
         self._foreign: deque[Event] = deque()
         self._pump: Any = None
         self._bind_hub()
         self._backplane: Backplane = cfg.backplane if cfg.backplane is not None else LocalBackplane()
+        self._durable: DurableBackplane | None = (
+            self._backplane if isinstance(self._backplane, DurableBackplane) else None)
         self._backplane.attach(cfg.topic, self._deliver_local)
 
     # -- threads -----------------------------------------------------------
@@ -270,7 +275,12 @@ class SSEBroker:
             while self._foreign:
                 event = self._foreign.popleft()
                 if not self._closed:
-                    self._publish_here(event)
+                    try:
+                        self._publish_here(event)
+                    except BackplaneUnavailable as exc:
+                        # The thread that published is long gone: count and log.
+                        self._stats["foreign_failed"] += 1
+                        log.warning("publish from a thread lost: %s", exc)
         finally:
             self._pump = None
 
@@ -284,8 +294,14 @@ class SSEBroker:
         thread, the event is queued for the hub's thread and ``None`` is
         returned at once (the id is assigned there, in delivery order).
 
+        With a durable backplane (Redis), the id is always the one the
+        backplane assigns (a publisher-given id is ignored), and delivery,
+        here too, follows asynchronously through the backplane.
+
         Raises:
             BrokerClosed: after :meth:`close`.
+            BackplaneUnavailable: the backplane did not accept the event
+                (nothing was delivered anywhere).
         """
         if self._closed:
             raise BrokerClosed("broker is closed")
@@ -305,6 +321,12 @@ class SSEBroker:
         return self._publish_here(event)
 
     def _publish_here(self, event: Event) -> str:
+        if self._durable is not None:
+            # Delivery comes back through the backplane's reader, in the
+            # global order, exactly once (never also delivered here).
+            event_id = self._durable.append(self.config.topic, event)
+            self._stats["published"] += 1
+            return event_id
         if event.id is None or not truncate_field(event.id):
             event = replace(event, id=str(self._next_id))
             self._next_id += 1
@@ -425,6 +447,11 @@ class SSEBroker:
             params.get("slow") == "block" or environ.get("HTTP_X_SSE_SLOW") == "block")
         principal = self._principal(environ)
         last_id = last_event_id(environ)
+        if last_id and self._durable is not None:
+            # May yield: must come before the atomic section below.
+            self._durable.catch_up(cfg.topic, last_id)
+            if self._closed:
+                return "503 Service Unavailable", list(_TEXT), [b"broker closed\n"]
 
         # From here to the end of the method nothing yields: the cap check,
         # the eviction, the registration and the history snapshot are atomic.
@@ -448,7 +475,14 @@ class SSEBroker:
         prelude = [OPEN_COMMENT]
         if cfg.retry > 0:
             prelude.append(encode_retry(cfg.retry))
-        prelude.extend(self._replay(last_id, sub))
+        replay = self._replay(last_id, sub)
+        if replay is None:
+            # The shared history is unreachable: refuse rather than reset, so
+            # the client retries later and still resumes without a gap.
+            self._end(sub, b"")
+            self._unregister(sub)
+            return self._busy(b"event history unavailable\n")
+        prelude.extend(replay)
         return "200 OK", list(SSE_HEADERS), _Body(sub, b"".join(prelude))
 
     def _busy(self, reason: bytes) -> tuple[str, list[tuple[str, str]], Any]:
@@ -466,18 +500,29 @@ class SSEBroker:
             return ""
         return str(value)[:1024] if value else ""
 
-    def _replay(self, last_id: str, sub: _Subscriber) -> list[bytes]:
+    def _replay(self, last_id: str, sub: _Subscriber) -> list[bytes] | None:
         names = sub.names
-        result = self._history.since(last_id, None if names is None else names.__contains__)
-        if result.status == "fresh":
+        accept = None if names is None else names.__contains__
+        status, frames = self._history.since(last_id, accept)
+        latest = self._history.last_id
+        if status in ("unknown", "expired") and self._durable is not None:
+            # Not in this process's window: the shared log may have it. The
+            # backplane reads its bound synchronously (we are registered and
+            # have not yielded since), so replay + live queue have no gap.
+            durable = self._durable.history_since(self.config.topic, last_id, accept)
+            status, frames = durable.status, durable.frames
+            latest = durable.latest_id or latest
+        if status == "fresh":
             return []
-        if result.status == "ok":
-            self._stats["replayed"] += len(result.frames)
-            return result.frames
+        if status == "ok":
+            self._stats["replayed"] += len(frames)
+            return frames
+        if status == "unavailable":
+            return None
         self._stats["resets"] += 1
-        data = json.dumps({"last_event_id": last_id[:256], "reason": result.status,
-                           "latest_id": self._history.last_id}, separators=(",", ":"))
-        return [encode(Event(data=data, name=RESET_EVENT, id=self._history.last_id))]
+        data = json.dumps({"last_event_id": last_id[:256], "reason": status,
+                           "latest_id": latest}, separators=(",", ":"))
+        return [encode(Event(data=data, name=RESET_EVENT, id=latest))]
 
     def _final(self, name: str, reason: str) -> bytes:
         return encode(Event(data=reason, name=name, retry=self.config.retry))
@@ -549,7 +594,8 @@ class SSEBroker:
         done = encode(Event(data="[DONE]", type=EventType.DONE, retry=self.config.retry))
         for sub in tuple(self._subs.values()):
             self._end(sub, done)
-        self._backplane.close()
+        # Detach only: a backplane may serve other brokers; its creator closes it.
+        self._backplane.detach(self.config.topic, self._deliver_local)
         self._foreign.clear()
 
     @property

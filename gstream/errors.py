@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-__all__ = ["GStreamError", "Closed", "BrokerClosed", "HandshakeError", "SubscriberLimit"]
+__all__ = ["GStreamError", "Closed", "BrokerClosed", "HandshakeError", "SubscriberLimit",
+           "BackplaneUnavailable"]
 
 
 class GStreamError(Exception):
@@ -47,3 +48,12 @@ class HandshakeError(GStreamError):
 
 class SubscriberLimit(GStreamError):
     """A broker or hub reached its configured maximum number of members."""
+
+
+class BackplaneUnavailable(GStreamError):
+    """A cross-process backplane (Redis) did not accept a publish or broadcast.
+
+    Nothing was delivered, in any process. The caller may retry (a web
+    endpoint would typically answer 503). Raised instead of buffering so that
+    an accepted publish always has its final, globally ordered id.
+    """

@@ -1,20 +1,65 @@
-"""Backplanes carry a broker's events between processes.
+"""Backplanes carry events between the processes of one application.
 
-A broker hands every publish (already id-stamped and encoded once) to its
-backplane; the backplane calls the broker's ``deliver`` sink for every event
-that should reach this process's subscribers, possibly later and from
-another greenlet. The default :class:`LocalBackplane` simply calls the sink
-at once, in the publisher's greenlet. A cross-process backplane (Redis)
-implements the same :class:`Backplane` protocol.
+Two kinds, one per fan-out primitive:
+
+* :class:`Backplane` serves :class:`~gstream.broker.SSEBroker` topics. A
+  broker hands every publish to its backplane; the backplane calls the
+  broker's ``deliver`` sink for every event that should reach this process's
+  subscribers, possibly later and from another greenlet.
+* :class:`HubBackplane` serves WebSocket hub channels: ``broadcast`` sends a
+  payload (``str`` or ``bytes``) to the members of a channel in every
+  process.
+
+A :class:`DurableBackplane` additionally assigns the event ids itself and
+keeps a shared history, so a client can resume (``Last-Event-ID``) on any
+process: :class:`~gstream.backplane.redis.RedisBackplane` (Redis Streams).
+
+The in-memory defaults (:class:`LocalBackplane`, :class:`LocalHubBackplane`)
+deliver synchronously in the caller's greenlet: today's single-process
+behaviour. The Redis implementations live in :mod:`gstream.backplane.redis`
+and need the ``gstream[redis]`` extra; they are importable from here
+lazily, so importing this package never imports ``redis``.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
 
 from ..events import Event
+from .memory import LocalBackplane, LocalHubBackplane
 
-__all__ = ["Backplane", "DeliverSink", "LocalBackplane"]
+if TYPE_CHECKING:  # pragma: no cover
+    from .redis import RedisBackplane, RedisHubBackplane
+
+__all__ = [
+    "Backplane",
+    "DeliverSink",
+    "DurableBackplane",
+    "HubBackplane",
+    "HubSink",
+    "LocalBackplane",
+    "LocalHubBackplane",
+    "ResumeResult",
+    "RedisBackplane",
+    "RedisHubBackplane",
+]
+
+
+class ResumeResult(NamedTuple):
+    """A durable backplane's answer to a resuming client.
+
+    ``status`` is ``"ok"`` (``frames`` holds every event after the client's
+    id, up to ``latest_id``), ``"unknown"`` (no such id in the log),
+    ``"expired"`` (events after it were trimmed from the log) or
+    ``"unavailable"`` (the log could not be read; the broker answers 503).
+    ``latest_id`` is the id this process has delivered up to, the id a reset
+    moves the client to.
+    """
+
+    status: str
+    frames: list[bytes]
+    latest_id: str | None
 
 
 class DeliverSink(Protocol):
@@ -37,29 +82,91 @@ class Backplane(Protocol):
     def attach(self, topic: str, deliver: DeliverSink) -> None:
         """Start routing events of ``topic`` to ``deliver``."""
 
+    def detach(self, topic: str, deliver: DeliverSink) -> None:
+        """Stop routing ``topic`` to ``deliver`` (the broker is closing); idempotent.
+
+        The backplane itself stays usable by other brokers: whoever created
+        it closes it.
+        """
+
     def publish(self, topic: str, event: Event, frame: bytes) -> int:
         """Send an event; returns how many local subscribers got it at once."""
 
     def close(self) -> None:
-        """Stop routing; idempotent."""
+        """Stop routing everything and release resources; idempotent."""
 
 
-class LocalBackplane:
-    """The in-process default: delivery happens synchronously, here and now."""
+@runtime_checkable
+class DurableBackplane(Backplane, Protocol):
+    """A backplane that numbers events itself and keeps a shared history.
 
-    def __init__(self) -> None:
-        self._deliver: DeliverSink | None = None
+    The broker then publishes with :meth:`append` (the returned id is the
+    event's wire id, ordered per topic across all processes), delivers only
+    what the backplane hands back to its sink (so the publishing process sees
+    each event once, in the global order), and asks :meth:`history_since`
+    when its own in-memory window cannot answer a ``Last-Event-ID``.
+    """
 
-    def attach(self, topic: str, deliver: DeliverSink) -> None:
-        """Remember the sink; ``topic`` is irrelevant within one process."""
-        self._deliver = deliver
+    def append(self, topic: str, event: Event) -> str:
+        """Append ``event`` (its id is ignored) to the topic's shared log; return its id.
 
-    def publish(self, topic: str, event: Event, frame: bytes) -> int:
-        """Deliver to this process's subscribers, in the caller's greenlet."""
-        if self._deliver is None:
-            return 0
-        return self._deliver(event, frame, may_block=True)
+        Raises:
+            BackplaneUnavailable: the transport did not accept the event.
+        """
+
+    def catch_up(self, topic: str, last_id: str) -> None:
+        """Wait (bounded) until this process has delivered ``last_id``, if it exists.
+
+        Called before a resuming subscriber is registered, so that a client
+        that saw an event on a faster process is not served it twice here.
+        """
+
+    def history_since(self, topic: str, last_id: str,
+                      accept: Callable[[str], bool] | None = None) -> ResumeResult:
+        """Frames after ``last_id`` up to what this process has delivered so far.
+
+        Must be called right after the subscriber was registered, with no
+        yield in between (the upper bound is read synchronously). The result's
+        ``latest_id`` is that bound. Status ``"unavailable"`` means the history
+        could not be read (the broker answers 503 so the client retries).
+        """
+
+
+HubSink = Callable[[str | bytes], None]
+"""A hub's local broadcast entry point: send ``payload`` to this process's members."""
+
+
+class HubBackplane(Protocol):
+    """Moves WebSocket hub broadcasts between processes.
+
+    A hub attaches one sink per channel and calls :meth:`broadcast` instead
+    of fanning out itself; the backplane calls the sink of every process
+    (this one included, synchronously, exactly once) with the payload,
+    ``str`` staying ``str`` (text frames) and ``bytes`` staying ``bytes``
+    (binary frames).
+    """
+
+    def attach(self, channel: str, deliver: HubSink) -> None:
+        """Start routing broadcasts of ``channel`` to ``deliver``."""
+
+    def detach(self, channel: str, deliver: HubSink) -> None:
+        """Stop routing ``channel`` to ``deliver``; idempotent."""
+
+    def broadcast(self, channel: str, payload: str | bytes) -> int:
+        """Send ``payload`` to every process; return the local sinks called.
+
+        Raises:
+            BackplaneUnavailable: the transport refused it (nothing was delivered).
+        """
 
     def close(self) -> None:
-        """Detach from the broker."""
-        self._deliver = None
+        """Stop routing and release resources; idempotent."""
+
+
+def __getattr__(name: str) -> object:
+    # Lazy: importing gstream.backplane must not require the redis package.
+    if name in ("RedisBackplane", "RedisHubBackplane"):
+        from . import redis as _redis
+
+        return getattr(_redis, name)
+    raise AttributeError(f"module 'gstream.backplane' has no attribute {name!r}")
