@@ -1,0 +1,421 @@
+"""Redis backplanes: broker events over Redis Streams, hub broadcasts over pub/sub.
+
+Needs the ``gstream[redis]`` extra (the ``redis`` package; ``hiredis`` speeds
+up parsing). Under gevent, with sockets monkey-patched, every Redis call is
+cooperative. See docs/redis.md for the design and the fault model.
+
+Per process and backplane: one bounded pool of publish connections and one
+blocking reader connection, however many topics and subscribers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+
+import gevent
+from gevent.event import Event as GEvent
+
+from ..errors import BackplaneUnavailable
+from ..events import Event, EventType, encode
+from . import DeliverSink, ResumeResult
+from ._redisutil import (
+    DEFAULT_URL,
+    TRANSIENT,
+    Backoff,
+    StateLog,
+    make_client,
+    parse_id,
+    redact,
+    redis,
+)
+from .redis_hub import RedisHubBackplane
+
+__all__ = ["RedisBackplane", "RedisHubBackplane"]
+
+log = logging.getLogger("gstream.backplane.redis")
+
+
+def _no_such_key(exc: BaseException) -> bool:
+    return isinstance(exc, redis.ResponseError) and "no such key" in str(exc).lower()
+
+
+class RedisBackplane:
+    """Carry :class:`~gstream.broker.SSEBroker` topics between processes with Redis Streams.
+
+    Publishing is ``XADD`` (trimmed with ``MAXLEN ~ maxlen``); the entry id
+    becomes the event id, so ids are ordered per topic across all processes.
+    One reader greenlet per backplane runs a blocking ``XREAD`` over every
+    attached topic from the last id it delivered, and hands each entry to the
+    local brokers (``may_block=False``). The publishing process is served by
+    that reader too: every process delivers every event once, in one order.
+
+    A client reconnecting with ``Last-Event-ID`` to any process is resumed
+    from the stream (``XRANGE``) when the broker's own window cannot answer.
+
+    One instance can serve many brokers (one topic each) and, through
+    :attr:`hub`, a WebSocket hub. Close it at shutdown.
+
+    Args:
+        url: ``redis://[:password@]host[:port][/db]``; ``rediss://`` for TLS
+            (``?ssl_cert_reqs=none`` or ``ssl_ca_certs=...`` keyword as in redis-py);
+            ``unix:///path.sock``.
+        prefix: key prefix; the stream of topic ``t`` is ``<prefix>:sse:<t>``.
+        maxlen: approximate number of entries kept per topic stream (the
+            replay window shared by all processes).
+        block: seconds one ``XREAD`` waits before it is re-issued.
+        batch: most entries read per ``XREAD``.
+        max_connections: size of the publish/replay connection pool.
+        connect_timeout: seconds to connect (and to wait for a pooled connection).
+        socket_timeout: seconds a command may take (the reader adds ``block``).
+        backoff, backoff_cap: reader reconnect delays, doubled per failure,
+            capped, jittered.
+        catch_up_timeout: longest a resuming subscriber waits for this
+            process to reach an id the client saw on a faster process.
+        replay_limit: most entries replayed to one client; further behind,
+            it gets a ``gstream.reset``.
+        redis_kwargs: passed to redis-py's connection pool (TLS files, ...).
+    """
+
+    def __init__(self, url: str = DEFAULT_URL, *, prefix: str = "gstream", maxlen: int = 10_000,
+                 block: float = 5.0, batch: int = 512, max_connections: int = 8,
+                 connect_timeout: float = 2.0, socket_timeout: float = 5.0,
+                 backoff: float = 0.05, backoff_cap: float = 5.0,
+                 catch_up_timeout: float = 2.0, replay_limit: int = 10_000,
+                 **redis_kwargs: Any) -> None:
+        self.url = url
+        self.prefix = prefix
+        self.maxlen = max(1, int(maxlen))
+        self.block = max(0.01, float(block))
+        self.batch = max(1, int(batch))
+        self.catch_up_timeout = max(0.0, float(catch_up_timeout))
+        self.replay_limit = max(1, int(replay_limit))
+        self._backoff = (backoff, backoff_cap)
+        self._client_args = dict(connect_timeout=connect_timeout, **redis_kwargs)
+        self._socket_timeout = socket_timeout
+        self._pub = make_client(url, max_connections=max_connections,
+                                socket_timeout=socket_timeout, **self._client_args)
+        self._rd: Any = None
+        self._node = secrets.token_hex(8)
+        self._wake_key = f"{prefix}:wake:{self._node}"
+        self._sinks: dict[str, list[DeliverSink]] = {}
+        self._keys: dict[bytes, str] = {}
+        self._pos: dict[str, str | None] = {}
+        self._moved = GEvent()
+        self._reader: Any = None
+        self._gen = 0
+        self._pid = os.getpid()
+        self._closed = False
+        self._hub: RedisHubBackplane | None = None
+        self._pub_state = StateLog(log, f"redis backplane publish {redact(url)}")
+        self._counts = dict.fromkeys(("appended", "append_failed", "read", "delivered",
+                                      "undecodable", "resyncs", "replays"), 0)
+
+    # -- plumbing -------------------------------------------------------------
+
+    def _key(self, topic: str) -> str:
+        return f"{self.prefix}:sse:{topic}"
+
+    def _check(self) -> None:
+        if self._closed:
+            raise BackplaneUnavailable("the Redis backplane is closed")
+        if os.getpid() != self._pid:
+            # Forked after start (gunicorn --preload): the reader greenlet and
+            # its socket belong to the parent. redis-py pools reset themselves.
+            self._pid = os.getpid()
+            self._reader = None
+            self._rd = None
+            if self._sinks:
+                self._start_reader()
+
+    def _start_reader(self) -> None:
+        if self._reader is None and not self._closed:
+            self._gen += 1
+            self._rd = make_client(self.url, max_connections=1,
+                                   socket_timeout=self.block + self._socket_timeout,
+                                   **self._client_args)
+            self._reader = gevent.spawn(self._run, self._gen)
+
+    def _wake(self) -> None:
+        # The reader may sit in a blocking XREAD that does not include a new
+        # topic yet: one entry on its private wake stream returns it at once.
+        try:
+            pipe = self._pub.pipeline(transaction=False)
+            pipe.xadd(self._wake_key, {"w": "1"}, maxlen=1)
+            pipe.expire(self._wake_key, 3600)
+            pipe.execute()
+        except TRANSIENT:
+            pass  # the reader is reconnecting; it rereads the topic list anyway
+
+    def _tail(self, topic: str, quiet: bool = False) -> str | None:
+        """The topic's last generated id; ``0-0`` if no stream; None if Redis is down."""
+        try:
+            info = self._pub.xinfo_stream(self._key(topic))
+        except TRANSIENT as exc:
+            if _no_such_key(exc):
+                return "0-0"
+            if not quiet:
+                    log.warning("redis backplane: cannot read the tail of %r yet (%s); "
+                            "the reader will resolve it when Redis is reachable", topic, exc)
+            return None
+        last = info.get("last-generated-id")
+        return last.decode() if isinstance(last, bytes) else str(last)
+
+    # -- the Backplane protocol ----------------------------------------------
+
+    def attach(self, topic: str, deliver: DeliverSink) -> None:
+        """Route ``topic``'s events to ``deliver``, starting with those after now."""
+        self._check()
+        sinks = self._sinks.get(topic)
+        if sinks is not None:
+            sinks.append(deliver)
+            return
+        tail = self._tail(topic)  # may yield: register only afterwards
+        if topic in self._sinks:
+            self._sinks[topic].append(deliver)
+            return
+        self._sinks[topic] = [deliver]
+        self._keys[self._key(topic).encode()] = topic
+        self._pos[topic] = tail
+        self._start_reader()
+        self._wake()
+
+    def detach(self, topic: str, deliver: DeliverSink) -> None:
+        """Stop routing ``topic`` to ``deliver``; the last sink gone, stop reading it."""
+        sinks = self._sinks.get(topic)
+        if not sinks or deliver not in sinks:
+            return
+        sinks.remove(deliver)
+        if not sinks:
+            del self._sinks[topic]
+            self._keys.pop(self._key(topic).encode(), None)
+            self._pos.pop(topic, None)
+
+    def publish(self, topic: str, event: Event, frame: bytes) -> int:
+        """Protocol form of :meth:`append`; delivery is asynchronous, so returns 0."""
+        self.append(topic, event)
+        return 0
+
+    def close(self) -> None:
+        """Stop the reader, close the connections; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._sinks.clear()
+        self._keys.clear()
+        self._pos.clear()
+        reader, self._reader = self._reader, None
+        if reader is not None and reader is not gevent.getcurrent():
+            reader.kill(block=True, timeout=2)
+        if self._hub is not None:
+            self._hub.close()
+        for client in (self._rd, self._pub):
+            if client is not None:
+                try:
+                    client.connection_pool.disconnect()
+                except Exception:  # closing must not fail the shutdown
+                    log.debug("redis backplane: error while disconnecting", exc_info=True)
+        self._moved.set()
+
+    # -- the DurableBackplane protocol ----------------------------------------
+
+    def append(self, topic: str, event: Event) -> str:
+        """``XADD`` ``event`` to ``topic``'s stream; return the entry id (the event id).
+
+        Raises:
+            BackplaneUnavailable: Redis is unreachable or refused the entry;
+                the event was not accepted and will be delivered nowhere.
+        """
+        self._check()
+        fields: dict[str, Any] = {"d": event.data.encode("utf-8", "replace")}
+        if event.type is not EventType.MESSAGE:
+            fields["t"] = int(event.type)
+        if event.type is EventType.CUSTOM and event.name:
+            fields["n"] = event.name.encode("utf-8", "replace")
+        if event.retry is not None and event.retry > 0:
+            fields["r"] = int(event.retry)
+        try:
+            entry_id = self._pub.xadd(self._key(topic), fields, maxlen=self.maxlen,
+                                      approximate=True)
+        except TRANSIENT as exc:
+            self._counts["append_failed"] += 1
+            self._pub_state.failed(exc)
+            raise BackplaneUnavailable(
+                f"Redis did not accept the event for topic {topic!r}: {exc}") from exc
+        self._pub_state.ok()
+        self._counts["appended"] += 1
+        return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+
+    def catch_up(self, topic: str, last_id: str) -> None:
+        """Wait up to ``catch_up_timeout`` until this process delivered ``last_id``."""
+        target = parse_id(last_id)
+        if target is None or self._closed:
+            return
+        pos = parse_id(self._pos.get(topic))
+        if pos is not None and pos >= target:
+            return
+        tail = parse_id(self._tail(topic))
+        if tail is None or target > tail:
+            return  # not an id Redis ever issued: no point waiting
+        deadline = time.monotonic() + self.catch_up_timeout
+        while not self._closed:
+            pos = parse_id(self._pos.get(topic))
+            remaining = deadline - time.monotonic()
+            if (pos is not None and pos >= target) or remaining <= 0:
+                return
+            self._moved.wait(remaining)
+
+    def history_since(self, topic: str, last_id: str,
+                      accept: Callable[[str], bool] | None = None) -> ResumeResult:
+        """Frames of the entries after ``last_id`` up to what this process delivered."""
+        bound = self._pos.get(topic)  # read before any I/O: see the protocol
+        target, upper = parse_id(last_id), parse_id(bound)
+        if upper is None:
+            return ResumeResult("unavailable", [], None)
+        if target is None or target > upper:
+            return ResumeResult("unknown", [], bound)
+        if target == upper:
+            return ResumeResult("ok", [], bound)
+        key = self._key(topic)
+        try:
+            pipe = self._pub.pipeline(transaction=False)
+            pipe.xinfo_stream(key)
+            pipe.xrange(key, min=f"({last_id}", max=bound, count=self.replay_limit + 1)
+            info, entries = pipe.execute()
+        except TRANSIENT as exc:
+            if _no_such_key(exc):
+                return ResumeResult("expired", [], bound)
+            log.warning("redis backplane: cannot read history of %r: %s", topic, exc)
+            return ResumeResult("unavailable", [], bound)
+        trimmed = parse_id(info.get("max-deleted-entry-id"))
+        if trimmed is None:  # Redis < 7: judge by the oldest entry kept
+            first = info.get("first-entry")
+            oldest = parse_id(first[0]) if first else None
+            if oldest is not None and oldest > target:
+                return ResumeResult("expired", [], bound)
+        elif trimmed > target:
+            return ResumeResult("expired", [], bound)
+        if len(entries) > self.replay_limit:
+            return ResumeResult("expired", [], bound)
+        frames: list[bytes] = []
+        for entry_id, fields in entries:
+            event = self._decode(entry_id, fields)
+            if event is not None and (accept is None or accept(event.event_name)):
+                frames.append(encode(event))
+        self._counts["replays"] += 1
+        return ResumeResult("ok", frames, bound)
+
+    # -- hub ------------------------------------------------------------------
+
+    @property
+    def hub(self) -> RedisHubBackplane:
+        """A :class:`RedisHubBackplane` sharing this backplane's publish pool."""
+        if self._hub is None:
+            self._hub = RedisHubBackplane(self.url, prefix=self.prefix, client=self._pub,
+                                          backoff=self._backoff[0],
+                                          backoff_cap=self._backoff[1],
+                                          socket_timeout=self._socket_timeout,
+                                          **self._client_args)
+        return self._hub
+
+    # -- the reader -------------------------------------------------------------
+
+    def _decode(self, entry_id: bytes | str, fields: dict[bytes, bytes]) -> Event | None:
+        ident = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+        try:
+            etype = EventType(int(fields.get(b"t", b"0")))
+            retry = fields.get(b"r")
+            return Event(data=fields.get(b"d", b"").decode("utf-8", "replace"), type=etype,
+                         name=fields.get(b"n", b"").decode("utf-8", "replace"), id=ident,
+                         retry=int(retry) if retry else None)
+        except (ValueError, TypeError, AttributeError):
+            # Not written by gstream: skip it rather than stop the topic.
+            self._counts["undecodable"] += 1
+            if self._counts["undecodable"] == 1 or self._counts["undecodable"] % 1000 == 0:
+                log.warning("redis backplane: skipping undecodable entry %s", ident)
+            return None
+
+    def _resync(self) -> None:
+        """After (re)connecting: resolve unknown positions, detect lost streams."""
+        self._counts["resyncs"] += 1
+        for topic, pos in list(self._pos.items()):
+            tail = self._tail(topic, quiet=True)
+            if tail is None:
+                raise redis.ConnectionError("Redis unavailable during resync")
+            if topic not in self._pos:
+                continue
+            if pos is None:
+                self._pos[topic] = tail
+            elif parse_id(tail) < parse_id(pos):  # type: ignore[operator]
+                # The stream restarted below our position (Redis lost data,
+                # or was flushed): read it from the start or we would miss
+                # everything until ids pass our old position.
+                log.warning("redis backplane: stream of %r restarted (tail %s < last delivered "
+                            "%s); reading it from its start", topic, tail, pos)
+                self._pos[topic] = "0-0"
+
+    def _run(self, gen: int) -> None:
+        backoff = Backoff(*self._backoff)
+        state = StateLog(log, f"redis backplane reader {redact(self.url)}")
+        resync = True
+        while not self._closed and gen == self._gen:
+            try:
+                if resync:
+                    self._resync()
+                streams: dict[Any, Any] = {k: self._pos[t] for k, t in self._keys.items()
+                                           if self._pos.get(t) is not None}
+                streams[self._wake_key] = "$"
+                resp = self._rd.xread(streams, count=self.batch, block=int(self.block * 1000))
+            except TRANSIENT as exc:
+                if self._closed or gen != self._gen:
+                    return
+                state.failed(exc)
+                resync = True
+                try:
+                    self._rd.connection_pool.disconnect()
+                except Exception:
+                    pass
+                gevent.sleep(backoff.next())
+                continue
+            state.ok(lambda: f"; resuming from {dict(self._pos)}")
+            backoff.reset()
+            resync = False
+            if resp:
+                self._dispatch(resp)
+
+    def _dispatch(self, resp: Any) -> None:
+        # XREAD answers a list of [key, entries] (RESP2) or a dict (RESP3).
+        items = resp.items() if isinstance(resp, dict) else resp
+        for key, entries in items:
+            topic = self._keys.get(key if isinstance(key, bytes) else str(key).encode())
+            if topic is None:
+                continue  # the wake stream, or a topic detached meanwhile
+            for entry_id, fields in entries:
+                if topic not in self._pos:
+                    break
+                ident = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+                event = self._decode(ident, fields)
+                self._counts["read"] += 1
+                if event is not None:
+                    frame = encode(event)
+                    for deliver in tuple(self._sinks.get(topic, ())):
+                        try:
+                            self._counts["delivered"] += deliver(event, frame, may_block=False)
+                        except Exception:  # one broken sink must not stop the topic
+                            log.exception("redis backplane: delivery to %r failed", topic)
+                self._pos[topic] = ident
+        moved, self._moved = self._moved, GEvent()
+        moved.set()
+
+    # -- introspection ----------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Counters and positions: appended, append_failed, read, delivered, ..."""
+        out: dict[str, Any] = dict(self._counts)
+        out.update(positions=dict(self._pos), reader_running=self._reader is not None,
+                   closed=self._closed)
+        return out
