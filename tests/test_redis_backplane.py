@@ -25,7 +25,7 @@ from gstream.broker import SSEBroker
 from gstream.errors import BackplaneUnavailable
 from gstream.events import Event
 from tests.helpers import SSEStream, wait_until
-from tests.redis_fixture import RedisServer
+from tests.redis_fixture import RedisServer, free_port
 
 pytestmark = pytest.mark.redis
 
@@ -359,3 +359,51 @@ def test_reader_resumes_from_its_last_id_not_from_now() -> None:
         slow.close()
         other.close()
         srv.stop()
+
+
+def test_scaleout_example_under_gunicorn_with_two_gevent_workers(
+        redis_server: RedisServer) -> None:
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=ROOT, GSTREAM_REDIS_URL=redis_server.url,
+               BIND=f"127.0.0.1:{port}", WORKERS="2", GRACEFUL_TIMEOUT="1")
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "app:make_app()"],
+            cwd=os.path.join(ROOT, "examples", "scaleout"), env=env,
+            stdout=log, stderr=subprocess.STDOUT)
+        streams: list[SSEStream] = []
+        try:
+            def up() -> bool:
+                try:
+                    return requests.get(f"http://127.0.0.1:{port}/healthz", timeout=1).ok
+                except requests.ConnectionError:
+                    return False
+
+            assert wait_until(up, timeout=20, interval=0.1)
+            # Connections land on either worker: keep opening until both serve one.
+            by_pid: dict[str, SSEStream] = {}
+            for _ in range(40):
+                s = SSEStream(port, "/events")
+                streams.append(s)
+                by_pid.setdefault(s.headers["x-worker-pid"], s)
+                if len(by_pid) == 2:
+                    break
+            assert len(by_pid) == 2, "gunicorn did not use two workers"
+            ids = []
+            for i in range(6):  # publishes also land on either worker
+                r = requests.post(f"http://127.0.0.1:{port}/publish", data=f"m{i}", timeout=5)
+                assert r.status_code == 200, r.text
+                ids.append(r.json()["last_id"])
+            for s in by_pid.values():
+                got = s.events(6)
+                assert [e.last_event_id for e in got] == ids
+                assert [json.loads(e.data)["text"] for e in got] == [f"m{i}" for i in range(6)]
+        finally:
+            for s in streams:
+                s.close()
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
