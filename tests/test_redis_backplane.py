@@ -407,3 +407,38 @@ def test_scaleout_example_under_gunicorn_with_two_gevent_workers(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(5)
+
+
+def test_tls_and_password_by_url(tmp_path: Any) -> None:
+    from tests.tlsutil import make_cert
+
+    cert, key = make_cert(str(tmp_path))
+    port = free_port()
+    proc = subprocess.Popen(
+        ["/usr/bin/redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+         "--tls-cert-file", cert, "--tls-key-file", key, "--tls-ca-cert-file", cert,
+         "--tls-auth-clients", "no", "--requirepass", "tlspw", "--save", "",
+         "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"rediss://:tlspw@127.0.0.1:{port}/0?ssl_ca_certs={cert}"
+    good = RedisBackplane(url, block=0.5)
+    untrusted = RedisBackplane(f"rediss://:tlspw@127.0.0.1:{port}/0", block=0.5)
+    try:
+        def ready() -> bool:
+            try:
+                good.append("warm", Event(data="x"))
+                return True
+            except BackplaneUnavailable:
+                return False
+
+        assert wait_until(ready, timeout=10, interval=0.05)
+        got: list[str] = []
+        good.attach("tls", lambda e, f, may_block=True: got.append(e.data) or 1)
+        good.append("tls", Event(data="secret"))
+        assert wait_until(lambda: got == ["secret"])
+        with pytest.raises(BackplaneUnavailable, match="certificate verify failed"):
+            untrusted.append("tls", Event(data="nope"))
+    finally:
+        good.close()
+        untrusted.close()
+        proc.kill()
+        proc.wait(5)
