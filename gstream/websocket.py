@@ -319,10 +319,10 @@ class WebSocket:
 
     def on_close(self, callback: Callable[[WebSocket], None]) -> None:
         """Call ``callback(ws)`` once the connection is closed (now if it is)."""
-        if self._finalized:
-            self._run_callbacks([callback])
-        else:
-            self._callbacks.append(callback)
+        pending = bool(self._callbacks)
+        self._callbacks.append(callback)
+        if self._finalized and not pending:
+            self._run_callbacks()  # already closed: run now (after any still queued)
 
     def wsgi_result(self) -> list[bytes]:
         """Return this from the WSGI app when the session is over.
@@ -695,17 +695,20 @@ class WebSocket:
         self.closed.set()
         lifecycle.unregister(self)
         _open.discard(self)
-        callbacks, self._callbacks = self._callbacks, []
-        if callbacks:
-            self._run_callbacks(callbacks)
+        if self._callbacks:
+            self._run_callbacks()
 
-    def _run_callbacks(self, callbacks: list[Callable[[WebSocket], None]]) -> None:
+    def _run_callbacks(self) -> None:
+        # In registration order, each exactly once, never in the hub.
         if gevent.getcurrent() is gevent.get_hub():
-            gevent.spawn(self._run_callbacks, callbacks)
+            gevent.spawn(self._run_callbacks)
             return
-        for cb in callbacks:
+        while self._callbacks:
+            cb = self._callbacks[0]
             try:
                 cb(self)
             except Exception:
                 log.exception("websocket on_close callback %r failed", cb)
+            finally:
+                self._callbacks.pop(0)
 

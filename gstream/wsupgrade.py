@@ -115,7 +115,11 @@ def upgrade(environ: dict[str, Any], start_response: Any = None,
     if response.status_code != 101:
         first = response.body.decode("utf-8", "replace").strip().split("\n")[0]
         detail = first.removeprefix("Failed to open a WebSocket connection: ").rstrip(".")
-        raise _refuse(response.status_code, detail or HTTPStatus(response.status_code).phrase)
+        # We answered "no Upgrade header" (426) above; anything else websockets
+        # refuses as an upgrade problem (e.g. Connection lacks "upgrade") is a
+        # malformed upgrade request: 400.
+        status = 400 if response.status_code == 426 else response.status_code
+        raise _refuse(status, detail or HTTPStatus(status).phrase)
     protocol.send_response(response)
     head = b"".join(protocol.data_to_send())
 
