@@ -43,7 +43,7 @@ def test_echo_text_binary_large_and_fragmented(echo_url: str) -> None:
         assert c.recv(timeout=5) == big
         c.send(["frag", "mented", " ✓"])  # three frames, one message
         assert c.recv(timeout=2) == "fragmented ✓"
-    assert c.close_code == 1000
+    assert c.protocol.close_code == 1000
 
 
 def test_echo_with_websocket_client(echo_url: str) -> None:
@@ -78,7 +78,7 @@ def test_server_close_with_code_and_reason(serve: Any) -> None:
     srv = serve(websocket_app(lambda ws: ws.close(4001, "done here")))
     with connect(f"ws://127.0.0.1:{srv.port}/") as c, pytest.raises(ConnectionClosed):
         c.recv(timeout=2)
-    assert c.close_code == 4001 and c.close_reason == "done here"
+    assert c.protocol.close_code == 4001 and c.protocol.close_reason == "done here"
 
 
 def test_close_waits_for_peer_then_gives_up(serve: Any) -> None:
@@ -109,7 +109,7 @@ def test_handler_exception_closes_1011_and_logs(serve: Any, caplog: Any) -> None
             c.send("x")
             with pytest.raises(ConnectionClosed):
                 c.recv(timeout=3)
-        assert c.close_code == 1011
+        assert c.protocol.close_code == 1011
         assert wait_until(lambda: any("failed" in r.message for r in caplog.records), 2)
 
 
@@ -226,7 +226,7 @@ def test_lifecycle_shutdown_sends_1001(serve: Any) -> None:
         assert left == 0
         with pytest.raises(ConnectionClosed):
             c.recv(timeout=2)
-    assert c.close_code == 1001
+    assert c.protocol.close_code == 1001
 
 
 def test_close_all_and_send_after_close(serve: Any) -> None:
@@ -244,7 +244,7 @@ def test_close_all_and_send_after_close(serve: Any) -> None:
     for c in clients:
         with pytest.raises(ConnectionClosed):
             c.recv(timeout=2)
-        assert c.close_code == 1001
+        assert c.protocol.close_code == 1001
     stack.close()
     for ws in conns:
         assert ws.closed.is_set() and ws.close_code == 1001

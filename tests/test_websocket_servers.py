@@ -81,7 +81,7 @@ def _exercise(port: int) -> None:
             big = b"\x01" * 300_000
             c.send(big)
             assert c.recv(timeout=3) == big
-        assert c.close_code == 1000
+        assert c.protocol.close_code == 1000
     # websocket-client too, and pre-read bytes riding with the handshake.
     c2 = wsclient.create_connection(f"ws://127.0.0.1:{port}/echo", timeout=5)
     c2.send("wc")
@@ -120,4 +120,4 @@ def test_gunicorn_oversized_message_closes_1009(gunicorn_port: int) -> None:
     with pytest.raises(ConnectionClosed), connect(f"ws://127.0.0.1:{gunicorn_port}/echo") as c:
         c.send("x" * (2 << 20))  # over the 1 MiB default read limit
         c.recv(timeout=3)
-    assert c.close_code == 1009
+    assert c.protocol.close_code == 1009
