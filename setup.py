@@ -37,6 +37,7 @@ setup(
         "gunicorn": ["gunicorn>=21"],
         "browser": ["playwright>=1.40"],
         "demo": [],
+        "bench": ["gevent-websocket>=0.10"],
     },
     entry_points={"console_scripts": ["gstream=gstream.cli:main"]},
     classifiers=[
