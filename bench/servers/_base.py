@@ -17,6 +17,12 @@ def listen(host: str, port: int, backlog: int = 4096) -> socket.socket:
     raise_nofile()
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if os.environ.get("BENCH_NODELAY", "1") == "1":
+        # Accepted sockets inherit TCP_NODELAY on Linux. Without it, stacks that
+        # send headers and body in two writes (gevent.pywsgi) stall 40 ms on
+        # Nagle + delayed ACK, which would hide everything else we measure.
+        # asyncio (websockets, uvicorn) sets it on every socket already.
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     s.bind((host, port))
     s.listen(backlog)
     return s
