@@ -446,13 +446,14 @@ class Worker:
                             **self.stats()})
                 self.waiter = None
         elif name in ("echo", "view"):
-            if now >= w["deadline"]:
-                self.measuring = False
-                busy = any(c.busy for c in self.clients.values() if c.kind == name)
-                if not busy or now >= w["drain"]:
-                    self.reply({"samples_us": self.samples, "errors": self.errors,
-                                "open": self.open_of(name), "still_busy": busy})
-                    self.waiter = None
+            if now < w["deadline"]:
+                return
+            self.measuring = False
+            busy = any(c.busy for c in self.clients.values() if c.kind == name)
+            if not busy or now >= w["drain"]:
+                self.reply({"samples_us": self.samples, "errors": self.errors,
+                            "open": self.open_of(name), "still_busy": busy})
+                self.waiter = None
 
     # ---- the loop -------------------------------------------------------------
     def on_stdin(self) -> None:

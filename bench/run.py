@@ -19,7 +19,6 @@ import os
 import platform
 import select
 import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -28,7 +27,7 @@ from typing import Any
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from common import proc_cpu_seconds, proc_rss_kib, raise_nofile  # noqa: E402
+from common import machine_cpu_ticks, proc_cpu_seconds, proc_rss_kib, raise_nofile  # noqa: E402
 from report import render_tables, save_plots  # noqa: E402
 
 #: Server name -> (script, label). Order = table order. raw_epoll is the limit.
@@ -72,7 +71,7 @@ def read_line(pipe, timeout: float) -> str:  # type: ignore[no-untyped-def]
     while not buf.endswith(b"\n"):
         left = end - time.monotonic()
         if left <= 0 or not select.select([fd], [], [], left)[0]:
-            raise TimeoutError("no answer within %.0fs" % timeout)
+            raise TimeoutError(f"no answer within {timeout:.0f}s")
         chunk = os.read(fd, 1)  # byte-wise: we must not swallow the next line
         if not chunk:
             raise EOFError("process exited")
@@ -91,7 +90,7 @@ def free_port() -> int:
 class ServerProc:
     def __init__(self, name: str, heartbeat: float, env: dict, logdir: str) -> None:
         script = os.path.join(HERE, "servers", SERVERS[name][0])
-        self.log = open(os.path.join(logdir, f"server-{name}.log"), "ab")
+        self.log = open(os.path.join(logdir, f"server-{name}.log"), "ab")  # noqa: SIM115
         cmd = [sys.executable, script, "--port", str(free_port()), "--heartbeat", str(heartbeat)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, env=env,
                                      cwd=HERE)
@@ -152,7 +151,7 @@ class LoadGen:
     """``n`` loadgen worker processes driven over stdin/stdout JSON lines."""
 
     def __init__(self, n: int, port: int, src_addrs: list[str], logdir: str) -> None:
-        self.log = open(os.path.join(logdir, "loadgen.log"), "ab")
+        self.log = open(os.path.join(logdir, "loadgen.log"), "ab")  # noqa: SIM115
         cfg = json.dumps({"host": "127.0.0.1", "port": port, "src_addrs": src_addrs})
         self.procs = [
             subprocess.Popen([sys.executable, os.path.join(HERE, "loadgen.py"), cfg],
@@ -162,12 +161,12 @@ class LoadGen:
 
     def ask(self, cmds: list[dict | None], timeout: float) -> list[dict | None]:
         """Send cmds[i] to worker i (None = skip); gather the answers."""
-        for p, cmd in zip(self.procs, cmds):
+        for p, cmd in zip(self.procs, cmds, strict=False):
             if cmd is not None:
                 p.stdin.write((json.dumps(cmd) + "\n").encode())
                 p.stdin.flush()
         return [json.loads(read_line(p.stdout, timeout)) if cmd is not None else None
-                for p, cmd in zip(self.procs, cmds)]
+                for p, cmd in zip(self.procs, cmds, strict=False)]
 
     def all(self, cmd: dict, timeout: float) -> list[dict]:
         return [r for r in self.ask([cmd] * len(self.procs), timeout) if r is not None]
@@ -221,12 +220,18 @@ class CpuWindow:
         self.t0 = time.monotonic()
         self.s0 = srv.cpu()
         self.l0 = lg.cpu()
+        self.m0 = machine_cpu_ticks()
 
     def done(self) -> dict:
         dt = max(time.monotonic() - self.t0, 1e-6)
-        lg = [(b - a) / dt * 100 for a, b in zip(self.l0, self.lg.cpu())]
+        lg = [(b - a) / dt * 100 for a, b in zip(self.l0, self.lg.cpu(), strict=False)]
+        m1 = machine_cpu_ticks()
+        total = max(1, m1[2] - self.m0[2])
         return {"server_cpu_pct": (self.srv.cpu() - self.s0) / dt * 100,
-                "loadgen_cpu_pct": max(lg) if lg else 0.0}
+                "loadgen_cpu_pct": max(lg) if lg else 0.0,
+                "loadgen_cpu_pct_all": lg,
+                "machine_busy_pct": (m1[0] - self.m0[0]) / total * 100,
+                "machine_softirq_pct": (m1[1] - self.m0[1]) / total * 100}
 
 
 # ---- scenarios -----------------------------------------------------------------
@@ -331,7 +336,7 @@ class Bench:
             return {}
         maxrecv = [max(r["maxrecv"][i] for r in res) for i in range(k)]
         pubts = [max(r["pubts"][i] for r in res) for i in range(k)]
-        lat = [(m - p) / 1e6 for m, p in zip(maxrecv, pubts) if m and p]
+        lat = [(m - p) / 1e6 for m, p in zip(maxrecv, pubts, strict=False) if m and p]
         deliveries = sum(r["deliveries"] for r in res)
         first = min((p for p in pubts if p), default=0)
         last = max(maxrecv)

@@ -30,9 +30,8 @@ def listen(host: str, port: int, backlog: int = 4096) -> socket.socket:
 
 def make_flask_app():  # type: ignore[no-untyped-def]
     """The 'legacy' Flask app: one ordinary view at /view."""
-    from flask import Flask
-
     from common import VIEW_ITEMS
+    from flask import Flask
 
     app = Flask("legacy")
 

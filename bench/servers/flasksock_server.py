@@ -10,11 +10,10 @@ monkey.patch_all()
 
 import gevent  # noqa: E402
 from _base import listen, make_flask_app  # noqa: E402
+from common import announce_ready, make_payload, parse_publish_query, server_args  # noqa: E402
 from flask import request  # noqa: E402
 from flask_sock import ConnectionClosed, Sock  # noqa: E402
 from gevent.pywsgi import WSGIServer  # noqa: E402
-
-from common import announce_ready, make_payload, parse_publish_query, server_args  # noqa: E402
 
 args = server_args()
 app = make_flask_app()

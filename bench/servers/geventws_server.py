@@ -12,11 +12,10 @@ monkey.patch_all()
 
 import gevent  # noqa: E402
 from _base import listen, make_flask_app, simple_response  # noqa: E402
+from common import announce_ready, make_payload, parse_publish_query, server_args  # noqa: E402
 from gevent.lock import Semaphore  # noqa: E402
 from gevent.pywsgi import WSGIServer  # noqa: E402
 from geventwebsocket.handler import WebSocketHandler  # noqa: E402
-
-from common import announce_ready, make_payload, parse_publish_query, server_args  # noqa: E402
 
 args = server_args()
 clients: set = set()

@@ -17,7 +17,6 @@ import inspect  # noqa: E402
 
 import gevent  # noqa: E402
 from _base import listen, make_flask_app, simple_response  # noqa: E402
-
 from common import (  # noqa: E402
     announce_ready,
     announce_unavailable,

@@ -11,10 +11,9 @@ monkey.patch_all()
 
 import gevent  # noqa: E402
 from _base import listen, make_flask_app, simple_response  # noqa: E402
+from common import announce_ready, make_payload, parse_publish_query, server_args  # noqa: E402
 from gevent.pywsgi import WSGIServer  # noqa: E402
 from gevent.queue import Empty, Queue  # noqa: E402
-
-from common import announce_ready, make_payload, parse_publish_query, server_args  # noqa: E402
 
 args = server_args()
 HB = args.heartbeat or None

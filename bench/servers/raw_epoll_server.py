@@ -15,7 +15,6 @@ import time
 from urllib.parse import urlsplit
 
 from _base import listen
-
 from common import (
     announce_ready,
     make_payload,
@@ -279,9 +278,9 @@ def main() -> None:
                 continue
             if ev & select.EPOLLOUT and c.out:
                 flush(c)
-            if ev & (select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR):
-                if fd in conns:
-                    on_readable(c)
+            readable = ev & (select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR)
+            if readable and fd in conns:
+                on_readable(c)
         now = time.monotonic()
         timeout = publish_due(now) if jobs else 1.0
         if now >= next_hb:

@@ -9,12 +9,11 @@ import asyncio
 import warnings
 
 from _base import listen, make_flask_app
+from common import announce_ready, make_payload, parse_publish_query, server_args
 from sse_starlette.sse import EventSourceResponse
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
-
-from common import announce_ready, make_payload, parse_publish_query, server_args
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")

@@ -9,7 +9,6 @@ import asyncio
 from urllib.parse import urlsplit
 
 from _base import listen
-
 from common import announce_ready, make_payload, parse_publish_query, server_args
 from websockets.asyncio.server import broadcast, serve
 
