@@ -14,6 +14,8 @@ from gevent import monkey
 monkey.patch_all()
 
 import inspect  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
 
 import gevent  # noqa: E402
 from _base import listen, make_flask_app, simple_response  # noqa: E402
@@ -35,18 +37,40 @@ try:
 except Exception as exc:  # pragma: no cover - depends on the branch
     announce_unavailable(f"gstream not importable: {exc}")
 
+GSTREAM_DIR = os.path.dirname(os.path.abspath(gstream.__file__))
+
+
+def _same_tree(module_name: str) -> None:
+    """Refuse modules from another checkout.
+
+    An editable install of gstream (``pip install -e``) puts a finder on
+    sys.meta_path that can satisfy ``gstream.x`` from *its* tree even when
+    ``gstream`` itself came from --gstream-path: never benchmark a mix.
+    """
+    mod = sys.modules[module_name]
+    where = os.path.dirname(os.path.abspath(mod.__file__ or ""))
+    if where != GSTREAM_DIR:
+        raise ImportError(f"{module_name} comes from {where}, not {GSTREAM_DIR}")
+
+
 try:
     from gstream.broker import SSEBroker
+
+    _same_tree("gstream.broker")
 except Exception as exc:
     SSEBroker = None  # type: ignore[assignment,misc]
     missing.append(f"broker ({exc.__class__.__name__})")
 try:
     from gstream.websocket import websocket_app
+
+    _same_tree("gstream.websocket")
 except Exception as exc:
     websocket_app = None  # type: ignore[assignment]
     missing.append(f"websocket ({exc.__class__.__name__})")
 try:
     from gstream.hub import Hub
+
+    _same_tree("gstream.hub")
 except Exception as exc:
     Hub = None  # type: ignore[assignment,misc]
     missing.append(f"hub ({exc.__class__.__name__})")
@@ -158,14 +182,25 @@ if not kinds and echo_app is None:
 info = {"kinds": kinds, "echo": echo_app is not None, "legacy": "sse" if broker else None,
         "missing": missing}
 try:
-    from gstream.server import serve  # PLUG-IN: serve(app, host, port, ...)
-except Exception:
-    serve = None  # type: ignore[assignment]
+    from gstream.server import Server, serve  # PLUG-IN: serve(app, host, port, ready=..., **opts)
 
-if serve is not None and args.port:
+    _same_tree("gstream.server")
+except Exception as exc:
+    serve = None  # type: ignore[assignment]
+    info["missing"].append(f"server ({exc.__class__.__name__})")
+
+if serve is not None:
     # gstream's own server binds the port itself; the runner passes a free one.
-    announce_ready(args.port, server="gstream.server.serve", **info)
-    serve(app, args.host, args.port)
+    # Its default connection cap (10,000) would cut the 15,000-connection idle
+    # run short, so raise it toward the fd limit.
+    opts = {"backlog": 4096, "max_connections": 19_500, "install_signals": False}
+    params = set(inspect.signature(Server.__init__).parameters) | {"install_signals", "ready"}
+    opts = {k: v for k, v in opts.items() if k in params}
+
+    def _ready(server) -> None:  # type: ignore[no-untyped-def]
+        announce_ready(getattr(server, "port", args.port), server="gstream.server.serve", **info)
+
+    serve(app, args.host, args.port, ready=_ready, **opts)
 else:
     from gevent.pywsgi import WSGIServer
 
