@@ -189,7 +189,7 @@ class Worker:
     def request_for(self, c: Client) -> bytes:
         host = f"Host: {self.host}:{self.port}\r\n"
         if c.kind == "sse":
-            return f"GET /sse HTTP/1.1\r\n{host}Accept: text/event-stream\r\n\r\n".encode()
+            return f"GET /sse?buffer=1024 HTTP/1.1\r\n{host}Accept: text/event-stream\r\n\r\n".encode()
         path = "/ws" if c.kind == "ws" else "/echo"
         key = base64.b64encode(os.urandom(16)).decode()
         return (

@@ -13,6 +13,7 @@ from gevent import monkey
 
 monkey.patch_all()
 
+import importlib  # noqa: E402
 import inspect  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
@@ -40,40 +41,39 @@ except Exception as exc:  # pragma: no cover - depends on the branch
 GSTREAM_DIR = os.path.dirname(os.path.abspath(gstream.__file__))
 
 
-def _same_tree(module_name: str) -> None:
-    """Refuse modules from another checkout.
+def _find(name: str, *modules: str):  # type: ignore[no-untyped-def]
+    """``gstream.<name>`` (the public export), else ``<module>.<name>``.
 
-    An editable install of gstream (``pip install -e``) puts a finder on
-    sys.meta_path that can satisfy ``gstream.x`` from *its* tree even when
-    ``gstream`` itself came from --gstream-path: never benchmark a mix.
+    Refuses objects defined in another checkout: an editable install of
+    gstream (``pip install -e``) puts a finder on sys.meta_path that can
+    satisfy ``gstream.x`` from *its* tree even when ``gstream`` itself came
+    from --gstream-path, and a benchmark of a mix would be meaningless.
     """
-    mod = sys.modules[module_name]
-    where = os.path.dirname(os.path.abspath(mod.__file__ or ""))
-    if where != GSTREAM_DIR:
-        raise ImportError(f"{module_name} comes from {where}, not {GSTREAM_DIR}")
+    err: Exception = ImportError(name)
+    for modname in ("gstream", *modules):
+        try:
+            obj = getattr(importlib.import_module(modname), name)
+        except (ImportError, AttributeError) as exc:
+            err = exc
+            continue
+        where = os.path.dirname(os.path.abspath(sys.modules[obj.__module__].__file__ or ""))
+        if where != GSTREAM_DIR:
+            raise ImportError(f"{name} comes from {where}, not {GSTREAM_DIR}")
+        return obj
+    raise err
 
 
-try:
-    from gstream.broker import SSEBroker
+def _optional(name: str, *modules: str):  # type: ignore[no-untyped-def]
+    try:
+        return _find(name, *modules)
+    except Exception as exc:
+        missing.append(f"{name} ({exc})"[:160])
+        return None
 
-    _same_tree("gstream.broker")
-except Exception as exc:
-    SSEBroker = None  # type: ignore[assignment,misc]
-    missing.append(f"broker ({exc.__class__.__name__})")
-try:
-    from gstream.websocket import websocket_app
 
-    _same_tree("gstream.websocket")
-except Exception as exc:
-    websocket_app = None  # type: ignore[assignment]
-    missing.append(f"websocket ({exc.__class__.__name__})")
-try:
-    from gstream.hub import Hub
-
-    _same_tree("gstream.hub")
-except Exception as exc:
-    Hub = None  # type: ignore[assignment,misc]
-    missing.append(f"hub ({exc.__class__.__name__})")
+SSEBroker = _optional("SSEBroker", "gstream.broker")  # PLUG-IN: names of issues 3-6
+websocket_app = _optional("websocket_app", "gstream.websocket", "gstream.wsupgrade")
+Hub = _optional("Hub", "gstream.hub")
 
 
 def _accepts(fn, name: str) -> bool:  # type: ignore[no-untyped-def]
@@ -84,32 +84,26 @@ def _accepts(fn, name: str) -> bool:  # type: ignore[no-untyped-def]
 
 
 def make_broker():  # type: ignore[no-untyped-def]
-    """PLUG-IN: build the broker with a heartbeat of HB seconds (0 = none).
+    """PLUG-IN: the broker with a heartbeat of HB seconds (0 = none).
 
-    Tries the likely spellings; replace with the real one-liner once known,
-    e.g. ``SSEBroker(BrokerConfig(heartbeat_interval=HB))``.
+    Subscribers ask for ``?buffer=1024`` (the peers' queues are unbounded, so a
+    64-event default buffer would turn the back-to-back fan-out bursts into
+    drop-oldest losses); the subscriber cap is lifted for the 15,000-connection
+    idle run.
     """
-    cfg_cls = getattr(gstream, "BrokerConfig", None) or getattr(
-        __import__("gstream.broker", fromlist=["x"]), "BrokerConfig", None
-    )
-    hb = HB if HB > 0 else 3600.0
+    fields = {"heartbeat_interval": HB if HB > 0 else None, "max_buffer": 1024,
+              "max_subscribers": 0}
+    cfg_cls = _optional("BrokerConfig", "gstream.broker")
     if cfg_cls is not None:
-        for name in ("heartbeat_interval", "heartbeat"):
-            if _accepts(cfg_cls, name):
-                cfg = cfg_cls(**{name: hb})
-                try:
-                    return SSEBroker(cfg)
-                except TypeError:
-                    return SSEBroker(config=cfg)
-    for name in ("heartbeat_interval", "heartbeat"):
-        if _accepts(SSEBroker, name):
-            return SSEBroker(**{name: hb})
-    return SSEBroker()
+        params = inspect.signature(cfg_cls).parameters
+        return SSEBroker(cfg_cls(**{k: v for k, v in fields.items() if k in params}))
+    params = inspect.signature(SSEBroker).parameters
+    return SSEBroker(**{k: v for k, v in fields.items() if k in params})
 
 
 def make_ws_config():  # type: ignore[no-untyped-def]
     """PLUG-IN: a WSConfig whose idle ping fires every HB seconds (None = library default)."""
-    cfg_cls = getattr(gstream, "WSConfig", None)
+    cfg_cls = _optional("WSConfig", "gstream.wsconfig", "gstream.websocket")
     if cfg_cls is None or HB <= 0:
         return None
     for name in ("read_idle_timeout", "idle_timeout", "ping_interval"):
@@ -144,7 +138,13 @@ def hub_member(ws):  # type: ignore[no-untyped-def]
 
 
 echo_app = _ws_app(echo_handler) if websocket_app is not None else None
-hub_app = _ws_app(hub_member) if hub is not None else None
+def idle_member(ws):  # type: ignore[no-untyped-def]
+    for _ in ws:
+        pass
+
+
+# Without a Hub, /ws still holds idle WebSocket connections (idle scenario only).
+hub_app = _ws_app(hub_member if hub is not None else idle_member) if websocket_app else None
 flask_app = make_flask_app()
 
 
@@ -179,22 +179,19 @@ kinds = (["sse"] if broker is not None else []) + (["ws"] if hub is not None els
 if not kinds and echo_app is None:
     announce_unavailable("missing: " + ", ".join(missing))
 
-info = {"kinds": kinds, "echo": echo_app is not None, "legacy": "sse" if broker else None,
+idle_kinds = (["sse"] if broker is not None else []) + (["ws"] if hub_app is not None else [])
+info = {"kinds": kinds, "idle_kinds": idle_kinds, "echo": echo_app is not None, "legacy": "sse" if broker else None,
         "missing": missing}
-try:
-    from gstream.server import Server, serve  # PLUG-IN: serve(app, host, port, ready=..., **opts)
-
-    _same_tree("gstream.server")
-except Exception as exc:
-    serve = None  # type: ignore[assignment]
-    info["missing"].append(f"server ({exc.__class__.__name__})")
+Server = _optional("Server", "gstream.server")
+serve = _optional("serve", "gstream.server")  # PLUG-IN: serve(app, host, port, ready=..., **opts)
 
 if serve is not None:
     # gstream's own server binds the port itself; the runner passes a free one.
     # Its default connection cap (10,000) would cut the 15,000-connection idle
     # run short, so raise it toward the fd limit.
     opts = {"backlog": 4096, "max_connections": 19_500, "install_signals": False}
-    params = set(inspect.signature(Server.__init__).parameters) | {"install_signals", "ready"}
+    params = set(inspect.signature(Server.__init__).parameters) if Server else set()
+    params |= {"install_signals", "ready"}
     opts = {k: v for k, v in opts.items() if k in params}
 
     def _ready(server) -> None:  # type: ignore[no-untyped-def]
@@ -204,7 +201,7 @@ if serve is not None:
 else:
     from gevent.pywsgi import WSGIServer
 
-    handler_class = getattr(gstream, "WSGIHandler", None)  # PLUG-IN: gstream's pywsgi handler
+    handler_class = getattr(gstream, "GStreamHandler", None)  # PLUG-IN: gstream's pywsgi handler
     sock = listen(args.host, args.port)
     kw = {"handler_class": handler_class} if handler_class is not None else {}
     announce_ready(sock.getsockname()[1], server="gevent.pywsgi", **info)
