@@ -34,10 +34,9 @@ from gevent import pywsgi
 from gevent import socket as gsocket
 from gevent.pool import Pool
 
+from .handler import GStreamHandler as _DefaultHandler
 from .lifecycle import Lifecycle
 from .lifecycle import lifecycle as default_lifecycle
-
-from .handler import GStreamHandler as _DefaultHandler
 
 __all__ = ["Server", "serve"]
 
