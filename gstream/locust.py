@@ -597,9 +597,11 @@ class WebSocketUser(_StreamingUser):
                     self.report("reconnect", (now - lost_at) * 1000.0)
                 self.ws = ws
                 self._connected.set()
-                error = self._read(ws)
-                self._connected.clear()
-                self.counters.open -= 1
+                try:
+                    error = self._read(ws)
+                finally:  # also when the user's end kills this greenlet
+                    self._connected.clear()
+                    self.counters.open -= 1
                 if self._stopping:
                     return
                 self.ws = None
