@@ -342,3 +342,13 @@ def test_json_timestamp() -> None:
     assert json_timestamp('{"ts": "x"}') is None
     assert json_timestamp("plain") is None and json_timestamp("{bad") is None
     assert json_timestamp('{"t": 1}', "t") == 1.0
+
+
+def test_clear_import_error_without_locust() -> None:
+    code = ("import sys; sys.modules['locust'] = None\n"
+            "try:\n    import gstream.locust\nexcept ImportError as e:\n    print(e)\n"
+            "import gstream; assert 'gstream.locust' not in sys.modules\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=ROOT), timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert "pip install 'gstream[locust]'" in out.stdout
