@@ -287,6 +287,12 @@ class _StreamingUser(User):
             owned, self._owned = self._owned, []
             gevent.killall(owned, block=True, timeout=2)
 
+    def _user_error(self, exc: Exception) -> None:
+        # A bug in a hook must show, and must not end the stream it ran in.
+        log.error("error in a %s hook: %r", type(self).__name__, exc, exc_info=exc)
+        self.environment.events.user_error.fire(user_instance=self, exception=exc,
+                                                tb=exc.__traceback__)
+
     def latency_ms(self, data: str | bytes) -> float:
         """Delivery latency in ms from the data's timestamp (0 without one).
 
@@ -406,7 +412,10 @@ class _SSEStream:
     def run(self) -> None:
         try:
             for event in self.client:
-                self.handle(event)
+                try:
+                    self.handle(event)
+                except Exception as exc:
+                    self.user._user_error(exc)
         except GreenletExit:
             raise
         except Exception as exc:  # a refusal for good (404, wrong Content-Type...)
@@ -534,7 +543,7 @@ class WebSocketUser(_StreamingUser):
     connect_options: Mapping[str, Any] = {}
     """Extra arguments of :func:`gstream.client.connect` (subprotocols, origin, headers...)."""
     autostart: bool = True
-    """Connect in :meth:`on_start`."""
+    """Connect in :meth:`on_start` (else call :meth:`start_session`)."""
     reconnect: bool = True
     """Connect again after the connection breaks or closes."""
     reconnect_delay: float = 1.0
@@ -554,11 +563,17 @@ class WebSocketUser(_StreamingUser):
         """The open connection (None while disconnected)."""
         self._connected = gevent.event.Event()
         self._pending: dict[str, gevent.event.AsyncResult] = {}
+        self._session_greenlet: gevent.Greenlet | None = None
 
     def on_start(self) -> None:
         """Connect when ``autostart`` (call super() when overriding)."""
         if self.autostart:
-            self.spawn_owned(self._session)
+            self.start_session()
+
+    def start_session(self) -> None:
+        """Connect (and keep reconnecting) in an owned greenlet; a no-op while one runs."""
+        if self._session_greenlet is None or self._session_greenlet.dead:
+            self._session_greenlet = self.spawn_owned(self._session)
 
     def wait_connected(self, timeout: float | None = None) -> bool:
         """Wait until the connection is open; False after ``timeout``."""
@@ -649,11 +664,18 @@ class WebSocketUser(_StreamingUser):
         waiter = self._pending.pop(str(ref), None) if ref is not None else None
         if waiter is not None:
             waiter.set((message, data, received))
-        else:
-            self.report(self.message_stat_name(message, data), self.message_latency_ms(message, data), size)
-        self.on_message(message, data)
+        try:
+            if waiter is None:
+                self.report(self.message_stat_name(message, data),
+                            self.message_latency_ms(message, data), size)
+            self.on_message(message, data)
+        except Exception as exc:
+            self._user_error(exc)
 
     def _require(self) -> WebSocketClient:
+        session = self._session_greenlet
+        if self.ws is None and (session is None or session.dead):
+            raise Closed("not connected", 1006)  # nobody is connecting: don't wait
         if self.ws is None and not self.wait_connected():
             raise Closed("not connected", 1006)
         ws = self.ws

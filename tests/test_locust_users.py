@@ -352,3 +352,49 @@ def test_clear_import_error_without_locust() -> None:
                          env=dict(os.environ, PYTHONPATH=ROOT), timeout=30)
     assert out.returncode == 0, out.stderr
     assert "pip install 'gstream[locust]'" in out.stdout
+
+
+def test_hook_errors_are_reported_and_do_not_end_the_stream(sse_url: str) -> None:
+    class Buggy(SSEUser):
+        path = "/events?total=6"
+
+        def on_event(self, event: Any) -> None:
+            if json.loads(event.data)["seq"] % 2:
+                raise ValueError("bug in a hook")
+
+    run = Run(Buggy, sse_url, users=2)
+    errors: list[BaseException] = []
+    run.env.events.user_error.add_listener(lambda user_instance, exception, tb: errors.append(exception))
+    try:
+        assert wait_until(lambda: run.stat("event").num_requests == 12, timeout=10)
+        assert wait_until(lambda: len(errors) == 6)
+        assert all(isinstance(e, ValueError) for e in errors)
+    finally:
+        run.quit()
+
+
+def test_ws_without_session_fails_fast(ws_url: str) -> None:
+    outcomes: list[bool] = []
+
+    class Manual(WebSocketUser):
+        path = "/echo"
+        autostart = False
+        wait_time = constant(0.05)
+
+        @task
+        def go(self) -> None:
+            if len(outcomes) == 0:
+                started = time.monotonic()
+                outcomes.append(self.send("x"))  # no session: fails at once
+                assert time.monotonic() - started < 0.5
+                self.start_session()
+            elif len(outcomes) == 1:
+                outcomes.append(self.request({"a": 1}) is not None)
+
+    run = Run(Manual, ws_url, users=1)
+    try:
+        assert wait_until(lambda: len(outcomes) == 2, timeout=10)
+    finally:
+        run.quit()
+    assert outcomes == [False, True]
+    assert run.stat("send", "WS").num_failures == 1 and run.stat("rtt", "WS").num_failures == 0
