@@ -7,6 +7,7 @@ and reads its knobs from environment variables, so ``loadtests/run.sh`` and
 * ``GSTREAM_STREAMS``: SSE connections per subscriber user (default 1);
 * ``GSTREAM_PUBLISH_INTERVAL``: seconds between publishes (default 0.5);
 * ``GSTREAM_PUBLISH_COUNT``: events per publish (default 1);
+* ``GSTREAM_PUBLISH_DELAY``: seconds the publisher waits before its first publish (default 1);
 * ``GSTREAM_CHAT_INTERVAL``: seconds between a chat sender's messages (default 2);
 * ``GSTREAM_LEGACY_HOST``: base URL of the legacy app for mixed.py (default: the demo).
 """
