@@ -379,15 +379,22 @@ def test_scaleout_example_under_gunicorn_with_two_gevent_workers(
                 except requests.ConnectionError:
                     return False
 
+            def booted() -> bool:
+                log.seek(0)
+                return log.read().count(b"Booting worker") >= 2
+
+            assert wait_until(booted, timeout=20, interval=0.05)
             assert wait_until(up, timeout=20, interval=0.1)
-            # Connections land on either worker: keep opening until both serve one.
+            # Connections land on either worker (both accept on the shared
+            # socket): keep opening until both serve one.
             by_pid: dict[str, SSEStream] = {}
-            for _ in range(40):
+            for _ in range(200):
                 s = SSEStream(port, "/events")
                 streams.append(s)
                 by_pid.setdefault(s.headers["x-worker-pid"], s)
                 if len(by_pid) == 2:
                     break
+                gevent.sleep(0.02)
             assert len(by_pid) == 2, "gunicorn did not use two workers"
             ids = []
             for i in range(6):  # publishes also land on either worker
