@@ -384,7 +384,7 @@ class RedisBackplane:
             state.ok(lambda: f"; resuming from {dict(self._pos)}")
             backoff.reset()
             resync = False
-            if resp:
+            if resp and gen == self._gen:  # a stale reader (pre-fork copy) must not deliver
                 self._dispatch(resp)
 
     def _dispatch(self, resp: Any) -> None:

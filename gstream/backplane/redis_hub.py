@@ -199,7 +199,8 @@ class RedisHubBackplane:
                     continue
                 state.ok()
                 backoff.reset()
-                if message is not None and message.get("type") == "message":
+                if (message is not None and message.get("type") == "message"
+                        and gen == self._gen):  # a stale pre-fork reader must not deliver
                     self._receive(message["channel"], message["data"])
         finally:
             if pubsub is not None:
