@@ -449,3 +449,35 @@ def test_tls_and_password_by_url(tmp_path: Any) -> None:
         untrusted.close()
         proc.kill()
         proc.wait(5)
+
+
+def test_client_ahead_of_a_lagging_process_is_caught_up_not_reset(serve: Any) -> None:
+    # The client saw X on a fast process; this process's reader is behind
+    # (reconnecting). The resume waits for the reader instead of answering
+    # with a reset and then sending X again.
+    srv = RedisServer()
+    srv.start()
+    fast = RedisBackplane(srv.url, block=0.5)
+    lagging = RedisBackplane(srv.url, block=0.5, backoff=1.0, backoff_cap=1.0,
+                             catch_up_timeout=5.0)
+    broker = SSEBroker(topic="c", backplane=lagging, heartbeat_interval=None)
+    app = serve(broker.subscribe)
+    try:
+        first = fast.append("c", Event(data="0"))
+        assert wait_until(lambda: broker.last_id == first)
+        fast._pub.client_kill_filter(_type="normal", skipme=True)  # drops lagging's reader
+        gevent.sleep(0.1)  # lagging's reader has failed and sleeps ~0.5-1 s
+        seen = fast.append("c", Event(data="1"))
+        assert broker.last_id == first  # this process has not delivered it yet
+        s = SSEStream(app.port, "/events", headers={"Last-Event-ID": seen})
+        try:
+            nxt = fast.append("c", Event(data="2"))
+            ev = s.next_event(timeout=5)
+            assert (ev.event, ev.last_event_id, ev.data) == ("message", nxt, "2")
+        finally:
+            s.close()
+    finally:
+        broker.close()
+        fast.close()
+        lagging.close()
+        srv.stop()
