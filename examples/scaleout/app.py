@@ -97,7 +97,7 @@ def make_app() -> Any:
     if "backplane" in params:
         kwargs: dict[str, Any] = {"backplane": backplane}
         if "hub_backplane" in params:
-            kwargs["hub_backplane"] = backplane.hub
+            kwargs["hub_backplane"] = backplane.hub_backplane()
         inner = demo_app.make_app(**kwargs)
     else:
         inner = _feed_app(backplane)

@@ -6,17 +6,18 @@ Two kinds, one per fan-out primitive:
   broker hands every publish to its backplane; the backplane calls the
   broker's ``deliver`` sink for every event that should reach this process's
   subscribers, possibly later and from another greenlet.
-* :class:`HubBackplane` serves WebSocket hub channels: ``broadcast`` sends a
-  payload (``str`` or ``bytes``) to the members of a channel in every
-  process.
+* :class:`HubBackplane` serves WebSocket hubs: ``broadcast`` sends a payload
+  (``str`` or ``bytes``) to the other hubs of a channel, in every process
+  (the hub delivers to its own members itself).
 
 A :class:`DurableBackplane` additionally assigns the event ids itself and
 keeps a shared history, so a client can resume (``Last-Event-ID``) on any
 process: :class:`~gstream.backplane.redis.RedisBackplane` (Redis Streams).
 
-The in-memory defaults (:class:`LocalBackplane`, :class:`LocalHubBackplane`)
-deliver synchronously in the caller's greenlet: today's single-process
-behaviour. The Redis implementations live in :mod:`gstream.backplane.redis`
+The in-memory default :class:`LocalBackplane` delivers synchronously in the
+caller's greenlet: today's single-process behaviour (a hub without a
+backplane is local only; ``gstream.hub.MemoryBackplane`` links hubs of one
+process for tests). The Redis implementations live in :mod:`gstream.backplane.redis`
 and need the ``gstream[redis]`` extra; they are importable from here
 lazily, so importing this package never imports ``redis``.
 """
@@ -27,19 +28,19 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
 
 from ..events import Event
-from .memory import LocalBackplane, LocalHubBackplane
+from .memory import LocalBackplane
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .redis import RedisBackplane, RedisHubBackplane
+    from .redis import HubLink, RedisBackplane, RedisHubBackplane
 
 __all__ = [
     "Backplane",
     "DeliverSink",
     "DurableBackplane",
     "HubBackplane",
+    "HubLink",
     "HubSink",
     "LocalBackplane",
-    "LocalHubBackplane",
     "ResumeResult",
     "RedisBackplane",
     "RedisHubBackplane",
@@ -132,40 +133,36 @@ class DurableBackplane(Backplane, Protocol):
         """
 
 
-HubSink = Callable[[str | bytes], None]
-"""A hub's local broadcast entry point: send ``payload`` to this process's members."""
+HubSink = Callable[[str | bytes], bool]
+"""A hub's entry point for messages from other hubs; returns False when that hub was full."""
 
 
 class HubBackplane(Protocol):
-    """Moves WebSocket hub broadcasts between processes.
+    """Carries a hub's broadcasts to the hubs of the same channel elsewhere.
 
-    A hub attaches one sink per channel and calls :meth:`broadcast` instead
-    of fanning out itself; the backplane calls the sink of every process
-    (this one included, synchronously, exactly once) with the payload,
-    ``str`` staying ``str`` (text frames) and ``bytes`` staying ``bytes``
-    (binary frames).
+    Same shape as the protocol in gstream/hub.py (the hub is its consumer):
+    one backplane per hub. The hub fans out locally itself and calls
+    :meth:`broadcast` for what should reach the other hubs; the backplane
+    calls their ``deliver(payload)``, never the broadcasting hub's.
     """
 
     def attach(self, channel: str, deliver: HubSink) -> None:
-        """Start routing broadcasts of ``channel`` to ``deliver``."""
+        """Start routing messages of ``channel`` from other hubs to ``deliver``."""
 
-    def detach(self, channel: str, deliver: HubSink) -> None:
-        """Stop routing ``channel`` to ``deliver``; idempotent."""
-
-    def broadcast(self, channel: str, payload: str | bytes) -> int:
-        """Send ``payload`` to every process; return the local sinks called.
+    def broadcast(self, channel: str, payload: str | bytes) -> None:
+        """Send ``payload`` (``str``: text, ``bytes``: binary) to the other hubs.
 
         Raises:
-            BackplaneUnavailable: the transport refused it (nothing was delivered).
+            BackplaneUnavailable: the transport refused it.
         """
 
     def close(self) -> None:
-        """Stop routing and release resources; idempotent."""
+        """Detach this hub and release what it owns; idempotent."""
 
 
 def __getattr__(name: str) -> object:
     # Lazy: importing gstream.backplane must not require the redis package.
-    if name in ("RedisBackplane", "RedisHubBackplane"):
+    if name in ("HubLink", "RedisBackplane", "RedisHubBackplane"):
         from . import redis as _redis
 
         return getattr(_redis, name)

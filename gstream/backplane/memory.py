@@ -1,4 +1,4 @@
-"""In-memory backplanes: the single-process defaults.
+"""The in-memory broker backplane: the single-process default.
 
 Delivery happens synchronously, in the publisher's greenlet: exactly the
 behaviour of a broker or hub without any backplane.
@@ -6,12 +6,11 @@ behaviour of a broker or hub without any backplane.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from ..events import Event
 
-__all__ = ["LocalBackplane", "LocalHubBackplane"]
+__all__ = ["LocalBackplane"]
 
 
 class LocalBackplane:
@@ -38,36 +37,6 @@ class LocalBackplane:
         for deliver in tuple(self._sinks.get(topic, ())):
             count += deliver(event, frame, may_block=True)
         return count
-
-    def close(self) -> None:
-        """Forget every sink."""
-        self._sinks.clear()
-
-
-class LocalHubBackplane:
-    """Hub backplane for one process: ``broadcast`` calls the channel's sinks at once."""
-
-    def __init__(self) -> None:
-        self._sinks: dict[str, list[Callable[[str | bytes], None]]] = {}
-
-    def attach(self, channel: str, deliver: Callable[[str | bytes], None]) -> None:
-        """Route ``channel``'s broadcasts to ``deliver``."""
-        self._sinks.setdefault(channel, []).append(deliver)
-
-    def detach(self, channel: str, deliver: Callable[[str | bytes], None]) -> None:
-        """Stop routing ``channel`` to ``deliver``; idempotent."""
-        sinks = self._sinks.get(channel)
-        if sinks and deliver in sinks:
-            sinks.remove(deliver)
-            if not sinks:
-                del self._sinks[channel]
-
-    def broadcast(self, channel: str, payload: str | bytes) -> int:
-        """Call every sink of ``channel`` with ``payload``; return how many."""
-        sinks = tuple(self._sinks.get(channel, ()))
-        for deliver in sinks:
-            deliver(payload)
-        return len(sinks)
 
     def close(self) -> None:
         """Forget every sink."""

@@ -33,9 +33,9 @@ from ._redisutil import (
     redact,
     redis,
 )
-from .redis_hub import RedisHubBackplane
+from .redis_hub import HubLink, RedisHubBackplane
 
-__all__ = ["RedisBackplane", "RedisHubBackplane"]
+__all__ = ["HubLink", "RedisBackplane", "RedisHubBackplane"]
 
 log = logging.getLogger("gstream.backplane.redis")
 
@@ -58,7 +58,7 @@ class RedisBackplane:
     from the stream (``XRANGE``) when the broker's own window cannot answer.
 
     One instance can serve many brokers (one topic each) and, through
-    :attr:`hub`, a WebSocket hub. Close it at shutdown.
+    :meth:`hub_backplane`, WebSocket hubs. Close it at shutdown.
 
     Args:
         url: ``redis://[:password@]host[:port][/db]``; ``rediss://`` for TLS
@@ -110,7 +110,7 @@ class RedisBackplane:
         self._gen = 0
         self._pid = os.getpid()
         self._closed = False
-        self._hub: RedisHubBackplane | None = None
+        self._hub_link: HubLink | None = None
         self._pub_state = StateLog(log, f"redis backplane publish {redact(url)}")
         self._counts = dict.fromkeys(("appended", "append_failed", "read", "delivered",
                                       "undecodable", "resyncs", "replays"), 0)
@@ -211,8 +211,8 @@ class RedisBackplane:
         reader, self._reader = self._reader, None
         if reader is not None and reader is not gevent.getcurrent():
             reader.kill(block=True, timeout=2)
-        if self._hub is not None:
-            self._hub.close()
+        if self._hub_link is not None:
+            self._hub_link.close()
         for client in (self._rd, self._pub):
             if client is not None:
                 try:
@@ -311,16 +311,18 @@ class RedisBackplane:
 
     # -- hub ------------------------------------------------------------------
 
-    @property
-    def hub(self) -> RedisHubBackplane:
-        """A :class:`RedisHubBackplane` sharing this backplane's publish pool."""
-        if self._hub is None:
-            self._hub = RedisHubBackplane(self.url, prefix=self.prefix, client=self._pub,
-                                          backoff=self._backoff[0],
-                                          backoff_cap=self._backoff[1],
-                                          socket_timeout=self._socket_timeout,
-                                          **self._client_args)
-        return self._hub
+    def hub_backplane(self) -> RedisHubBackplane:
+        """A backplane for one :class:`~gstream.hub.Hub` (``Hub(backplane=...)``).
+
+        Every call gives a new one (one per hub, as the hub protocol wants);
+        they all share this backplane's publish pool and one pub/sub
+        connection, closed with this backplane.
+        """
+        if self._hub_link is None:
+            self._hub_link = HubLink(self.url, prefix=self.prefix, client=self._pub,
+                                     backoff=self._backoff[0], backoff_cap=self._backoff[1],
+                                     socket_timeout=self._socket_timeout, **self._client_args)
+        return RedisHubBackplane(link=self._hub_link)
 
     # -- the reader -------------------------------------------------------------
 

@@ -1,4 +1,11 @@
-"""Hub broadcasts between processes over Redis pub/sub (see docs/redis.md)."""
+"""Hub broadcasts between processes over Redis pub/sub (see docs/redis.md).
+
+Shape: a :class:`RedisHubBackplane` serves one hub (the ``Hub(backplane=...)``
+protocol of gstream/hub.py: ``attach``, ``broadcast`` to the *other* hubs,
+``close``). The connections live in a :class:`HubLink` that any number of
+hub backplanes of a process share: one bounded publish pool, one pub/sub
+connection, one reader greenlet.
+"""
 
 from __future__ import annotations
 
@@ -12,36 +19,33 @@ import gevent
 from ..errors import BackplaneUnavailable
 from ._redisutil import DEFAULT_URL, TRANSIENT, Backoff, StateLog, make_client, redact
 
-__all__ = ["RedisHubBackplane"]
+__all__ = ["HubLink", "RedisHubBackplane"]
 
 log = logging.getLogger("gstream.backplane.redis")
 
-# Envelope: magic, 8-byte origin node id, kind (t = text, b = binary), payload.
+Deliver = Callable[[Any], Any]  # (payload: str | bytes) -> bool (False: that hub was full)
+
+# Envelope: magic, 8-byte origin (the link's process-unique id), kind (t =
+# text, b = binary), payload bytes.
 _MAGIC = b"G1"
 _HEAD = len(_MAGIC) + 8 + 1
 
 
-class RedisHubBackplane:
-    """Carry WebSocket hub broadcasts between processes with Redis pub/sub.
+class HubLink:
+    """The Redis side shared by a process's hub backplanes.
 
-    :meth:`broadcast` ``PUBLISH``es an envelope (origin id, text/binary flag,
-    payload) on ``<prefix>:hub:<channel>`` and then calls this process's
-    sinks directly; the reader greenlet drops envelopes of its own origin, so
-    the publishing process delivers once, at once. ``str`` payloads arrive as
-    ``str``, ``bytes`` as ``bytes``, byte for byte.
-
-    Pub/sub is at-most-once: a broadcast made while another process's reader
-    is reconnecting does not reach that process (the reader logs the outage).
-    A broadcast that Redis refuses raises :class:`BackplaneUnavailable` and
-    is delivered nowhere, not even here.
+    ``PUBLISH`` on ``<prefix>:hub:<channel>``; the reader greenlet subscribes
+    to every attached channel and hands envelopes from *other* links to the
+    hubs here. A publish is handed to the other hubs of the same channel in
+    this process directly (the reader drops its own link's envelopes), so no
+    hub ever receives a message twice or its own message back.
 
     Args:
-        url: as for :class:`~gstream.backplane.redis.RedisBackplane`.
+        url: ``redis://[:password@]host[:port][/db]``, ``rediss://`` for TLS.
         prefix: channel prefix.
-        client: a ``redis.Redis`` to publish with (shared pool); by default one
-            is made (``max_connections`` connections at most).
-        backoff, backoff_cap: reader reconnect delays (exponential, capped, jittered).
+        client: a ``redis.Redis`` to publish with (shared pool, not closed here).
         block: seconds one wait for messages lasts before it is re-issued.
+        backoff, backoff_cap: reader reconnect delays (exponential, capped, jittered).
     """
 
     def __init__(self, url: str = DEFAULT_URL, *, prefix: str = "gstream", client: Any = None,
@@ -60,21 +64,18 @@ class RedisHubBackplane:
             **self._client_args)
         self._node = os.urandom(8)
         self._wake = f"{prefix}:hubwake:{self._node.hex()}"
-        self._sinks: dict[str, list[Callable[[str | bytes], None]]] = {}
+        self._sinks: dict[str, list[tuple[object, Deliver]]] = {}
         self._reader: Any = None
         self._gen = 0
         self._pid = os.getpid()
         self._closed = False
         self._pub_state = StateLog(log, f"redis hub backplane publish {redact(url)}")
-        self._counts = dict.fromkeys(("broadcast", "broadcast_failed", "received",
-                                      "echoes", "undecodable"), 0)
-
-    def _channel(self, channel: str) -> str:
-        return f"{self.prefix}:hub:{channel}"
+        self.counts = dict.fromkeys(("broadcast", "broadcast_failed", "received",
+                                     "echoes", "undecodable", "local"), 0)
 
     def _check(self) -> None:
         if self._closed:
-            raise BackplaneUnavailable("the Redis hub backplane is closed")
+            raise BackplaneUnavailable("the Redis hub link is closed")
         if os.getpid() != self._pid:  # forked: the reader belongs to the parent
             self._pid = os.getpid()
             self._node = os.urandom(8)
@@ -87,35 +88,33 @@ class RedisHubBackplane:
             self._gen += 1
             self._reader = gevent.spawn(self._run, self._gen)
 
-    def _poke(self) -> None:
-        try:
-            self._pub.publish(self._wake, b"")
-        except TRANSIENT:
-            pass  # the reader is reconnecting and subscribes to everything anyway
-
-    def attach(self, channel: str, deliver: Callable[[str | bytes], None]) -> None:
-        """Route ``channel``'s broadcasts (from every process) to ``deliver``."""
+    def add(self, channel: str, owner: object, deliver: Deliver) -> None:
+        """Route ``channel``'s messages from other hubs to ``deliver`` (of ``owner``)."""
         self._check()
         first = channel not in self._sinks
-        self._sinks.setdefault(channel, []).append(deliver)
+        self._sinks.setdefault(channel, []).append((owner, deliver))
         if first:
             self._start_reader()
-            self._poke()
+            try:  # interrupt the reader's wait so it subscribes at once
+                self._pub.publish(self._wake, b"")
+            except TRANSIENT:
+                pass  # it is reconnecting and will subscribe to everything
 
-    def detach(self, channel: str, deliver: Callable[[str | bytes], None]) -> None:
-        """Stop routing ``channel`` to ``deliver``; idempotent."""
-        sinks = self._sinks.get(channel)
-        if sinks and deliver in sinks:
-            sinks.remove(deliver)
-            if not sinks:
+    def remove(self, owner: object) -> None:
+        """Forget every sink of ``owner``; idempotent."""
+        for channel in list(self._sinks):
+            kept = [s for s in self._sinks[channel] if s[0] is not owner]
+            if kept:
+                self._sinks[channel] = kept
+            else:
                 del self._sinks[channel]
 
-    def broadcast(self, channel: str, payload: str | bytes) -> int:
-        """Send ``payload`` to ``channel`` in every process; return local sinks called.
+    def publish(self, channel: str, payload: str | bytes, sender: object) -> None:
+        """Send ``payload`` to every hub of ``channel`` except ``sender``'s.
 
         Raises:
-            BackplaneUnavailable: Redis refused or is unreachable; nothing was
-                delivered, here or elsewhere.
+            BackplaneUnavailable: Redis refused it or is unreachable; no other
+                process got it (the other hubs of this process did not either).
         """
         self._check()
         if isinstance(payload, str):
@@ -123,27 +122,28 @@ class RedisHubBackplane:
         else:
             body = b"b" + bytes(payload)
         try:
-            self._pub.publish(self._channel(channel), _MAGIC + self._node + body)
+            self._pub.publish(f"{self.prefix}:hub:{channel}", _MAGIC + self._node + body)
         except TRANSIENT as exc:
-            self._counts["broadcast_failed"] += 1
+            self.counts["broadcast_failed"] += 1
             self._pub_state.failed(exc)
             raise BackplaneUnavailable(
                 f"Redis did not accept the broadcast on {channel!r}: {exc}") from exc
         self._pub_state.ok()
-        self._counts["broadcast"] += 1
-        return self._deliver(channel, payload)
+        self.counts["broadcast"] += 1
+        for owner, deliver in tuple(self._sinks.get(channel, ())):
+            if owner is not sender:  # a sibling hub of this process
+                self.counts["local"] += 1
+                self._call(channel, deliver, payload)
 
-    def _deliver(self, channel: str, payload: str | bytes) -> int:
-        sinks = tuple(self._sinks.get(channel, ()))
-        for deliver in sinks:
-            try:
-                deliver(payload)
-            except Exception:  # one broken sink must not starve the others
-                log.exception("redis hub backplane: delivery to %r failed", channel)
-        return len(sinks)
+    @staticmethod
+    def _call(channel: str, deliver: Deliver, payload: str | bytes) -> None:
+        try:
+            deliver(payload)
+        except Exception:  # one broken hub must not starve the others
+            log.exception("redis hub backplane: delivery to %r failed", channel)
 
     def close(self) -> None:
-        """Stop the reader and close connections (not a shared client's); idempotent."""
+        """Stop the reader, close owned connections; idempotent."""
         if self._closed:
             return
         self._closed = True
@@ -157,12 +157,6 @@ class RedisHubBackplane:
             except Exception:
                 log.debug("redis hub backplane: error while disconnecting", exc_info=True)
 
-    def stats(self) -> dict[str, Any]:
-        """Counters: broadcast, broadcast_failed, received, echoes, undecodable."""
-        return dict(self._counts, channels=sorted(self._sinks), closed=self._closed)
-
-    # -- the reader -------------------------------------------------------------
-
     def _run(self, gen: int) -> None:
         backoff = Backoff(*self._backoff)
         state = StateLog(log, f"redis hub backplane reader {redact(self.url)}")
@@ -174,11 +168,12 @@ class RedisHubBackplane:
         try:
             while not self._closed and gen == self._gen:
                 try:
+                    # Only this greenlet touches the pub/sub connection.
                     if pubsub is None:
                         pubsub = client.pubsub(ignore_subscribe_messages=True)
                         pubsub.subscribe(self._wake)
                         subscribed = set()
-                    wanted = {self._channel(c) for c in self._sinks}
+                    wanted = {f"{self.prefix}:hub:{c}" for c in self._sinks}
                     if wanted - subscribed:
                         pubsub.subscribe(*(wanted - subscribed))
                     if subscribed - wanted:
@@ -217,18 +212,72 @@ class RedisHubBackplane:
         if not chan.startswith(head) or not isinstance(data, bytes):
             return
         if len(data) < _HEAD or not data.startswith(_MAGIC) or data[10:11] not in (b"t", b"b"):
-            self._counts["undecodable"] += 1
+            self.counts["undecodable"] += 1
             return
         if data[2:10] == self._node:
-            self._counts["echoes"] += 1  # delivered here already, by broadcast()
+            self.counts["echoes"] += 1  # handed to this process's hubs by publish()
             return
-        self._counts["received"] += 1
         body = data[_HEAD:]
         payload: str | bytes = body
         if data[10:11] == b"t":
             try:
                 payload = body.decode("utf-8", "surrogatepass")
             except UnicodeDecodeError:
-                self._counts["undecodable"] += 1
+                self.counts["undecodable"] += 1
                 return
-        self._deliver(chan[len(head):], payload)
+        self.counts["received"] += 1
+        channel = chan[len(head):]
+        for _owner, deliver in tuple(self._sinks.get(channel, ())):
+            self._call(channel, deliver, payload)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters: broadcast, broadcast_failed, received, echoes, local, undecodable."""
+        return dict(self.counts, channels=sorted(self._sinks), closed=self._closed)
+
+
+class RedisHubBackplane:
+    """The backplane of one :class:`~gstream.hub.Hub`, over Redis pub/sub.
+
+    Implements the hub's protocol: ``attach(channel, deliver)``,
+    ``broadcast(channel, payload)`` (to the hubs of ``channel`` in other
+    processes, and to other hubs of it in this one; never back to this hub,
+    which fans out locally itself), ``close()`` (called by ``Hub.stop()``).
+    ``str`` payloads arrive as ``str`` (text frames), ``bytes`` as ``bytes``.
+
+    Pub/sub is at-most-once: a broadcast made while another process's reader
+    is reconnecting does not reach that process (its reader logs the outage).
+    A broadcast that Redis refuses raises :class:`BackplaneUnavailable`.
+
+    Args:
+        url: as for :class:`HubLink`; ignored when ``link`` is given.
+        link: a shared :class:`HubLink` (e.g. ``RedisBackplane.hub_backplane()``
+            passes its own); by default this backplane makes and owns one.
+        link_kwargs: passed to :class:`HubLink` when one is made.
+    """
+
+    def __init__(self, url: str = DEFAULT_URL, *, link: HubLink | None = None,
+                 **link_kwargs: Any) -> None:
+        self._owns_link = link is None
+        self.link = link if link is not None else HubLink(url, **link_kwargs)
+
+    def attach(self, channel: str, deliver: Deliver) -> None:
+        """Route ``channel``'s broadcasts from other hubs to ``deliver``."""
+        self.link.add(channel, self, deliver)
+
+    def broadcast(self, channel: str, payload: str | bytes) -> None:
+        """Send ``payload`` to the other hubs of ``channel``, in every process.
+
+        Raises:
+            BackplaneUnavailable: Redis refused it or is unreachable.
+        """
+        self.link.publish(channel, payload, self)
+
+    def close(self) -> None:
+        """Detach this hub; close the link too if this backplane made it. Idempotent."""
+        self.link.remove(self)
+        if self._owns_link:
+            self.link.close()
+
+    def stats(self) -> dict[str, Any]:
+        """The link's counters (shared by the hubs on it)."""
+        return self.link.stats()
