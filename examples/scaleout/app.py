@@ -5,8 +5,9 @@ processes; see README.md here. ``GSTREAM_REDIS_URL`` picks the Redis
 (default ``redis://127.0.0.1:6379/0``; ``redis://:password@host:port/db``,
 ``rediss://`` for TLS).
 
-The demo (``gstream.demo_app.make_app``) is used when it accepts a
-``backplane`` (and ``hub_backplane``) argument; until then a small feed
+The demo (``gstream.demo.make_app``) is used when it accepts a
+``backplane`` (and ``hub_backplane``) argument, its ticker off unless
+``GSTREAM_TICKER=1`` (each process would tick); until then a small feed
 with the same HTTP contract for ``/events``, ``/publish``, ``/stats`` and
 ``/healthz`` stands in (docs/demo-contract.md). Every response carries
 ``X-Worker-Pid`` so you can see which process served it.
@@ -88,17 +89,34 @@ def _feed_app(backplane: RedisBackplane) -> Any:
     return app
 
 
+def _demo_factory() -> Any:
+    """The demo's ``make_app`` if it accepts a backplane, else None."""
+    import importlib
+
+    for name in ("gstream.demo", "gstream.demo_app"):
+        try:
+            factory = importlib.import_module(name).make_app
+        except (ImportError, AttributeError):
+            continue
+        if "backplane" in inspect.signature(factory).parameters:
+            return factory
+    return None
+
+
 def make_app() -> Any:
     """Build the application for this process (call it after the fork)."""
     backplane = RedisBackplane(REDIS_URL)
-    from gstream import demo_app
-
-    params = inspect.signature(demo_app.make_app).parameters
-    if "backplane" in params:
+    factory = _demo_factory()
+    if factory is not None:
+        params = inspect.signature(factory).parameters
         kwargs: dict[str, Any] = {"backplane": backplane}
         if "hub_backplane" in params:
             kwargs["hub_backplane"] = backplane.hub_backplane()
-        inner = demo_app.make_app(**kwargs)
+        if "ticker" in params:
+            # Every process would tick: one ticker per cluster is enough, so
+            # it is opt-in here (GSTREAM_TICKER=1 on one process).
+            kwargs["ticker"] = os.environ.get("GSTREAM_TICKER") == "1"
+        inner = factory(**kwargs)
     else:
         inner = _feed_app(backplane)
     pid = str(os.getpid())
