@@ -7,6 +7,7 @@ to the Redis stream). Clients are raw-socket SSE readers.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -36,13 +37,13 @@ APP = "tests.apps.redis_feed:make_app()"
 class Node:
     """One server process of the application."""
 
-    def __init__(self, redis_url: str, history: int) -> None:
+    def __init__(self, redis_url: str, history: int, app: str = APP, cwd: str = ROOT) -> None:
         env = dict(os.environ, PYTHONPATH=ROOT, PYTHONUNBUFFERED="1",
                    GSTREAM_REDIS_URL=redis_url, GSTREAM_HISTORY=str(history))
         # Closed in stop(); a file, not a pipe, so a chatty server never blocks.
         self.log = tempfile.NamedTemporaryFile(prefix="gstream-node-", suffix=".log")  # noqa: SIM115
-        self.p = subprocess.Popen([sys.executable, "-m", "gstream", "serve", APP, "--port", "0"],
-                                  cwd=ROOT, env=env, stdout=subprocess.PIPE,
+        self.p = subprocess.Popen([sys.executable, "-m", "gstream", "serve", app, "--port", "0"],
+                                  cwd=cwd, env=env, stdout=subprocess.PIPE,
                                   stderr=self.log, text=True)
         self.url = ""
         self.port = 0
@@ -487,3 +488,59 @@ def test_client_ahead_of_a_lagging_process_is_caught_up_not_reset(serve: Any) ->
         fast.close()
         lagging.close()
         srv.stop()
+
+
+def test_demo_chat_and_feed_across_two_gstream_serve_processes(
+        redis_server: RedisServer) -> None:
+    demo = pytest.importorskip("gstream.demo")
+    pytest.importorskip("gstream.hub")
+    if "hub_backplane" not in inspect.signature(demo.make_app).parameters:
+        pytest.skip("this branch's demo takes no hub backplane")
+    from gstream.client import connect
+
+    cwd = os.path.join(ROOT, "examples", "scaleout")
+    a, b = (Node(redis_server.url, 1024, app="app:make_app()", cwd=cwd) for _ in range(2))
+    clients: list[Any] = []
+    try:
+        a.wait()
+        b.wait()
+        a1, a2, b1 = (connect(f"ws://127.0.0.1:{n.port}/chat") for n in (a, a, b))
+        clients += [a1, a2, b1]
+        # Pub/sub subscriptions are asynchronous: probe until B hears A.
+        with gevent.Timeout(10):
+            while True:
+                a1.send(json.dumps({"text": "probe"}))
+                try:
+                    if json.loads(b1.recv(timeout=0.2))["text"] == "probe":
+                        break
+                except TimeoutError:
+                    pass
+        gevent.sleep(0.3)
+        for c in clients:  # drain the probes
+            while True:
+                try:
+                    c.recv(timeout=0.1)
+                except TimeoutError:
+                    break
+        a1.send(json.dumps({"text": "from A", "ref": "r1"}))
+        b1.send(json.dumps({"text": "from B", "ref": "r2"}))
+        for c in clients:
+            got = sorted(json.loads(c.recv(timeout=5))["text"] for _ in range(2))
+            assert got == ["from A", "from B"]
+            with pytest.raises(TimeoutError):  # exactly once
+                c.recv(timeout=0.2)
+        # The demo's feed shares the stream too: publish on A, read on B.
+        sb = b.stream()
+        try:
+            r = requests.post(f"{a.url}/publish", data="hello feed", timeout=5)
+            assert r.status_code == 200, r.text
+            ev = sb.next_event()
+            assert ev.last_event_id == r.json()["last_id"]
+            assert json.loads(ev.data)["text"] == "hello feed"
+        finally:
+            sb.close()
+    finally:
+        for c in clients:
+            c.close()
+        a.stop()
+        b.stop()
