@@ -277,9 +277,11 @@ class Hub:
             except Closed:
                 self._remove(ws)  # closing; on_close will find it gone
             since_yield += 1
-            if since_yield >= _BATCH_DELIVERIES and not self._stopped:
+            if since_yield >= _BATCH_DELIVERIES:
                 since_yield = 0
                 gevent.sleep(0)  # a huge room must not hog the loop
+                if self._stopped:
+                    break
         self._stats["deliveries"] += delivered
         return since_yield
 
