@@ -190,9 +190,9 @@ def test_echo(demo: tuple[DemoApp, str]) -> None:
 class Proc:
     """``python -m gstream ...`` (through tests/demo_runner.py) on a free port."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, port: int = 0) -> None:
         env = dict(os.environ, PYTHONPATH=ROOT, PYTHONUNBUFFERED="1")
-        self.p = subprocess.Popen([sys.executable, RUNNER, *args, "--port", "0"], cwd=ROOT,
+        self.p = subprocess.Popen([sys.executable, RUNNER, *args, "--port", str(port)], cwd=ROOT,
                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   text=True)
         assert self.p.stdout is not None
@@ -201,6 +201,7 @@ class Proc:
         m = re.search(r"(http://[\d.:]+)", line)
         assert m, f"no URL in {line!r}: {self.p.stderr.read() if self.p.stderr else ''}"
         self.url = m.group(1)
+        self.port = int(self.url.rsplit(":", 1)[1])
 
     def stop(self) -> None:
         if self.p.poll() is None:

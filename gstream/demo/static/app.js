@@ -202,8 +202,9 @@ function showStats(st) {
   while (spark.length > 60) spark.shift();
   const max = Math.max(1, ...spark);
   const step = 300 / 59;
+  const start = 300 - (spark.length - 1) * step;  // newest on the right, like a live chart
   $("spark-line").setAttribute("points",
-    spark.map((v, i) => (i * step).toFixed(1) + "," + (38 - (v / max) * 34).toFixed(1)).join(" "));
+    spark.map((v, i) => (start + i * step).toFixed(1) + "," + (38 - (v / max) * 34).toFixed(1)).join(" "));
 }
 
 function openStats() {
