@@ -102,7 +102,7 @@ class DemoApp:
     """
 
     def __init__(self, *, ticker: bool = True, backplane: Any = None,
-                 tick_interval: float = 1.0) -> None:
+                 hub_backplane: Any = None, tick_interval: float = 1.0) -> None:
         self.ticker = ticker
         self.tick_interval = max(0.05, tick_interval)
         self.feed = SSEBroker(topic="feed", backplane=backplane, retry=2000,
@@ -110,7 +110,7 @@ class DemoApp:
         # Statistics are per process: never shared through a backplane.
         self.stats_feed = SSEBroker(topic="demo.stats", retry=2000, history_size=0,
                                     heartbeat_interval=15.0)
-        self.chat = ChatRoom(backplane=backplane)
+        self.chat = ChatRoom(backplane=hub_backplane)
         self.echo = websocket_app(self._echo_session, WSConfig(read_limit=ECHO_MAX))
         self.server: Any = None
         self.echo_sessions = 0
@@ -216,7 +216,7 @@ class DemoApp:
             "ws_members": members,
             "published": feed["published"],
             "delivered": feed["delivered"] + chat.get("deliveries", 0),
-            "dropped": feed["dropped"] + chat.get("drops", 0),
+            "dropped": feed["dropped"] + chat.get("drops", 0) + chat.get("member_drops", 0),
             "events_per_second": rates.get("published", 0.0),
             "connections": connections,
             "uptime": round(time.time() - self.started_at, 1),
@@ -320,12 +320,14 @@ class DemoApp:
         return raw[:MAX_TEXT]
 
 
-def make_app(*, ticker: bool = True, backplane: Any = None) -> DemoApp:
+def make_app(*, ticker: bool = True, backplane: Any = None,
+             hub_backplane: Any = None) -> DemoApp:
     """Return the demo WSGI application.
 
     Args:
         ticker: publish one feed event per second (``gstream demo --no-ticker`` turns it off).
-        backplane: a :class:`gstream.backplane.Backplane` shared by the feed and the chat
-            room, to run the demo in several processes.
+        backplane: the feed broker's :class:`gstream.backplane.Backplane`, to share the
+            feed between processes (e.g. Redis).
+        hub_backplane: the chat room Hub's backplane (``HubBackplane``), to share the chat.
     """
-    return DemoApp(ticker=ticker, backplane=backplane)
+    return DemoApp(ticker=ticker, backplane=backplane, hub_backplane=hub_backplane)
