@@ -17,17 +17,12 @@ import pytest
 import requests
 
 from gstream.client import SSEClient, connect
+from gstream.demo import DemoApp, make_app
 from gstream.errors import Closed
+from gstream.server import Server
 from tests.helpers import wait_until
-from tests.hub_standin import install
-
-install()  # a Hub stand-in until gstream.hub is on this branch (no-op after)
-
-from gstream.demo import DemoApp, make_app  # noqa: E402
-from gstream.server import Server  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RUNNER = os.path.join(ROOT, "tests", "demo_runner.py")
 
 
 @pytest.fixture
@@ -188,11 +183,11 @@ def test_echo(demo: tuple[DemoApp, str]) -> None:
 
 
 class Proc:
-    """``python -m gstream ...`` (through tests/demo_runner.py) on a free port."""
+    """``python -m gstream ...`` on a free port."""
 
     def __init__(self, *args: str, port: int = 0) -> None:
         env = dict(os.environ, PYTHONPATH=ROOT, PYTHONUNBUFFERED="1")
-        self.p = subprocess.Popen([sys.executable, RUNNER, *args, "--port", str(port)], cwd=ROOT,
+        self.p = subprocess.Popen([sys.executable, "-m", "gstream", *args, "--port", str(port)], cwd=ROOT,
                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   text=True)
         assert self.p.stdout is not None
