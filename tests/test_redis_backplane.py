@@ -386,9 +386,12 @@ def test_scaleout_example_under_gunicorn_with_two_gevent_workers(
                 except requests.ConnectionError:
                     return False
 
-            def booted() -> bool:
+            def gunicorn_log() -> str:
                 log.seek(0)
-                return log.read().count(b"Booting worker") >= 2
+                return log.read().decode("utf-8", "replace")[-4000:]
+
+            def booted() -> bool:
+                return gunicorn_log().count("Booting worker") >= 2
 
             assert wait_until(booted, timeout=20, interval=0.05)
             assert wait_until(up, timeout=20, interval=0.1)
@@ -402,13 +405,16 @@ def test_scaleout_example_under_gunicorn_with_two_gevent_workers(
                 if len(by_pid) == 2:
                     break
                 gevent.sleep(0.02)
-            assert len(by_pid) == 2, "gunicorn did not use two workers"
+            assert len(by_pid) == 2, f"gunicorn did not use two workers: {gunicorn_log()}"
             for i in range(6):  # publishes also land on either worker
                 r = requests.post(f"http://127.0.0.1:{port}/publish", data=f"m{i}", timeout=5)
                 assert r.status_code == 200, r.text
             seen = []
             for s in by_pid.values():
-                got = s.events(6)
+                try:
+                    got = s.events(6, timeout=10)
+                except (gevent.Timeout, EOFError) as exc:
+                    raise AssertionError(f"{exc!r}; log: {gunicorn_log()}") from None
                 assert [json.loads(e.data)["text"] for e in got] == [f"m{i}" for i in range(6)]
                 seen.append([e.last_event_id for e in got])
             # Both workers delivered the same stream entries, in the same order.
