@@ -7,7 +7,14 @@ details of layout. See README.md for a tour.
 from __future__ import annotations
 
 from .broker import BrokerConfig, SSEBroker
-from .errors import BrokerClosed, Closed, GStreamError, HandshakeError, SubscriberLimit
+from .errors import (
+    BackplaneUnavailable,
+    BrokerClosed,
+    Closed,
+    GStreamError,
+    HandshakeError,
+    SubscriberLimit,
+)
 from .events import Event, EventType, encode, encode_comment, encode_retry, json_event
 from .hub import Hub, HubConfig
 from .sse import SSE_HEADERS, ChunkedWriter, SSEWriter, last_event_id, stream_events
@@ -37,6 +44,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "__version__",
+    "BackplaneUnavailable",
     "BrokerClosed",
     "BrokerConfig",
     "ChunkedWriter",

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import gevent
 import gevent.event
 
-from .errors import Closed
+from .errors import BackplaneUnavailable, Closed
 from .threadsafe import LoopBinding, allocate_lock
 from .websocket import WebSocket, prepare
 
@@ -243,6 +243,11 @@ class Hub:
             if forward and self._backplane is not None:
                 try:
                     self._backplane.broadcast(self.name, message)
+                except BackplaneUnavailable as exc:
+                    # An outage is expected and already logged by the backplane on
+                    # each state change: count it, don't dump a traceback per message.
+                    self._stats["backplane_failures"] = self._stats.get("backplane_failures", 0) + 1
+                    log.debug("hub %r: backplane unavailable: %s", self.name, exc)
                 except Exception:
                     log.exception("hub %r: backplane broadcast failed", self.name)
             batch += self._fan_out(message, exclude, where, arity)

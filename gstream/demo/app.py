@@ -17,6 +17,7 @@ from typing import Any
 import gevent
 
 from ..broker import SSEBroker
+from ..errors import BackplaneUnavailable
 from ..events import Event
 from ..sse import Environ, StartResponse, query_param
 from ..websocket import WebSocket
@@ -186,8 +187,10 @@ class DemoApp:
         seq = self._seq
         data = json.dumps({"seq": seq, "ts": time.time(), "text": text},
                           separators=(",", ":"), ensure_ascii=False)
-        self.feed.publish(Event(name="feed", data=data, id=str(seq)))
-        return str(seq)
+        # With a durable backplane (Redis) the broker assigns the id (the
+        # stream entry id); report that one, it is what clients resume from.
+        assigned = self.feed.publish(Event(name="feed", data=data, id=str(seq)))
+        return str(assigned) if assigned is not None else str(seq)
 
     # -- statistics ---------------------------------------------------------
 
@@ -302,8 +305,12 @@ class DemoApp:
             body = b""
         text = self._text_of(body, environ.get("CONTENT_TYPE", ""))
         last = ""
-        for _ in range(count):
-            last = self.publish(text)
+        try:
+            for _ in range(count):
+                last = self.publish(text)
+        except BackplaneUnavailable as exc:
+            return _text_response(start_response, "503 Service Unavailable",
+                                  f"backplane unavailable: {exc}", [("Retry-After", "1")])
         return _json_response(start_response, {"published": count, "last_id": last})
 
     @staticmethod
