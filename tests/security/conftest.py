@@ -106,7 +106,7 @@ class ServerProcess:
     """
 
     def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        self.errfile = tempfile.TemporaryFile(mode="w+")
+        self.errfile = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed in kill())
         full_env = dict(os.environ, PYTHONPATH=ROOT, PYTHONUNBUFFERED="1", **(env or {}))
         self.p = subprocess.Popen(
             [sys.executable, "-m", "gstream", "serve", "tests.security.apps:make_app()",

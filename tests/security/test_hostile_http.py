@@ -81,7 +81,7 @@ def test_slowloris_one_byte_per_second_is_cut_at_the_head_deadline(gserver, erro
                 try:
                     if s.recv(1) == b"":
                         break
-                except socket.timeout:
+                except TimeoutError:
                     continue
         except OSError:
             pass
