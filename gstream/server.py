@@ -133,6 +133,15 @@ def _managed_handler(base: Any) -> Any:
                 # traceback per hostile request.
                 raise ValueError(str(exc)) from None
 
+        def _log_error(self, t: Any, v: Any, tb: Any) -> None:
+            # pywsgi hands application errors to the hub, which prints them to
+            # stderr; route them through logging like the rest of the server.
+            if issubclass(t, gevent.GreenletExit):
+                return
+            env = self.environ or {}
+            log.error("application error in %s %s from %s", env.get("REQUEST_METHOD"),
+                      env.get("PATH_INFO"), self.client_address, exc_info=(t, v, tb))
+
         def get_environ(self) -> Any:
             # The head is complete: the application may take as long as it needs.
             if self._gs_timer is not None:

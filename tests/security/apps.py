@@ -12,6 +12,7 @@ Routes:
 * ``/sse`` an endless :class:`~gstream.sse.SSEWriter` stream, ``/chunked`` an
   endless :class:`~gstream.sse.ChunkedWriter` stream (both count their
   endings in ``/stats``);
+* ``/gen`` an endless :func:`~gstream.sse.stream_events` generator;
 * ``/boom`` raises before responding, ``/boom-mid`` raises mid-stream;
 * ``/`` says ``ok``.
 
@@ -35,7 +36,7 @@ from gstream.broker import SSEBroker
 from gstream.errors import Closed
 from gstream.events import Event
 from gstream.lifecycle import lifecycle
-from gstream.sse import ChunkedWriter, SSEWriter
+from gstream.sse import SSE_HEADERS, ChunkedWriter, SSEWriter, stream_events
 
 
 def _rss() -> int:
@@ -89,6 +90,9 @@ class SecurityApp:
             return self._sse(environ, start_response)
         if path == "/chunked":
             return self._chunked(environ, start_response)
+        if path == "/gen":
+            start_response("200 OK", list(SSE_HEADERS))
+            return stream_events(self._gen())
         if path == "/boom":
             raise RuntimeError("boom: application error before the response")
         if path == "/boom-mid":
@@ -139,6 +143,18 @@ class SecurityApp:
         finally:
             self.ended_streams += 1
         return out.close()
+
+    def _gen(self) -> Iterator[Event]:
+        # A framework-style generator: it must be closed when the client leaves.
+        self.open_streams += 1
+        try:
+            n = 0
+            while True:
+                n += 1
+                yield Event(data="gen " + "w" * 200, id=str(n))
+                gevent.sleep(0.001)
+        finally:
+            self.ended_streams += 1
 
     def _boom_mid(self) -> Iterator[bytes]:
         yield b"partial\n"

@@ -18,6 +18,7 @@ from typing import Any
 import gevent
 import pytest
 
+from gstream.lifecycle import lifecycle
 from gstream.server import Server
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -45,8 +46,14 @@ class ErrorLog:
         self.unhandled: list[tuple[type, BaseException]] = []
         self.records: list[logging.LogRecord] = []
 
+    def exceptions(self) -> list[tuple[type, BaseException]]:
+        """Unhandled exceptions plus exceptions logged with a traceback."""
+        logged = [(r.exc_info[0], r.exc_info[1]) for r in self.records
+                  if r.exc_info and r.exc_info[0] is not None]
+        return self.unhandled + logged  # type: ignore[return-value]
+
     def unexpected(self, allow: tuple[type, ...] = ()) -> list[Any]:
-        return [(t, v) for t, v in self.unhandled if not issubclass(t, allow)]
+        return [(t, v) for t, v in self.exceptions() if not issubclass(t, allow)]
 
 
 class _Capture(logging.Handler):
@@ -96,6 +103,9 @@ def gserver() -> Iterator[Callable[..., Server]]:
     for srv in servers:
         if not srv.draining:
             srv.stop(timeout=1)
+    # stop() marks the process-wide lifecycle as shutting down; later tests
+    # in this process must start from a clean state.
+    lifecycle.reset()
 
 
 class ServerProcess:
