@@ -37,6 +37,14 @@ setup(
         "gunicorn": ["gunicorn>=21"],
         "browser": ["playwright>=1.40"],
         "demo": [],
+        "bench": [
+            "gevent-websocket>=0.10",
+            "flask>=2.2",
+            "flask-sock>=0.7",
+            "sse-starlette>=2",
+            "uvicorn>=0.30",
+            "matplotlib>=3.5",
+        ],
     },
     entry_points={"console_scripts": ["gstream=gstream.cli:main"]},
     classifiers=[

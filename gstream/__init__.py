@@ -11,10 +11,17 @@ from .errors import BrokerClosed, Closed, GStreamError, HandshakeError, Subscrib
 from .events import Event, EventType, encode, encode_comment, encode_retry, json_event
 from .sse import SSE_HEADERS, ChunkedWriter, SSEWriter, last_event_id, stream_events
 from .sseparse import EventStreamParser, ParsedEvent
+from .websocket import PreparedMessage, WebSocket, close_all, prepare
+from .wsconfig import WSConfig
+from .wsupgrade import reject_response, upgrade, websocket_app
 
 # gstream.server imports gevent.pywsgi, which imports ssl; importing it here
 # would load ssl before `gstream serve` has monkey-patched. Load it lazily.
-_LAZY = {"Server": "gstream.server", "serve": "gstream.server"}
+_LAZY = {
+    "Server": "gstream.server",
+    "serve": "gstream.server",
+    "GStreamHandler": "gstream.handler",
+}
 
 
 def __getattr__(name: str) -> object:
@@ -37,18 +44,27 @@ __all__ = [
     "EventStreamParser",
     "EventType",
     "GStreamError",
+    "GStreamHandler",
     "HandshakeError",
     "ParsedEvent",
+    "PreparedMessage",
     "SSEBroker",
     "SSEWriter",
     "SSE_HEADERS",
     "Server",
     "SubscriberLimit",
+    "WSConfig",
+    "WebSocket",
+    "close_all",
     "encode",
     "encode_comment",
     "encode_retry",
     "json_event",
     "last_event_id",
+    "prepare",
+    "reject_response",
     "serve",
     "stream_events",
+    "upgrade",
+    "websocket_app",
 ]

@@ -35,13 +35,9 @@ from gevent import pywsgi
 from gevent import socket as gsocket
 from gevent.pool import Pool
 
+from .handler import GStreamHandler as _DefaultHandler
 from .lifecycle import Lifecycle
 from .lifecycle import lifecycle as default_lifecycle
-
-try:  # the WebSocket-aware handler, when present
-    from .handler import GStreamHandler as _DefaultHandler  # type: ignore[import-not-found,unused-ignore]
-except ImportError:  # pragma: no cover - depends on the branch
-    _DefaultHandler = pywsgi.WSGIHandler
 
 __all__ = ["Server", "serve"]
 
@@ -177,6 +173,13 @@ class _WSGIServer(pywsgi.WSGIServer):
             finally:
                 ctl._rejecting -= 1
             return
+        if sock.family in (gsocket.AF_INET, gsocket.AF_INET6):
+            # pywsgi sends headers and body in two writes; with Nagle on, the
+            # body waits for the client's delayed ACK (~40 ms per response).
+            try:
+                sock.setsockopt(gsocket.IPPROTO_TCP, gsocket.TCP_NODELAY, 1)
+            except OSError:
+                pass
         ctl._active += 1
         if ctl._active >= ctl.max_connections:
             ctl._close_idle(ctl._keepalive)

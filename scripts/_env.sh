@@ -26,14 +26,17 @@ ensure_venv() {
     if [ ! -x "$PY" ]; then
         echo ">> creating virtualenv in $VENV"
         python3 -m venv "$VENV" 2>/dev/null || { apt_install python3-venv; python3 -m venv "$VENV"; }
-        "$PY" -m pip install -q --upgrade pip >/dev/null
+        "$PY" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
     fi
     local stamp="$VENV/.stamp-$(echo "$extras" | tr ',' '-')"
     local want
     want="$(cat "$ROOT/setup.py" "$ROOT/scripts/_env.sh" | sha256sum | cut -c1-16)"
     if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
         echo ">> installing gstream[$extras] into $VENV"
-        "$PY" -m pip install -q -e "$ROOT[$extras]"
+        # pip warns about every local index folder this machine lacks; keep
+        # the log readable without hiding real errors (the exit status counts).
+        "$PY" -m pip install -q -e "$ROOT[$extras]" 2>&1 | { grep -v "^WARNING: Location" || true; }
+        [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "pip install failed" >&2; exit 1; }
         echo "$want" > "$stamp"
     fi
 }

@@ -7,7 +7,9 @@ ensure_venv "test,flask,django,gunicorn,redis,locust,browser"
 apt_install redis-server chromium
 cd "$ROOT"
 echo ">> ruff"
-"$VENV/bin/ruff" check gstream tests examples bench loadtests
+lint_dirs=()
+for d in gstream tests examples bench loadtests; do [ -d "$d" ] && lint_dirs+=("$d"); done
+"$VENV/bin/ruff" check "${lint_dirs[@]}"
 echo ">> mypy"
 "$VENV/bin/mypy" gstream
 echo ">> pytest"

@@ -31,3 +31,14 @@ def serve() -> Iterator[Callable[..., RunningServer]]:
     yield start
     for srv in started:
         srv.stop(timeout=2)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_lifecycle() -> Iterator[None]:
+    """Tests that exercise graceful shutdown leave the process-wide registry
+    in its shutting-down state; every test starts from a live one."""
+    from gstream.lifecycle import lifecycle
+
+    lifecycle.reset()
+    yield
+    lifecycle.reset()

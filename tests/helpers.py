@@ -132,7 +132,9 @@ class SSEStream:
 def live_greenlets() -> int:
     """Number of live greenlets in this process (for leak checks)."""
     gc.collect()
-    return sum(1 for o in gc.get_objects() if isinstance(o, greenlet) and not o.dead)
+    # type() rather than isinstance(): lazy objects (Django settings) evaluate
+    # themselves when asked for __class__.
+    return sum(1 for o in gc.get_objects() if issubclass(type(o), greenlet) and not o.dead)
 
 
 def open_fds() -> int:

@@ -1,0 +1,197 @@
+"""Taking the raw socket away from a WSGI server, one server at a time.
+
+WSGI has no standard way to take over a connection, so each supported server
+is detected explicitly (never "try this, then that") and handled the way its
+source code allows:
+
+``gstream``
+    :class:`gstream.handler.GStreamHandler` puts a ``gstream.hijack``
+    callable in the environ. The handler then knows the connection is gone:
+    it writes nothing after the 101, logs it as a 101, and frees its buffers.
+``pywsgi``
+    gevent's default ``WSGIHandler`` (also gunicorn's ``gevent_pywsgi``
+    worker). ``start_response`` is a bound method of the handler, which gives
+    us the socket and the buffered reader (whose read-ahead bytes we keep);
+    we mark the handler as "101 sent, close after" so it writes nothing more.
+``gunicorn``
+    gunicorn's own async ``gevent`` worker: ``environ['gunicorn.socket']``;
+    bytes gunicorn's parser read ahead live in the body reader's unreader.
+    The WSGI app must end by raising ``StopIteration`` (gunicorn's async
+    worker logs "Closing connection" and closes the socket), which
+    :meth:`Hijack.wsgi_result` does.
+
+After the session, gstream shuts the socket down in both directions but
+leaves closing the file descriptor to the server that owns it, so any stray
+write by a server or framework fails quietly with EPIPE rather than reaching
+the peer or a reused descriptor.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import gevent.socket
+
+if TYPE_CHECKING:
+    from gevent.pywsgi import WSGIHandler
+
+__all__ = ["Hijack", "find_server", "take"]
+
+#: A shared, closed, empty reader: put in place of a handler's rfile so the
+#: keep-alive loop ends and the real 8 KiB read buffer can be freed.
+_CLOSED_READER = io.BytesIO()
+_CLOSED_READER.close()
+
+
+class Unsupported(Exception):
+    """The WSGI server does not expose its socket in a way gstream knows."""
+
+
+@dataclass
+class Hijack:
+    """A socket taken from the server, with the bytes it had already read."""
+
+    sock: gevent.socket.socket
+    pre_read: bytes
+    server: str
+    handler: WSGIHandler | None = None
+
+    def wsgi_result(self) -> list[bytes]:
+        """The value the WSGI app must return once the session is over.
+
+        Under gunicorn's async worker this raises ``StopIteration`` instead:
+        that is how gunicorn is told the response was handled (its worker
+        catches it, logs at debug level and closes the connection).
+        """
+        if self.server == "gunicorn":
+            raise StopIteration("websocket session ended")
+        return []
+
+
+def _handler_of(start_response: Any) -> WSGIHandler | None:
+    owner = getattr(start_response, "__self__", None)
+    # Imported lazily: importing gevent.pywsgi loads ssl, which must wait
+    # until the application has been monkey-patched.
+    pywsgi = sys.modules.get("gevent.pywsgi")
+    if pywsgi is None:
+        return None
+    return owner if isinstance(owner, pywsgi.WSGIHandler) else None
+
+
+def find_server(environ: Mapping[str, Any], start_response: Any) -> str:
+    """Name the server behind this request, or raise :class:`Unsupported`.
+
+    Side-effect free, so the upgrade can be refused with a normal HTTP
+    response before anything is taken.
+    """
+    if callable(environ.get("gstream.hijack")):
+        return "gstream"
+    if "gunicorn.socket" in environ:
+        if not isinstance(environ["gunicorn.socket"], gevent.socket.socket):
+            raise Unsupported("gunicorn worker is not gevent-based; use -k gevent")
+        return "gunicorn"
+    if _handler_of(start_response) is not None:
+        return "pywsgi"
+    raw = _raw_socket_from_input(environ)
+    if raw is not None:
+        return "pywsgi-input"
+    raise Unsupported("this WSGI server does not expose its connection")
+
+
+def _raw_socket_from_input(environ: Mapping[str, Any]) -> Any:
+    # pywsgi hands upgrade requests the raw buffered reader itself; this is
+    # the only way in when a framework hides start_response (Flask, Django).
+    if not str(environ.get("SERVER_SOFTWARE", "")).startswith("gevent"):
+        return None
+    rfile = environ.get("wsgi.input")
+    rfile = getattr(rfile, "rfile", rfile)  # pywsgi.Input wraps the reader
+    sock = getattr(getattr(rfile, "raw", None), "_sock", None)
+    return (rfile, sock) if isinstance(sock, gevent.socket.socket) else None
+
+
+def drain_buffered(rfile: Any, sock: gevent.socket.socket) -> bytes:
+    """Bytes the server's buffered reader already holds, without blocking.
+
+    ``read1`` returns buffered bytes when there are any and otherwise does
+    one raw read; with the socket's timeout at 0 that raw read cannot block
+    (it returns nothing, or what the kernel already has).
+    """
+    if rfile is None or getattr(rfile, "closed", True) or not hasattr(rfile, "read1"):
+        return b""
+    previous = sock.gettimeout()
+    sock.settimeout(0.0)
+    try:
+        chunks = []
+        while True:
+            data = rfile.read1(65536)
+            if not data:
+                break
+            chunks.append(data)
+            if len(chunks) > 16:  # bounded: at most a little over 1 MiB pre-read
+                break
+        return b"".join(chunks)
+    except (TimeoutError, BlockingIOError):
+        return b""
+    finally:
+        sock.settimeout(previous)
+
+
+def _release_handler(handler: WSGIHandler, environ: Any) -> None:
+    # Make pywsgi treat the response as a sent 101 on a connection to close:
+    # process_result() then writes nothing and the access log says 101.
+    handler.status = b"101 Switching Protocols"
+    handler._orig_status = "101 Switching Protocols"
+    handler.headers_sent = True
+    handler.response_use_chunked = False
+    handler.close_connection = True
+    # The keep-alive loop checks rfile.closed; swapping in a closed stub ends
+    # it and drops the real reader (and its 8 KiB buffer) once environ does.
+    handler.rfile = _CLOSED_READER
+    if isinstance(environ, dict):
+        environ["wsgi.input"] = io.BytesIO(b"")
+    # pywsgi discards the request body after the app returns; give it an
+    # empty one so it never touches the socket again.
+    from gevent.pywsgi import Input
+
+    handler.wsgi_input = Input(_CLOSED_READER, 0)
+
+
+def take(environ: Any, start_response: Any, server: str) -> Hijack:
+    """Take the connection from ``server`` (as named by :func:`find_server`)."""
+    if server == "gstream":
+        sock, pre = environ["gstream.hijack"]()
+        return Hijack(sock, pre, server)
+    if server == "gunicorn":
+        sock = environ["gunicorn.socket"]
+        pre = b""
+        body = environ.get("wsgi.input")
+        unreader = getattr(getattr(body, "reader", None), "unreader", None)
+        if unreader is not None:
+            take_buffered: Callable[[], bytes] | None = getattr(unreader, "take_buffered", None)
+            if take_buffered is not None:
+                pre = take_buffered()
+            elif isinstance(getattr(unreader, "buf", None), io.BytesIO):  # gunicorn < 23
+                pre = unreader.buf.getvalue()
+                unreader.buf = io.BytesIO()
+        sock.setblocking(True)
+        return Hijack(sock, pre, server)
+    if server == "pywsgi":
+        handler = _handler_of(start_response)
+        assert handler is not None
+        sock = handler.socket
+        pre = drain_buffered(handler.rfile, sock)
+        _release_handler(handler, environ)
+        return Hijack(sock, pre, server, handler)
+    if server == "pywsgi-input":
+        found = _raw_socket_from_input(environ)
+        if found is None:
+            raise Unsupported("pywsgi reader vanished")
+        rfile, sock = found
+        pre = drain_buffered(rfile, sock)
+        rfile.close()  # ends pywsgi's keep-alive loop (it checks rfile.closed)
+        return Hijack(sock, pre, server)
+    raise Unsupported(server)

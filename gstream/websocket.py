@@ -1,0 +1,714 @@
+"""The WebSocket connection: gevent I/O around websockets' Sans-I/O protocol.
+
+Design (see docs/websocket.md): no greenlet per connection in the steady
+state. Reading is a libev io watcher whose callback runs in the hub: it does a
+non-blocking ``recv``, feeds :class:`websockets.server.ServerProtocol`, answers
+control frames (pongs, close echoes) and queues complete messages, whether or
+not the application ever calls :meth:`WebSocket.receive`. Keepalive and the
+close wait are libev timers. Writes are queued and flushed from a loop
+callback with one non-blocking ``send`` of all queued frames joined; only when
+the kernel buffer is full is a writer greenlet started, and it exits once the
+queue is empty. An idle connection therefore costs the application's own
+greenlet plus a few small objects.
+
+Frame parsing, masking, control-frame rules, close codes and permessage-deflate
+(with inflation bounded by ``read_limit``) are websockets'; message reassembly
+and incremental UTF-8 validation are ours.
+"""
+
+from __future__ import annotations
+
+import codecs
+import logging
+import socket
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import gevent
+import gevent.event
+from gevent.socket import wait_write
+from websockets.frames import Close, Frame, Opcode
+from websockets.protocol import CLOSED, OPEN
+from websockets.server import ServerProtocol
+
+from .errors import Closed
+from .hijack import Hijack
+from .lifecycle import lifecycle
+from .wsconfig import WSConfig
+
+__all__ = ["WebSocket", "PreparedMessage", "prepare", "close_all", "open_connections"]
+
+log = logging.getLogger("gstream.websocket")
+
+Message = str | bytes
+
+_RECV_SIZE = 65536
+_JOIN_LIMIT = 256 * 1024  # coalesce up to this many bytes per send()
+_PAUSE_OUT_BYTES = 1 << 20  # stop reading while this much is stuck behind a slow peer
+
+_open: weakref.WeakSet[WebSocket] = weakref.WeakSet()
+
+
+class _WriteTimeout(Exception):
+    pass
+
+
+def _valid_close_code(code: int) -> bool:
+    return code in (1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014) or (
+        3000 <= code <= 4999)
+
+
+class PreparedMessage:
+    """A message encoded once as an unmasked frame, to send to many connections.
+
+    Every connection without an extension (no permessage-deflate) queues the
+    very same ``frame`` bytes object; others fall back to encoding ``payload``.
+    """
+
+    __slots__ = ("payload", "is_text", "frame")
+
+    def __init__(self, message: Message) -> None:
+        if isinstance(message, str):
+            self.payload = message.encode("utf-8")
+            self.is_text = True
+        else:
+            self.payload = bytes(message)
+            self.is_text = False
+        op = Opcode.TEXT if self.is_text else Opcode.BINARY
+        self.frame: bytes = Frame(op, self.payload).serialize(mask=False, extensions=[])
+
+
+def prepare(message: Message) -> PreparedMessage:
+    """Encode ``message`` (text if str, binary if bytes) once for a broadcast."""
+    return PreparedMessage(message)
+
+
+def open_connections() -> list[WebSocket]:
+    """WebSocket connections of this process that are not fully closed yet."""
+    return list(_open)
+
+
+def close_all(timeout: float | None = None, code: int = 1001,
+              reason: str = "server shutting down") -> int:
+    """Close every open connection with ``code`` (1001 going away) and wait.
+
+    Waits up to ``timeout`` (default: the largest close timeout plus 0.5 s)
+    for the closing handshakes; connections still open then are aborted.
+    Returns how many had to be aborted.
+    """
+    conns = list(_open)
+    for ws in conns:
+        ws.shutdown(reason, code=code)
+    if timeout is None:
+        timeout = max((ws.config.close_timeout for ws in conns), default=0) + 0.5
+    deadline = time.monotonic() + timeout
+    for ws in conns:
+        ws.closed.wait(max(0.0, deadline - time.monotonic()))
+    late = [ws for ws in conns if not ws.closed.is_set()]
+    for ws in late:
+        ws.abort("close timeout")
+    return len(late)
+
+
+class WebSocket:
+    """One server-side WebSocket connection (made by :func:`gstream.upgrade`).
+
+    Attributes:
+        environ: the WSGI environ of the upgrade request.
+        subprotocol: the negotiated subprotocol, or None.
+        closed: a :class:`gevent.event.Event` set once the connection is fully
+            closed (handshake done or given up, TCP shut down).
+        close_code, close_reason: why it closed: the peer's code if it sent a
+            close frame, else ours, else 1006 (no close frame). None while open.
+        dropped_inbound: messages dropped by the ``"drop"`` inbound policy.
+        latency: round-trip time of the last answered keepalive ping (s).
+    """
+
+    __slots__ = (
+        "__weakref__", "environ", "config", "subprotocol", "closed", "close_code",
+        "close_reason", "dropped_inbound", "latency", "_p", "_hijack", "_sock", "_raw",
+        "_fd", "_loop", "_inbound", "_readable", "_recv_done", "_paused", "_failed",
+        "_frag_op", "_frag_parts", "_frag_size", "_decoder", "_out", "_out_bytes",
+        "_out_msgs", "_eof_pending", "_eof_sent", "_flush_scheduled", "_writer", "_space",
+        "_reader", "_reading", "_ka_timer", "_close_timer", "_last_rx", "_ping_nonce",
+        "_ping_sent_at", "_ping_count", "_finalized", "_callbacks", "_peer_eof",
+    )
+
+    def __init__(self, protocol: ServerProtocol, hijack: Hijack, config: WSConfig,
+                 environ: dict[str, Any]) -> None:
+        self.environ = environ
+        self.config = config
+        self.subprotocol: str | None = protocol.subprotocol
+        self.closed = gevent.event.Event()
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self.dropped_inbound = 0
+        self.latency: float | None = None
+        self._p = protocol
+        self._hijack = hijack
+        self._sock = hijack.sock
+        self._raw = getattr(hijack.sock, "_sock", hijack.sock)  # the non-blocking OS socket
+        self._fd = hijack.sock.fileno()
+        self._loop = gevent.get_hub().loop
+        self._inbound: deque[Message] = deque()
+        self._readable = gevent.event.Event()
+        self._recv_done = False
+        self._paused = False
+        self._failed = False
+        self._frag_op: Opcode | None = None
+        self._frag_parts: list[Any] = []
+        self._frag_size = 0
+        self._decoder: Any = None
+        self._out: deque[tuple[bytes, bool]] = deque()
+        self._out_bytes = 0
+        self._out_msgs = 0
+        self._eof_pending = False
+        self._eof_sent = False
+        self._flush_scheduled = False
+        self._writer: gevent.Greenlet | None = None
+        self._space = gevent.event.Event()
+        self._space.set()
+        self._reader: Any = None
+        self._reading = False
+        self._ka_timer: Any = None
+        self._close_timer: Any = None
+        self._last_rx = time.monotonic()
+        self._ping_nonce: bytes | None = None
+        self._ping_sent_at = 0.0
+        self._ping_count = 0
+        self._finalized = False
+        self._peer_eof = False
+        self._callbacks: list[Callable[[WebSocket], None]] = (
+            [config.on_close] if config.on_close is not None else [])
+
+    # ------------------------------------------------------------------ start
+    def _start(self, pre_read: bytes) -> None:
+        lifecycle.register(self)
+        _open.add(self)
+        self._reader = self._loop.io(self._fd, 1)
+        self._resume_reading()
+        self._arm_keepalive(self.config.read_idle_timeout)
+        if pre_read:
+            self._guard(self._feed, pre_read)
+
+    # --------------------------------------------------------------- public API
+    @property
+    def shares_frames(self) -> bool:
+        """True when :meth:`send_prepared` queues the shared frame bytes as is
+        (no extension such as permessage-deflate was negotiated)."""
+        return not self._p.extensions
+
+    @property
+    def send_queue_depth(self) -> int:
+        """Messages queued but not yet handed to the kernel."""
+        return self._out_msgs
+
+    @property
+    def open(self) -> bool:
+        """True until a close frame was sent or received or the TCP link is gone."""
+        return not self._finalized and self._p.state is OPEN
+
+    def receive(self, timeout: float | None = None) -> Message:
+        """Return the next message: ``str`` for text, ``bytes`` for binary.
+
+        Blocks cooperatively. Messages that arrived before the connection
+        closed are returned first; then :class:`gstream.Closed` is raised with
+        the close code and reason. Raises :class:`TimeoutError` after
+        ``timeout`` seconds without a message.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self._inbound:
+                msg = self._inbound.popleft()
+                if self._paused and len(self._inbound) < self.config.max_queue:
+                    self._paused = False
+                    self._resume_reading()
+                return msg
+            if self._recv_done:
+                raise Closed(self.close_reason or "connection closed", self.close_code)
+            self._readable.clear()
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not self._readable.wait(remaining) and not self._inbound and not self._recv_done:
+                raise TimeoutError("no message received in time")
+
+    def __iter__(self) -> Iterator[Message]:
+        """Yield messages until the connection closes (ends quietly)."""
+        while True:
+            try:
+                yield self.receive()
+            except Closed:
+                return
+
+    def send(self, message: Message, timeout: float | None = None) -> None:
+        """Send a text (``str``) or binary (bytes-like) message.
+
+        Queues the frame; blocks while ``send_buffer`` messages are already
+        waiting for a slow peer (backpressure), raising :class:`TimeoutError`
+        after ``timeout`` seconds. Raises :class:`gstream.Closed` once closing.
+        """
+        self._wait_space(timeout)
+        self._queue_message(message)
+
+    def try_send(self, message: Message) -> bool:
+        """Queue ``message`` without blocking; False if the send buffer is full."""
+        self._check_open()
+        if self._out_msgs >= self.config.send_buffer:
+            return False
+        self._queue_message(message)
+        return True
+
+    def send_prepared(self, prepared: PreparedMessage, timeout: float | None = None) -> None:
+        """Like :meth:`send` for a :class:`PreparedMessage` (no re-encoding)."""
+        self._wait_space(timeout)
+        self._queue_prepared(prepared)
+
+    def try_send_prepared(self, prepared: PreparedMessage) -> bool:
+        """Queue a prepared message without blocking; False if the buffer is full.
+
+        This is what a hub calls in its fan-out loop: a False return is the
+        hook for its slow-consumer policy (drop, or ``close(1008)``/``abort``).
+        """
+        self._check_open()
+        if self._out_msgs >= self.config.send_buffer:
+            return False
+        self._queue_prepared(prepared)
+        return True
+
+    def ping(self, data: bytes = b"") -> None:
+        """Send a ping (the keepalive sends its own automatically)."""
+        self._check_open()
+        self._p.send_ping(data)
+        self._take_output(False)
+
+    def close(self, code: int = 1000, reason: str = "", wait: bool = True) -> None:
+        """Start (or finish) the closing handshake and wait for it.
+
+        Queued messages are sent first, then a close frame with ``code`` and
+        ``reason``; the peer's close is awaited up to ``close_timeout``, then
+        the TCP connection is shut down. If the peer closed first, its code
+        has already been echoed and this only waits. Idempotent.
+        """
+        if not _valid_close_code(code):
+            raise ValueError(f"invalid close code {code}")
+        if len(reason.encode("utf-8")) > 123:
+            raise ValueError("close reason longer than 123 bytes")
+        if not self._finalized and self._p.state is OPEN:
+            self._p.send_close(code, reason)
+            self._take_output(False)
+            self._check_state()
+        if wait and gevent.getcurrent() is not gevent.get_hub():
+            bound = self.config.close_timeout + (self.config.write_timeout or 0) + 1.0
+            if not self.closed.wait(bound):
+                self.abort("close timeout")
+
+    def abort(self, reason: str = "aborted") -> None:
+        """Drop the connection now, without a closing handshake (code 1006)."""
+        self._finalize(1006, reason)
+
+    def shutdown(self, reason: str = "server shutting down", code: int = 1001) -> None:
+        """Lifecycle hook: start a 1001 close without waiting (never blocks)."""
+        if self._finalized:
+            return
+        if self._p.state is OPEN:
+            self._p.send_close(code, reason[:100])
+            self._take_output(False)
+        self._check_state()
+
+    def on_close(self, callback: Callable[[WebSocket], None]) -> None:
+        """Call ``callback(ws)`` once the connection is closed (now if it is)."""
+        pending = bool(self._callbacks)
+        self._callbacks.append(callback)
+        if self._finalized and not pending:
+            self._run_callbacks()  # already closed: run now (after any still queued)
+
+    def wsgi_result(self) -> list[bytes]:
+        """Return this from the WSGI app when the session is over.
+
+        Closes the connection if still open and tells the server the response
+        was handled (under gunicorn's gevent worker this raises StopIteration,
+        which is how that worker expects to be told).
+        """
+        if not self._finalized:
+            self.close()
+        return self._hijack.wsgi_result()
+
+    def __enter__(self) -> WebSocket:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc is not None and not isinstance(exc, Closed):
+            self.close(1011, "internal error")
+        else:
+            self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._finalized else self._p.state.name.lower()
+        return f"<WebSocket fd={self._fd} {state} code={self.close_code}>"
+
+    # --------------------------------------------------------------- sending
+    def _check_open(self) -> None:
+        if self._finalized or self._p.state is not OPEN:
+            raise Closed(self.close_reason or "connection closed", self.close_code)
+
+    def _wait_space(self, timeout: float | None) -> None:
+        self._check_open()
+        if self._out_msgs < self.config.send_buffer:
+            return
+        if gevent.getcurrent() is gevent.get_hub():
+            raise RuntimeError("send() would block in the hub; use try_send()")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._out_msgs >= self.config.send_buffer:
+            self._space.clear()
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not self._space.wait(remaining) and self._out_msgs >= self.config.send_buffer:
+                raise TimeoutError("send buffer full")
+            self._check_open()
+
+    def _queue_message(self, message: Message) -> None:
+        self._check_open()
+        if isinstance(message, str):
+            self._p.send_text(message.encode("utf-8"))
+        elif isinstance(message, (bytes, bytearray, memoryview)):
+            self._p.send_binary(bytes(message))
+        else:
+            raise TypeError(f"send() takes str or bytes, not {type(message).__name__}")
+        self._take_output(True)
+
+    def _queue_prepared(self, prepared: PreparedMessage) -> None:
+        self._check_open()
+        if self._p.extensions:
+            if prepared.is_text:
+                self._p.send_text(prepared.payload)
+            else:
+                self._p.send_binary(prepared.payload)
+            self._take_output(True)
+            return
+        self._out.append((prepared.frame, True))
+        self._out_bytes += len(prepared.frame)
+        self._out_msgs += 1
+        self._schedule_flush()
+
+    def _take_output(self, is_message: bool) -> None:
+        for chunk in self._p.data_to_send():
+            if chunk:
+                self._out.append((chunk, is_message))
+                self._out_bytes += len(chunk)
+                if is_message:
+                    self._out_msgs += 1
+            else:
+                self._eof_pending = True
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        # Deferred to the end of this loop iteration so that frames queued in
+        # a burst leave in one send() call.
+        if self._writer is None and not self._flush_scheduled and not self._finalized:
+            self._flush_scheduled = True
+            self._loop.run_callback(self._guard, self._flush_now)
+
+    def _next_chunk(self) -> bytes:
+        if len(self._out) == 1 or len(self._out[0][0]) >= _JOIN_LIMIT:
+            return self._out[0][0]
+        parts = []
+        size = 0
+        for chunk, _ in self._out:
+            parts.append(chunk)
+            size += len(chunk)
+            if size >= _JOIN_LIMIT:
+                break
+        return b"".join(parts)
+
+    def _consume(self, n: int) -> None:
+        self._out_bytes -= n
+        while n:
+            chunk, is_msg = self._out[0]
+            if n >= len(chunk):
+                self._out.popleft()
+                n -= len(chunk)
+                if is_msg:
+                    self._out_msgs -= 1
+            else:
+                self._out[0] = (chunk[n:], is_msg)
+                n = 0
+        if self._out_msgs < self.config.send_buffer:
+            self._space.set()
+
+    def _flush_now(self) -> None:
+        self._flush_scheduled = False
+        if self._writer is not None or self._finalized:
+            return
+        try:
+            while self._out:
+                data = self._next_chunk()
+                n = self._raw.send(data)
+                self._consume(n)
+                if n < len(data):
+                    break
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            self._finalize(1006, "connection lost")
+            return
+        if self._out:
+            self._writer = gevent.spawn(self._write_loop)
+        else:
+            self._drained()
+
+    def _write_loop(self) -> None:
+        try:
+            while self._out and not self._finalized:
+                data = self._next_chunk()
+                try:
+                    n = self._raw.send(data)
+                except (BlockingIOError, InterruptedError):
+                    n = 0
+                if n:
+                    self._consume(n)
+                    continue
+                if len(self._out) and self._out_bytes > _PAUSE_OUT_BYTES and self._reading:
+                    self._stop_reading()  # don't read what we cannot answer
+                wait_write(self._fd, timeout=self.config.write_timeout,
+                           timeout_exc=_WriteTimeout())
+        except _WriteTimeout:
+            log.info("websocket %s: peer stopped reading for %ss; closing",
+                     self._fd, self.config.write_timeout)
+            self._writer = None
+            self._finalize(1006, "write timeout")
+            return
+        except OSError:
+            self._writer = None
+            self._finalize(1006, "connection lost")
+            return
+        self._writer = None
+        if not self._finalized:
+            if not self._reading and not self._paused and not self._peer_eof:
+                self._resume_reading()
+            self._guard(self._drained)
+
+    def _drained(self) -> None:
+        if self._out:
+            self._schedule_flush()
+            return
+        if self._eof_pending and not self._eof_sent:
+            self._eof_sent = True
+            try:
+                self._sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+        self._check_state()
+
+    # --------------------------------------------------------------- reading
+    def _resume_reading(self) -> None:
+        if self._reader is not None and not self._reading and not self._finalized:
+            self._reading = True
+            self._reader.start(self._guard, self._on_readable)
+
+    def _stop_reading(self) -> None:
+        if self._reader is not None and self._reading:
+            self._reading = False
+            self._reader.stop()
+
+    def _guard(self, fn: Callable[..., None], *args: Any) -> None:
+        # Everything here may run in the hub: an exception must end this
+        # connection, not reach the hub's error handler.
+        try:
+            fn(*args)
+        except Exception:
+            log.exception("websocket %s: internal error", self._fd)
+            self._finalize(1011, "internal error")
+
+    def _on_readable(self) -> None:
+        try:
+            data = self._raw.recv(_RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
+        p = self._p
+        if data:
+            p.receive_data(data)
+        else:
+            self._peer_eof = True
+            self._stop_reading()
+            p.receive_eof()
+        for frame in p.events_received():
+            self._on_frame(frame)  # type: ignore[arg-type]  # only Frames once open
+        self._take_output(False)
+        self._check_state()
+
+    def _on_frame(self, frame: Frame) -> None:
+        self._last_rx = time.monotonic()
+        op = frame.opcode
+        if op is Opcode.PONG:
+            if self._ping_nonce is not None and frame.data == self._ping_nonce:
+                self.latency = self._last_rx - self._ping_sent_at
+                self._ping_nonce = None
+            return
+        if op is Opcode.PING or op is Opcode.CLOSE or self._failed:
+            return  # websockets answers pings and echoes closes itself
+        if op is not Opcode.CONT:
+            self._frag_op = op
+            self._frag_parts = []
+            self._frag_size = 0
+            self._decoder = codecs.getincrementaldecoder("utf-8")() if op is Opcode.TEXT else None
+        self._frag_size += len(frame.data)
+        if self._frag_size > self.config.read_limit:  # also enforced by websockets
+            self._fail(1009, "message too big")
+            return
+        if self._decoder is not None:
+            try:
+                self._frag_parts.append(self._decoder.decode(frame.data, frame.fin))
+            except UnicodeDecodeError:
+                self._fail(1007, "invalid UTF-8")
+                return
+        else:
+            self._frag_parts.append(frame.data)
+        if not frame.fin:
+            return
+        parts, self._frag_parts = self._frag_parts, []
+        if self._decoder is not None:
+            msg: Message = parts[0] if len(parts) == 1 else "".join(parts)
+        else:
+            msg = parts[0] if len(parts) == 1 else b"".join(parts)
+        self._decoder = None
+        self._deliver(msg)
+
+    def _deliver(self, msg: Message) -> None:
+        cfg = self.config
+        if len(self._inbound) >= cfg.max_queue:
+            if cfg.inbound_overflow == "drop":
+                self.dropped_inbound += 1
+                return
+            if cfg.inbound_overflow == "close":
+                self._fail(1008, "inbound queue full")
+                return
+        self._inbound.append(msg)
+        self._readable.set()
+        if cfg.inbound_overflow == "pause" and len(self._inbound) >= cfg.max_queue:
+            self._paused = True
+            self._stop_reading()
+
+    def _fail(self, code: int, reason: str) -> None:
+        self._failed = True
+        self._p.fail(code, reason)
+
+    # ---------------------------------------------------- keepalive and close
+    def _arm_keepalive(self, delay: float | None) -> None:
+        if self._ka_timer is not None:
+            self._ka_timer.close()
+            self._ka_timer = None
+        if delay is None or self._finalized:
+            return
+        self._ka_timer = self._loop.timer(max(delay, 0.001))
+        self._ka_timer.start(self._guard, self._on_keepalive)
+
+    def _on_keepalive(self) -> None:
+        cfg = self.config
+        idle_limit = cfg.read_idle_timeout
+        if self._finalized or self._p.state is not OPEN or idle_limit is None:
+            return
+        now = time.monotonic()
+        if self._ping_nonce is not None:
+            waited = now - self._ping_sent_at
+            if waited >= cfg.pong_timeout:
+                log.info("websocket %s: no pong in %ss; closing 1011", self._fd, cfg.pong_timeout)
+                self._fail(1011, "keepalive ping timeout")
+                self._take_output(False)
+                self._check_state()
+                return
+            self._arm_keepalive(cfg.pong_timeout - waited)
+            return
+        if self._paused or self._writer is not None:
+            # A slow application (paused reads) is not a dead peer, and a
+            # blocked writer is already bounded by the write timeout.
+            self._arm_keepalive(idle_limit)
+            return
+        idle = now - self._last_rx
+        if idle < idle_limit:
+            self._arm_keepalive(idle_limit - idle)
+            return
+        self._ping_count += 1
+        self._ping_nonce = self._ping_count.to_bytes(4, "big")
+        self._ping_sent_at = now
+        self._p.send_ping(self._ping_nonce)
+        self._take_output(False)
+        self._arm_keepalive(cfg.pong_timeout)
+
+    def _update_close_info(self) -> None:
+        if self.close_code is not None:
+            return
+        p = self._p
+        close: Close | None = p.close_rcvd or p.close_sent
+        if close is not None:
+            self.close_code = int(close.code)
+            self.close_reason = close.reason
+
+    def _check_state(self) -> None:
+        if self._finalized:
+            return
+        p = self._p
+        if p.state is not OPEN:
+            self._update_close_info()
+            if not self._recv_done:
+                self._recv_done = True
+                self._readable.set()
+                self._space.set()
+        if p.state is CLOSED:
+            self._finalize(1006, "connection lost")
+        elif p.close_expected() and not self._out and self._close_timer is None:
+            self._close_timer = self._loop.timer(self.config.close_timeout)
+            self._close_timer.start(self._guard, self._finalize, 1006, "close timeout")
+
+    def _finalize(self, code: int, reason: str) -> None:
+        """Tear down: the single exit of every path (handshake, error, abort)."""
+        if self._finalized:
+            return
+        self._finalized = True
+        self._update_close_info()
+        if self.close_code is None:
+            self.close_code, self.close_reason = code, reason
+        self._recv_done = True
+        self._stop_reading()
+        for w in (self._reader, self._ka_timer, self._close_timer):
+            if w is not None:
+                w.close()
+        self._reader = self._ka_timer = self._close_timer = None
+        writer, self._writer = self._writer, None
+        if writer is not None and writer is not gevent.getcurrent():
+            writer.kill(block=False)
+        try:
+            # The server owning the socket closes the descriptor; shutting it
+            # down makes any write it might still attempt fail with EPIPE.
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._out.clear()
+        self._out_bytes = self._out_msgs = 0
+        self._readable.set()
+        self._space.set()
+        self.closed.set()
+        lifecycle.unregister(self)
+        _open.discard(self)
+        if self._callbacks:
+            self._run_callbacks()
+
+    def _run_callbacks(self) -> None:
+        # In registration order, each exactly once, never in the hub.
+        if gevent.getcurrent() is gevent.get_hub():
+            gevent.spawn(self._run_callbacks)
+            return
+        while self._callbacks:
+            cb = self._callbacks[0]
+            try:
+                cb(self)
+            except Exception:
+                log.exception("websocket on_close callback %r failed", cb)
+            finally:
+                self._callbacks.pop(0)
+

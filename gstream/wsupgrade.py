@@ -1,0 +1,188 @@
+"""The opening handshake from inside a WSGI application.
+
+The server has already parsed the request, so the head is replayed from the
+environ (``GET path?query HTTP/1.1`` plus the ``HTTP_*`` headers) into
+websockets' ``ServerProtocol``, which validates it, negotiates extensions and
+builds the 101. gstream decides the cases websockets leaves to the caller or
+answers differently from what we want: method (405), version (426 with
+``Sec-WebSocket-Version: 13``), origin (403, same-origin by default),
+subprotocol (server preference, no match is not an error) and "is this
+server supported at all" (501), all before anything is written.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from http import HTTPStatus
+from typing import Any
+from urllib.parse import quote
+
+import gevent
+from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
+from websockets.server import ServerProtocol
+
+from . import hijack as _hijack
+from .errors import Closed, HandshakeError
+from .lifecycle import lifecycle
+from .websocket import WebSocket
+from .wsconfig import WSConfig
+
+__all__ = ["upgrade", "websocket_app", "reject_response"]
+
+log = logging.getLogger("gstream.websocket")
+_protocol_log = logging.getLogger("gstream.websocket.protocol")
+
+_DEFAULT_CONFIG = WSConfig()
+
+
+def _header_tokens(environ: dict[str, Any], key: str) -> list[str]:
+    return [t.strip().lower() for t in str(environ.get(key, "")).split(",") if t.strip()]
+
+
+def _request_bytes(environ: dict[str, Any]) -> bytes:
+    path = environ.get("RAW_URI") or environ.get("REQUEST_URI")
+    if not path:
+        path = quote(environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "") or "/",
+                     safe="/;=,@:+$!*'()~")
+        if environ.get("QUERY_STRING"):
+            path += "?" + environ["QUERY_STRING"]
+    lines = [f"GET {path} {environ.get('SERVER_PROTOCOL', 'HTTP/1.1')}"]
+    for key, value in environ.items():
+        if key.startswith("HTTP_") and isinstance(value, str):
+            name = key[5:].replace("_", "-").title()
+            # Values come from the server's parser (no CR/LF); strip anyway so
+            # a middleware-set value cannot inject a header into the replay.
+            lines.append(f"{name}: {value.replace(chr(13), ' ').replace(chr(10), ' ')}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
+
+
+def _selector(preferred: Sequence[str]) -> Callable[[Any, Sequence[str]], str | None]:
+    def select(protocol: Any, offered: Sequence[str]) -> str | None:
+        for name in preferred:  # the server's order decides
+            if name in offered:
+                return name
+        return None  # nothing in common: no header, upgrade still succeeds
+    return select
+
+
+def _refuse(status: int, reason: str) -> HandshakeError:
+    return HandshakeError(status, reason)
+
+
+def upgrade(environ: dict[str, Any], start_response: Any = None,
+            config: WSConfig | None = None) -> WebSocket:
+    """Answer a WebSocket upgrade request and return the open connection.
+
+    Call it from a WSGI app (``start_response`` lets gstream talk to gevent's
+    pywsgi handler directly; frameworks that hide it may pass None). On
+    failure nothing is written and :class:`gstream.HandshakeError` is raised
+    with the status to answer (400, 403, 405, 426, 501, 503); turn it into a
+    response with :func:`reject_response`. After the session, the WSGI app
+    must return ``ws.wsgi_result()``.
+    """
+    config = config or _DEFAULT_CONFIG
+    if lifecycle.shutting_down:
+        raise _refuse(503, "server shutting down")
+    if environ.get("REQUEST_METHOD", "GET") != "GET":
+        raise _refuse(405, "WebSocket upgrade requires GET")
+    if "websocket" not in _header_tokens(environ, "HTTP_UPGRADE"):
+        raise _refuse(426, "WebSocket upgrade required")
+    if environ.get("HTTP_SEC_WEBSOCKET_VERSION", "").strip() != "13":
+        raise _refuse(426, "unsupported WebSocket version (13 required)")
+    if not config.origin_allowed(environ):
+        raise _refuse(403, "origin not allowed")
+    try:
+        server = _hijack.find_server(environ, start_response)
+    except _hijack.Unsupported as exc:
+        raise _refuse(501, f"WebSocket not supported by this server: {exc}") from None
+
+    extensions = []
+    if config.compression:
+        extensions.append(ServerPerMessageDeflateFactory(
+            server_max_window_bits=12, compress_settings={"memLevel": 5}))
+    protocol = ServerProtocol(
+        extensions=extensions,
+        select_subprotocol=_selector(config.subprotocols),  # type: ignore[arg-type]
+        max_size=config.read_limit,
+        logger=_protocol_log,
+    )
+    protocol.receive_data(_request_bytes(environ))
+    events = protocol.events_received()
+    if not events:
+        raise _refuse(400, "malformed WebSocket handshake request")
+    response = protocol.accept(events[0])  # type: ignore[arg-type]
+    if response.status_code != 101:
+        first = response.body.decode("utf-8", "replace").strip().split("\n")[0]
+        detail = first.removeprefix("Failed to open a WebSocket connection: ").rstrip(".")
+        # We answered "no Upgrade header" (426) above; anything else websockets
+        # refuses as an upgrade problem (e.g. Connection lacks "upgrade") is a
+        # malformed upgrade request: 400.
+        status = 400 if response.status_code == 426 else response.status_code
+        raise _refuse(status, detail or HTTPStatus(status).phrase)
+    protocol.send_response(response)
+    head = b"".join(protocol.data_to_send())
+
+    taken = _hijack.take(environ, start_response, server)
+    ws = WebSocket(protocol, taken, config, environ)
+    try:
+        with gevent.Timeout(config.handshake_timeout, TimeoutError("handshake write timeout")):
+            taken.sock.sendall(head)
+    except (OSError, TimeoutError):
+        # The socket is ours now; hand back an already-closed connection so
+        # the caller's normal "session over" path tells the server so.
+        ws.abort("client went away during the handshake")
+        return ws
+    ws._start(taken.pre_read)
+    return ws
+
+
+def reject_response(exc: HandshakeError, start_response: Any) -> list[bytes]:
+    """Send ``exc`` as the HTTP response of a refused upgrade; return the body.
+
+    426 carries ``Sec-WebSocket-Version: 13`` and ``Upgrade: websocket``;
+    405 carries ``Allow: GET``; the body is the short reason.
+    """
+    body = (exc.reason.strip() + "\n").encode("utf-8", "replace")
+    headers = [("Content-Type", "text/plain; charset=utf-8"),
+               ("Content-Length", str(len(body))), ("Connection", "close")]
+    if exc.status == 426:
+        headers += [("Sec-WebSocket-Version", "13"), ("Upgrade", "websocket")]
+    elif exc.status == 405:
+        headers.append(("Allow", "GET"))
+    try:
+        phrase = HTTPStatus(exc.status).phrase
+    except ValueError:
+        phrase = "Error"
+    start_response(f"{exc.status} {phrase}", headers)
+    return [body]
+
+
+def websocket_app(handler: Callable[[WebSocket], Any],
+                  config: WSConfig | None = None) -> Callable[[dict[str, Any], Any], Iterable[bytes]]:
+    """A WSGI application that calls ``handler(ws)`` once per connection.
+
+    The connection is closed with 1000 when the handler returns, and with
+    1011 (plus a log line) if it raises. A refused handshake gets its HTTP
+    status. Echo server: ``websocket_app(lambda ws: [ws.send(m) for m in ws])``.
+    """
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        try:
+            ws = upgrade(environ, start_response, config)
+        except HandshakeError as exc:
+            log.info("websocket upgrade refused (%s %s): %s %s", exc.status, exc.reason,
+                     environ.get("REMOTE_ADDR", "-"), environ.get("PATH_INFO", ""))
+            return reject_response(exc, start_response)
+        try:
+            handler(ws)
+        except Closed:
+            pass  # the peer went away while the handler was using the connection
+        except Exception:
+            log.exception("websocket handler %r failed; closing with 1011",
+                          getattr(handler, "__name__", handler))
+            if ws.open:
+                ws.close(1011, "internal error")
+        return ws.wsgi_result()
+
+    return app
