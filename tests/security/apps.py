@@ -14,6 +14,8 @@ Routes:
   endings in ``/stats``);
 * ``/gen`` an endless :func:`~gstream.sse.stream_events` generator;
 * ``/boom`` raises before responding, ``/boom-mid`` raises mid-stream;
+* ``/ws`` a WebSocket echo, ``/ws-boom`` a WebSocket handler that raises
+  after the first message (close codes land in ``ws_closes``);
 * ``/`` says ``ok``.
 
 Environment: ``GS_HEARTBEAT`` (seconds, default 30), ``GS_MAX_BUFFER``.
@@ -37,6 +39,9 @@ from gstream.errors import Closed
 from gstream.events import Event
 from gstream.lifecycle import lifecycle
 from gstream.sse import SSE_HEADERS, ChunkedWriter, SSEWriter, stream_events
+from gstream.websocket import WebSocket, open_connections
+from gstream.wsconfig import WSConfig
+from gstream.wsupgrade import websocket_app
 
 
 def _rss() -> int:
@@ -51,13 +56,27 @@ def _greenlets() -> int:
 class SecurityApp:
     """See the module docstring."""
 
-    def __init__(self, broker: SSEBroker | None = None) -> None:
+    def __init__(self, broker: SSEBroker | None = None, ws_config: WSConfig | None = None) -> None:
         self.broker = broker or SSEBroker(
             heartbeat_interval=float(os.environ.get("GS_HEARTBEAT", "30")),
             max_buffer=int(os.environ.get("GS_MAX_BUFFER", "1024")),
         )
         self.open_streams = 0
         self.ended_streams = 0
+        self.ws_closes: list[int | None] = []
+        """Close code of every finished WebSocket session, in order."""
+        self.ws_echo = websocket_app(self._echo, ws_config)
+        self.ws_boom = websocket_app(self._boom_ws, ws_config)
+
+    def _echo(self, ws: WebSocket) -> None:
+        ws.on_close(lambda w: self.ws_closes.append(w.close_code))
+        for message in ws:
+            ws.send(message)
+
+    def _boom_ws(self, ws: WebSocket) -> None:
+        ws.on_close(lambda w: self.ws_closes.append(w.close_code))
+        ws.receive()
+        raise RuntimeError("boom: websocket handler error")
 
     def stats(self) -> dict[str, Any]:
         queued_frames = queued_bytes = 0
@@ -74,6 +93,7 @@ class SecurityApp:
             "lifecycle": len(lifecycle),
             "open_streams": self.open_streams,
             "ended_streams": self.ended_streams,
+            "websockets": len(open_connections()),
         }
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
@@ -81,6 +101,10 @@ class SecurityApp:
         q = {k: v[0] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}
         if path == "/events":
             return self.broker.subscribe(environ, start_response)
+        if path == "/ws":
+            return self.ws_echo(environ, start_response)
+        if path == "/ws-boom":
+            return self.ws_boom(environ, start_response)
         if path == "/publish":
             return self._json(start_response, self._publish(
                 int(q.get("n", "1")), int(q.get("size", "64")), int(q.get("batch", "100"))))
