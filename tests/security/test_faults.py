@@ -17,6 +17,7 @@ import requests
 from gevent.pool import Pool
 
 from gstream.broker import SHUTDOWN_EVENT, SSEBroker
+from tests import wsraw
 from tests.helpers import ChunkedReader, SSEStream, raw_http, read_response_head, wait_until
 from tests.leakcheck import LeakCheck
 from tests.security.apps import SecurityApp
@@ -144,24 +145,35 @@ def _shutdown_reader(port: int) -> tuple[bool, bool, int]:
     return ok, s.reader.done, retry
 
 
+def _ws_shutdown_reader(port: int) -> int | None:
+    sock, status, _, rest = wsraw.handshake(port, "/ws", timeout=30)
+    assert status == 101
+    code, _ = wsraw.Reader(sock, rest).until_close(timeout=60)
+    sock.close()
+    return code
+
+
 def test_sigterm_with_2000_open_streams_drains_cleanly(server_process):
-    """SIGTERM with 2,000 open broker streams: every client gets the
-    ``gstream.shutdown`` event with a retry hint and a clean end of the
-    chunked body, and the process exits 0 well within its deadline."""
-    n = 2000
-    assert raise_nofile() >= n + 200
+    """SIGTERM with 2,000 open streams (1,500 SSE, 500 WebSocket): every SSE
+    client gets the ``gstream.shutdown`` event with a retry hint and a clean
+    end of the chunked body, every WebSocket gets close 1001, and the process
+    exits 0 well within its deadline."""
+    n, n_ws = 1500, 500
+    assert raise_nofile() >= n + n_ws + 200
     deadline = 10.0
     proc = server_process("--max-connections", "5000", "--shutdown-timeout", str(deadline),
                           "--log-level", "warning", env={"GS_HEARTBEAT": "30"})
-    pool = Pool(n)
+    pool = Pool(n + n_ws)
     jobs = [pool.spawn(_shutdown_reader, proc.port) for _ in range(n)]
+    ws_jobs = [pool.spawn(_ws_shutdown_reader, proc.port) for _ in range(n_ws)]
     t_open = time.monotonic()
     while time.monotonic() - t_open < 60:
         st = requests.get(proc.url + "/stats", timeout=10, headers={"Connection": "close"}).json()
-        if st["broker"]["subscribers"] == n:
+        if st["broker"]["subscribers"] == n and st["websockets"] == n_ws:
             break
         gevent.sleep(0.1)
-    assert st["broker"]["subscribers"] == n and st["lifecycle"] == n
+    assert st["broker"]["subscribers"] == n and st["websockets"] == n_ws
+    assert st["lifecycle"] == n + n_ws
     t0 = proc.terminate()
     assert proc.wait(deadline + 5) == 0
     drain = time.monotonic() - t0
@@ -170,7 +182,8 @@ def test_sigterm_with_2000_open_streams_drains_cleanly(server_process):
     assert sum(ok for ok, _, _ in results) == n
     assert sum(done for _, done, _ in results) == n
     assert all(retry > 0 for _, _, retry in results)
+    assert [j.value for j in ws_jobs] == [1001] * n_ws
     assert drain < deadline, drain
     err = proc.stderr()
     assert "Traceback" not in err and "still open at the deadline" not in err, err
-    print(f"\n{n} streams drained in {drain:.2f} s (deadline {deadline} s)")
+    print(f"\n{n} SSE + {n_ws} WebSocket streams drained in {drain:.2f} s (deadline {deadline} s)")
