@@ -38,6 +38,7 @@ from typing import Any
 
 HERE = os.path.abspath(__file__)
 ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, ROOT)  # this checkout's gstream, not an installed one
 
 
 # -- the load process ----------------------------------------------------------
