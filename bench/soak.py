@@ -76,7 +76,7 @@ def load_worker(url: str, clients: int, pings: float, ws_clients: int, seconds: 
                 while time.monotonic() < end:
                     try:
                         data = s.recv(65536)
-                    except socket.timeout:
+                    except TimeoutError:
                         continue
                     if not data:
                         break
@@ -140,7 +140,7 @@ def slope_per_minute(ts: list[float], ys: list[float]) -> float:
     var = sum((t - mt) ** 2 for t in ts)
     if var == 0:
         return 0.0
-    return 60.0 * sum((t - mt) * (y - my) for t, y in zip(ts, ys)) / var
+    return 60.0 * sum((t - mt) * (y - my) for t, y in zip(ts, ys, strict=False)) / var
 
 
 def get_stats(url: str) -> dict[str, Any]:
@@ -269,7 +269,7 @@ def _plot(samples: list[dict[str, Any]], path: str, slopes: dict[str, float]) ->
     series = [("rss", "RSS (MiB)", 2**20, "rss_mib_per_min"), ("fds", "open fds", 1, "fds_per_min"),
               ("greenlets", "live greenlets", 1, "greenlets_per_min"),
               ("subscribers", "SSE subscribers", 1, None)]
-    for ax, (key, label, scale, slope_key) in zip(axes, series):
+    for ax, (key, label, scale, slope_key) in zip(axes, series, strict=False):
         ax.plot(t, [s[key] / scale for s in samples])
         title = label if slope_key is None else f"{label}: 2nd-half slope {slopes[slope_key]:+.2f}/min"
         ax.set_title(title, fontsize=9)

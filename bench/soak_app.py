@@ -74,7 +74,7 @@ def make_app() -> Any:
 def _websocket_routes() -> Any:
     """A WSGI app for /ws (echo) and /hub (one room), or None without WebSocket support."""
     try:
-        from gstream.websocket import websocket_app  # type: ignore[attr-defined]
+        from gstream import websocket_app
     except ImportError:
         return None
 
