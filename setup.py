@@ -22,7 +22,7 @@ setup(
     license="MIT",
     python_requires=">=3.10",
     packages=find_packages(include=["gstream", "gstream.*"]),
-    package_data={"gstream": ["py.typed", "demo_static/*"]},
+    package_data={"gstream": ["py.typed", "demo/static/*"]},
     install_requires=[
         "gevent>=22.10",
         "greenlet>=2.0",

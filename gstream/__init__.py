@@ -9,6 +9,7 @@ from __future__ import annotations
 from .broker import BrokerConfig, SSEBroker
 from .errors import BrokerClosed, Closed, GStreamError, HandshakeError, SubscriberLimit
 from .events import Event, EventType, encode, encode_comment, encode_retry, json_event
+from .hub import Hub, HubConfig
 from .sse import SSE_HEADERS, ChunkedWriter, SSEWriter, last_event_id, stream_events
 from .sseparse import EventStreamParser, ParsedEvent
 from .websocket import PreparedMessage, WebSocket, close_all, prepare
@@ -46,6 +47,8 @@ __all__ = [
     "GStreamError",
     "GStreamHandler",
     "HandshakeError",
+    "Hub",
+    "HubConfig",
     "ParsedEvent",
     "PreparedMessage",
     "SSEBroker",

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import secrets
 import time
 from collections import deque
@@ -20,7 +19,6 @@ from urllib.parse import parse_qsl
 
 import gevent
 from gevent.event import Event as GEvent
-from gevent.monkey import get_original
 
 from .backplane import Backplane, LocalBackplane
 from .errors import BrokerClosed
@@ -28,6 +26,7 @@ from .events import Event, EventType, encode, encode_comment, encode_retry, trun
 from .lifecycle import lifecycle
 from .replay import History
 from .sse import SSE_HEADERS, Environ, StartResponse, last_event_id
+from .threadsafe import LoopBinding
 
 __all__ = [
     "BrokerConfig",
@@ -56,7 +55,6 @@ HEARTBEAT = encode_comment("heartbeat")
 OPEN_COMMENT = encode_comment("stream open")
 MAX_FILTER_NAMES = 32
 
-_get_ident = get_original("_thread", "get_ident")
 _TEXT = [("Content-Type", "text/plain; charset=utf-8")]
 
 
@@ -242,24 +240,16 @@ class SSEBroker:
              "rejected", "resets", "replayed", "foreign", "foreign_dropped"), 0)
         self._foreign: deque[Event] = deque()
         self._pump: Any = None
-        self._bind_hub()
+        self._binding = LoopBinding()
         self._backplane: Backplane = cfg.backplane if cfg.backplane is not None else LocalBackplane()
         self._backplane.attach(cfg.topic, self._deliver_local)
 
     # -- threads -----------------------------------------------------------
 
-    def _bind_hub(self) -> None:
-        # Cross-thread publishes are handed to the hub's loop with
-        # run_callback_threadsafe (gevent primitives are not thread-safe;
-        # that call is, and it wakes the loop).
-        self._pid = os.getpid()
-        self._thread = _get_ident()
-        self._loop = gevent.get_hub().loop
-
     def _in_hub_thread(self) -> bool:
-        if os.getpid() != self._pid:
-            self._bind_hub()  # forked after construction (e.g. preload_app)
-        return _get_ident() == self._thread
+        # Cross-thread publishes are handed to the hub's loop (see
+        # gstream.threadsafe: gevent primitives are not thread-safe).
+        return self._binding.here()
 
     def _on_foreign(self) -> None:
         if self._pump is None and self._foreign:
@@ -300,7 +290,7 @@ class SSEBroker:
                     pass
             self._foreign.append(event)
             self._stats["foreign"] += 1
-            self._loop.run_callback_threadsafe(self._on_foreign)
+            self._binding.call_soon(self._on_foreign)
             return None
         return self._publish_here(event)
 

@@ -74,6 +74,9 @@ def _run(app: Any, args: argparse.Namespace, banner: str) -> int:
         certfile=args.certfile, keyfile=args.keyfile, access_log=args.access_log,
         shutdown_timeout=args.shutdown_timeout, header_timeout=args.header_timeout or None,
     )
+    bind = getattr(app, "bind_server", None)
+    if callable(bind):  # e.g. the demo, for its "connections" statistic
+        bind(server)
     server.start()
     print(banner.format(url=server.url), flush=True)
     server.serve_forever()
@@ -90,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     _add_server_options(srv, 8000)
     demo = sub.add_parser("demo", help="run the demo and print the URL to open")
     _add_server_options(demo, 8000)
+    demo.add_argument("--no-ticker", action="store_true",
+                      help="do not publish a feed event every second (for load tests)")
     args = parser.parse_args(argv)
 
     # Patch before anything imports the application (or ssl, threading...).
@@ -99,9 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         app = load_app(args.app)
         return _run(app, args, f"gstream: serving {args.app} on {{url}}")
-    from .demo_app import make_app
+    from .demo import make_app
 
-    return _run(make_app(), args, "gstream demo: open {url}/")
+    return _run(make_app(ticker=not args.no_ticker), args, "gstream demo: open {url}/")
 
 
 if __name__ == "__main__":

@@ -277,6 +277,42 @@ class WebSocket:
         self._queue_prepared(prepared)
         return True
 
+    def send_prepared_drop_oldest(self, prepared: PreparedMessage) -> int:
+        """Queue a prepared message without blocking, making room if needed.
+
+        When the send buffer is full, the oldest queued messages that have
+        not started to leave are dropped to make room; returns how many
+        messages were lost (0 if none). With permessage-deflate nothing
+        queued can be dropped (each compressed frame depends on the ones
+        before it), so the new message is refused instead and 1 is returned.
+        Control frames (pongs, the close frame) are never dropped.
+        """
+        self._check_open()
+        limit = self.config.send_buffer
+        if self._out_msgs < limit:
+            self._queue_prepared(prepared)
+            return 0
+        if self._p.extensions:
+            return 1
+        # Index 0 may be partly sent already; everything behind it is whole,
+        # and without extensions one queued chunk is one message.
+        out = self._out
+        dropped = 0
+        i = 1
+        while self._out_msgs >= limit and i < len(out):
+            chunk, is_msg = out[i]
+            if is_msg:
+                del out[i]
+                self._out_bytes -= len(chunk)
+                self._out_msgs -= 1
+                dropped += 1
+            else:
+                i += 1
+        if self._out_msgs >= limit:
+            return dropped + 1  # nothing left to drop (send_buffer of 1)
+        self._queue_prepared(prepared)
+        return dropped
+
     def ping(self, data: bytes = b"") -> None:
         """Send a ping (the keepalive sends its own automatically)."""
         self._check_open()

@@ -132,20 +132,6 @@ def test_connection_cap_from_the_command_line(procs: Any) -> None:
     assert p.exit_code(5) == 0
 
 
-def test_demo_prints_url_and_serves_page(procs: Any) -> None:
-    p = procs("demo", "--port", "0")
-    url = p.wait_url()
-    r = requests.get(url + "/", timeout=5)
-    assert r.status_code == 200 and "gstream demo" in r.text
-    client = SSEClient(url + "/events")
-    with gevent.Timeout(5):
-        first = next(iter(client))
-    client.close()
-    assert first.event == "tick"
-    p.p.send_signal(signal.SIGTERM)
-    assert p.exit_code(5) == 0
-
-
 def test_bad_app_spec_fails_clearly(procs: Any) -> None:
     p = procs("serve", "tests.apps.basic:nope", "--port", "0")
     assert p.exit_code(15) != 0

@@ -130,7 +130,8 @@ def test_connection_refused_and_open_timeout() -> None:
 
 
 def test_recv_timeout_and_backpressure(ws_url: str) -> None:
-    with connect(ws_url + "/count", max_queue=8) as ws:
+    with connect(ws_url + "/count-on-go", max_queue=8) as ws:
+        ws.send("go")
         gevent.sleep(0.2)
         # The reader stopped at the queue bound instead of buffering all 200.
         assert ws.messages_received <= 9

@@ -35,6 +35,11 @@ async def handler(ws):  # type: ignore[no-untyped-def]
         await ws.send(ws.subprotocol or "")
         await ws.wait_closed()
     elif path.startswith("/count"):
+        if path.startswith("/count-on-go"):
+            # Wait for the client's go: messages that arrive together with
+            # the handshake response are taken in one read, which would
+            # blur a backpressure check.
+            await ws.recv()
         for i in range(200):
             await ws.send(str(i))
         await ws.wait_closed()

@@ -1,0 +1,1 @@
+"""Runnable examples (a package so that ``gstream serve examples.flask_app.app:app`` imports them)."""

@@ -1,0 +1,1 @@
+"""A Flask app with blocking views beside SSE and WebSocket endpoints."""

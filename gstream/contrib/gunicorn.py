@@ -1,0 +1,57 @@
+"""gunicorn's gevent workers with gstream's graceful shutdown.
+
+gstream's SSE streams and WebSockets work under gunicorn's own gevent
+workers as they are (``gunicorn -k gevent``). What those workers cannot do
+is end them politely on ``SIGTERM``: they stop accepting and wait up to
+``--graceful-timeout`` for connections to finish, which long-lived streams
+never do, and then kill them. These workers also ask every live gstream
+stream to end when ``SIGTERM`` arrives (SSE: a final event and a
+``retry:`` hint; WebSocket: close 1001), so a rolling restart costs
+clients one quick reconnect::
+
+    gunicorn -k gstream.contrib.gunicorn.GeventWorker -w 4 myapp:app
+    gunicorn -k gstream.contrib.gunicorn.GeventPyWSGIWorker -w 4 myapp:app
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gevent
+from gunicorn.workers import ggevent
+
+from ..lifecycle import lifecycle
+
+__all__ = ["GeventWorker", "GeventPyWSGIWorker"]
+
+#: Seconds kept back from ``--graceful-timeout`` for the worker's own exit.
+MARGIN = 1.0
+
+
+class _Draining:
+    """Mixin: on SIGTERM, end gstream's streams besides stopping to accept."""
+
+    alive: bool
+    cfg: Any
+    log: Any
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        first = self.alive
+        super().handle_exit(sig, frame)  # type: ignore[misc]
+        if first:
+            # Out of the signal handler: ending streams may block briefly.
+            gevent.spawn(self._drain_streams)
+
+    def _drain_streams(self) -> None:
+        timeout = max(0.5, float(self.cfg.graceful_timeout) - MARGIN)
+        left = lifecycle.shutdown_all(timeout, "server shutting down")
+        if left:
+            self.log.warning("gstream: %d streams did not end within %.1f s", left, timeout)
+
+
+class GeventWorker(_Draining, ggevent.GeventWorker):
+    """``-k gevent`` plus a graceful end of SSE streams and WebSockets on SIGTERM."""
+
+
+class GeventPyWSGIWorker(_Draining, ggevent.GeventPyWSGIWorker):
+    """``-k gevent_pywsgi`` plus a graceful end of SSE streams and WebSockets on SIGTERM."""

@@ -1,0 +1,555 @@
+"""Hub: broadcast WebSocket messages to a set of connections (a room).
+
+One greenlet (:meth:`Hub.run`) drains a bounded broadcast channel and fans
+each message out. A message is framed once (:func:`gstream.prepare`) and the
+same bytes object is queued to every plain member; members with
+permessage-deflate re-encode for themselves. Queuing never blocks: a member
+whose send buffer is full (it stopped reading) gets the slow-member policy,
+so one stalled peer costs only its own messages. Membership changes and
+broadcasts are accepted from any greenlet and from native OS threads. See
+docs/hub.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable, Collection, Iterator
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+import gevent
+import gevent.event
+
+from .errors import Closed
+from .threadsafe import LoopBinding, allocate_lock
+from .websocket import WebSocket, prepare
+
+__all__ = ["Hub", "HubConfig", "HubBackplane", "MemoryBackplane", "SLOW_POLICIES"]
+
+log = logging.getLogger("gstream.hub")
+
+SLOW_POLICIES = ("drop_oldest", "drop_newest", "close")
+_BATCH_MESSAGES = 8  # messages fanned out between two yields (frames then leave coalesced)
+_BATCH_DELIVERIES = 1024  # ...or this many queued frames: a 10k-member hub must not hog the loop
+_THREAD_CALL_TIMEOUT = 10.0  # a native thread waits this long at most for the hub's thread
+
+Message = str | bytes
+Where = Callable[..., bool]
+# (message, excluded connections, where, where's arity, forward to the backplane)
+_Item = tuple[Message, "frozenset[WebSocket] | None", "Where | None", int, bool]
+
+
+@dataclass
+class HubConfig:
+    """Settings of a :class:`Hub`; invalid values raise ``ValueError``."""
+
+    broadcast_buffer: int = 1024
+    """Broadcasts waiting for the hub greenlet; :meth:`Hub.broadcast` drops (and
+    counts) beyond this, :meth:`Hub.broadcast_wait` waits."""
+    slow_policy: str = "drop_oldest"
+    """What a member whose send buffer is full gets: ``"drop_oldest"`` (its
+    oldest queued messages make room; deflate members drop the new one
+    instead), ``"drop_newest"`` (it misses the new message) or ``"close"``
+    (closed with :attr:`close_code`)."""
+    close_code: int = 1013
+    """Close code of the ``"close"`` policy: 1013 (try again later), 1008
+    (policy violation) or an application code 4000-4999."""
+    close_reason: str = "too slow"
+    """Close reason sent with :attr:`close_code`."""
+    max_members: int = 0
+    """Members at most; :meth:`Hub.register` returns False beyond. 0 = unlimited."""
+
+    def __post_init__(self) -> None:
+        if self.broadcast_buffer < 1:
+            raise ValueError("broadcast_buffer must be >= 1")
+        if self.slow_policy not in SLOW_POLICIES:
+            raise ValueError(f"slow_policy must be one of {SLOW_POLICIES}")
+        if self.close_code not in (1008, 1013) and not 4000 <= self.close_code <= 4999:
+            raise ValueError("close_code must be 1008, 1013 or 4000-4999")
+        if len(self.close_reason.encode("utf-8")) > 123:
+            raise ValueError("close_reason longer than 123 bytes")
+        self.max_members = max(0, int(self.max_members))
+
+
+class HubBackplane(Protocol):
+    """Carries a hub's broadcasts to the hubs of the same channel in other processes.
+
+    The hub calls :meth:`broadcast` from its own greenlet for every message
+    it fans out locally (except ``where``-filtered ones: a predicate cannot
+    travel). The backplane delivers it elsewhere by calling the remote hubs'
+    ``deliver(payload)``, never back to the hub that broadcast it (that hub
+    already delivered locally, honouring ``exclude``). ``deliver`` may be
+    called from any greenlet or thread, never blocks, and returns False when
+    that hub's channel was full (the drop is counted there).
+    """
+
+    def attach(self, channel: str, deliver: Callable[[Message], bool]) -> None:
+        """Start routing messages of ``channel`` from other processes to ``deliver``."""
+
+    def broadcast(self, channel: str, payload: Message) -> None:
+        """Send ``payload`` (``str``: text, ``bytes``: binary) to the other processes."""
+
+    def close(self) -> None:
+        """Stop routing; idempotent."""
+
+
+class MemoryBackplane:
+    """An in-process backplane: hubs whose backplanes share one ``bus`` exchange broadcasts.
+
+    Stands in for a cross-process one (Redis) in tests and examples: each
+    hub plays a process. ``MemoryBackplane(bus)`` with the same ``bus`` dict
+    for every hub of the "cluster".
+    """
+
+    def __init__(self, bus: dict[str, list[MemoryBackplane]] | None = None) -> None:
+        self.bus: dict[str, list[MemoryBackplane]] = bus if bus is not None else {}
+        self._channel: str | None = None
+        self._deliver: Callable[[Message], bool] | None = None
+
+    def attach(self, channel: str, deliver: Callable[[Message], bool]) -> None:
+        """Join ``channel`` on the bus."""
+        self._channel, self._deliver = channel, deliver
+        self.bus.setdefault(channel, []).append(self)
+
+    def broadcast(self, channel: str, payload: Message) -> None:
+        """Hand ``payload`` to every other hub of ``channel`` on the bus."""
+        for peer in tuple(self.bus.get(channel, ())):
+            if peer is not self and peer._deliver is not None:
+                peer._deliver(payload)
+
+    def close(self) -> None:
+        """Leave the bus."""
+        peers = self.bus.get(self._channel or "", [])
+        if self in peers:
+            peers.remove(self)
+        self._deliver = None
+
+
+class _Member:
+    __slots__ = ("ws", "key", "drops")
+
+    def __init__(self, ws: WebSocket, key: Any) -> None:
+        self.ws = ws
+        self.key = key
+        self.drops = 0
+
+
+def _arity(fn: Callable[..., Any]) -> int:
+    """1 for ``where(ws)``, 2 for ``where(ws, key)``."""
+    code = getattr(fn, "__code__", None)
+    if code is not None and not code.co_flags & 0x04:  # no *args
+        n = code.co_argcount - (1 if getattr(fn, "__self__", None) is not None else 0)
+        return 2 if n >= 2 else 1
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return 1
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return 2
+    return 2 if len(positional) >= 2 else 1
+
+
+def _excluded(exclude: Any) -> frozenset[WebSocket] | None:
+    if exclude is None:
+        return None
+    if isinstance(exclude, WebSocket) or not isinstance(exclude, Collection):
+        return frozenset((exclude,))
+    return frozenset(exclude)
+
+
+class Hub:
+    """A set of WebSocket connections with a broadcast greenlet (one room).
+
+    Several hubs coexist (one per room or channel) and a connection may be in
+    several. All methods may be called from any greenlet; ``broadcast`` never
+    blocks, and from a native OS thread it does not wait for the hub either.
+
+    Args:
+        config: a :class:`HubConfig`; keyword ``overrides`` replace its fields.
+        name: the channel name (used by the backplane and in logs).
+        backplane: a :class:`HubBackplane` to reach other processes; None keeps
+            delivery in this process.
+    """
+
+    def __init__(self, config: HubConfig | None = None, *, name: str = "",
+                 backplane: HubBackplane | None = None, **overrides: Any) -> None:
+        base = config if config is not None else HubConfig()
+        self.config = replace(base, **overrides) if overrides else replace(base)
+        self.name = name
+        self._members: dict[WebSocket, _Member] = {}
+        self._snapshot: tuple[_Member, ...] | None = None
+        self._hooked: weakref.WeakSet[WebSocket] = weakref.WeakSet()
+        # A deque because native threads append to it directly (append and
+        # popleft are atomic); the hub's thread is woken with a loop callback.
+        self._channel: deque[_Item] = deque()
+        self._wake = gevent.event.Event()
+        self._wake_pending = False
+        self._room = gevent.event.Event()
+        self._thread_waiters: list[Any] = []
+        self._stopped = False
+        self._closing: list[WebSocket] = []
+        self._runner: gevent.Greenlet | None = None
+        self._started: gevent.Greenlet | None = None
+        self._done = gevent.event.Event()
+        self._binding = LoopBinding()
+        self._stats = dict.fromkeys(
+            ("broadcasts", "fanned_out", "deliveries", "drops", "member_drops", "closed_slow",
+             "rejected", "remote", "discarded", "registered", "unregistered"), 0)
+        self._backplane = backplane
+        if backplane is not None:
+            backplane.attach(name, self._deliver_remote)
+
+    # -- the hub greenlet ----------------------------------------------------
+
+    def run(self) -> None:
+        """Drain the broadcast channel and fan out; return after :meth:`stop`.
+
+        Run it in its own greenlet (``gevent.spawn(hub.run)`` or
+        :meth:`start`), in the thread that created the hub.
+        """
+        if not self._binding.here():
+            raise RuntimeError("Hub.run() must run in the thread that created the hub")
+        if self._runner is not None:
+            raise RuntimeError("Hub.run() is already running")
+        if self._stopped:
+            return
+        self._runner = gevent.getcurrent()
+        self._done.clear()
+        try:
+            self._loop()
+        finally:
+            self._runner = None
+            self._done.set()
+
+    def _loop(self) -> None:
+        channel = self._channel
+        batch = 0
+        while not self._stopped:
+            if not channel:
+                batch = 0
+                self._wake.clear()
+                if channel or self._stopped:
+                    continue
+                self._wake.wait()
+                continue
+            message, exclude, where, arity, forward = channel.popleft()
+            self._signal_room()
+            if forward and self._backplane is not None:
+                try:
+                    self._backplane.broadcast(self.name, message)
+                except Exception:
+                    log.exception("hub %r: backplane broadcast failed", self.name)
+            batch += self._fan_out(message, exclude, where, arity)
+            if batch >= _BATCH_DELIVERIES or self._stats["fanned_out"] % _BATCH_MESSAGES == 0:
+                batch = 0
+                gevent.sleep(0)  # let the members' flush callbacks send what we queued
+
+    def _fan_out(self, message: Message, exclude: frozenset[WebSocket] | None,
+                 where: Where | None, arity: int) -> int:
+        self._stats["fanned_out"] += 1
+        snapshot = self._snapshot
+        if snapshot is None:
+            snapshot = self._snapshot = tuple(self._members.values())
+        pm = prepare(message)
+        delivered = since_yield = 0
+        for m in snapshot:
+            ws = m.ws
+            if exclude is not None and ws in exclude:
+                continue
+            if where is not None:
+                try:
+                    if not (where(ws) if arity == 1 else where(ws, m.key)):
+                        continue
+                except Exception:
+                    log.exception("hub %r: where predicate failed; member skipped", self.name)
+                    continue
+            try:
+                if ws.try_send_prepared(pm):
+                    delivered += 1
+                else:
+                    delivered += self._slow(m, pm)
+            except Closed:
+                self._remove(ws)  # closing; on_close will find it gone
+            since_yield += 1
+            if since_yield >= _BATCH_DELIVERIES:
+                since_yield = 0
+                gevent.sleep(0)  # a huge room must not hog the loop
+                if self._stopped:
+                    break
+        self._stats["deliveries"] += delivered
+        return since_yield
+
+    def _slow(self, m: _Member, pm: Any) -> int:
+        """Apply the slow-member policy; return 1 if the message was queued."""
+        policy = self.config.slow_policy
+        ws = m.ws
+        if policy == "drop_oldest" and ws.shares_frames:
+            lost = ws.send_prepared_drop_oldest(pm)
+            m.drops += lost
+            self._stats["member_drops"] += lost
+            return 1
+        m.drops += 1
+        self._stats["member_drops"] += 1
+        if policy == "close":
+            self._stats["closed_slow"] += 1
+            self._remove(ws)
+            log.info("hub %r: closing slow member %r with %s", self.name, ws, self.config.close_code)
+            ws.close(self.config.close_code, self.config.close_reason, wait=False)
+        return 0
+
+    def start(self) -> gevent.Greenlet:
+        """Spawn :meth:`run` in a greenlet (once); return that greenlet."""
+        if self._started is None or (self._started.dead and not self._stopped):
+            self._started = gevent.spawn(self.run)
+        return self._started
+
+    # -- membership ------------------------------------------------------------
+
+    def register(self, ws: WebSocket, *, key: Any = None) -> bool:
+        """Add ``ws`` (with an optional ``key``, e.g. a user id, for ``where``).
+
+        Never blocks (from a native thread it waits for the hub's thread).
+        Returns False, changing nothing, after :meth:`stop`, for a connection
+        that is no longer open, or at ``max_members``. Registering again
+        only updates the key. The connection leaves by itself when it closes.
+        """
+        if not self._binding.here():
+            return self._binding.call(self._register, ws, key, timeout=_THREAD_CALL_TIMEOUT)
+        return self._register(ws, key)
+
+    def _register(self, ws: WebSocket, key: Any) -> bool:
+        if self._stopped or not ws.open:
+            return False
+        m = self._members.get(ws)
+        if m is not None:
+            m.key = key
+            return True
+        if self.config.max_members and len(self._members) >= self.config.max_members:
+            self._stats["rejected"] += 1
+            return False
+        self._members[ws] = _Member(ws, key)
+        self._snapshot = None
+        self._stats["registered"] += 1
+        if ws not in self._hooked:
+            # One close callback per connection for the hub's lifetime, however
+            # often it re-registers: no watcher greenlet, nothing piles up.
+            self._hooked.add(ws)
+            ws.on_close(self._remove)
+        return True
+
+    def unregister(self, ws: WebSocket) -> None:
+        """Remove ``ws`` (it is not closed). A no-op if absent or after :meth:`stop`."""
+        if not self._binding.here():
+            self._binding.call(self._remove, ws, timeout=_THREAD_CALL_TIMEOUT)
+            return
+        self._remove(ws)
+
+    def _remove(self, ws: WebSocket) -> None:
+        if self._members.pop(ws, None) is not None:
+            self._snapshot = None
+            self._stats["unregistered"] += 1
+
+    # -- broadcasting ----------------------------------------------------------
+
+    def _item(self, message: Message, exclude: Any, where: Where | None,
+              forward: bool) -> _Item:
+        if isinstance(message, (bytearray, memoryview)):
+            message = bytes(message)  # frozen now: a later mutation cannot reach members
+        elif not isinstance(message, (str, bytes)):
+            raise TypeError(f"broadcast() takes str or bytes, not {type(message).__name__}")
+        return (message, _excluded(exclude), where, _arity(where) if where is not None else 0,
+                forward and where is None)
+
+    def _enqueue(self, item: _Item, count_drop: bool = True) -> bool:
+        # Runs in any thread: only atomic deque operations and a threadsafe wake.
+        if self._stopped:
+            return False
+        if len(self._channel) >= self.config.broadcast_buffer:
+            if count_drop:
+                self._stats["drops"] += 1
+            return False
+        self._channel.append(item)
+        self._stats["broadcasts"] += 1
+        if self._binding.here():
+            self._wake.set()
+        elif not self._wake_pending:
+            self._wake_pending = True
+            self._binding.call_soon(self._wake_from_loop)
+        return True
+
+    def _wake_from_loop(self) -> None:
+        self._wake_pending = False
+        self._wake.set()
+
+    def _signal_room(self) -> None:
+        self._room.set()
+        while self._thread_waiters:
+            self._thread_waiters.pop().release()
+
+    def broadcast(self, message: Message, *, exclude: Any = None,
+                  where: Where | None = None) -> bool:
+        """Queue ``message`` for every member; never blocks.
+
+        A ``str`` goes out as a text frame, ``bytes`` as binary. ``exclude``
+        is a connection or a collection of them (e.g. the sender);
+        ``where(ws)`` or ``where(ws, key)`` selects members (``key`` as given
+        to :meth:`register`). Returns False (the message is dropped and
+        counted in ``drops``) when the broadcast channel is full, and after
+        :meth:`stop`. From a native thread, True means queued for the hub.
+        """
+        if self._stopped:
+            return False
+        return self._enqueue(self._item(message, exclude, where, True))
+
+    def broadcast_wait(self, message: Message, *, exclude: Any = None,
+                       where: Where | None = None, timeout: float | None = None) -> bool:
+        """Like :meth:`broadcast`, but wait (up to ``timeout`` s) for room in the channel.
+
+        Waits for the message to be queued, not delivered. Returns False
+        after :meth:`stop` (also while waiting) or on timeout.
+        """
+        if self._stopped:
+            return False
+        item = self._item(message, exclude, where, True)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        here = self._binding.here()
+        while not self._stopped:
+            if here:
+                self._room.clear()
+            else:
+                lock = allocate_lock()
+                lock.acquire()
+                self._thread_waiters.append(lock)
+            if self._enqueue(item, count_drop=False):
+                return True
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return False
+            if here:
+                self._room.wait(remaining)
+            else:
+                lock.acquire(True, -1 if remaining is None else remaining)
+        return False
+
+    def _deliver_remote(self, payload: Message) -> bool:
+        """The backplane's sink: a message broadcast by another process's hub."""
+        if self._stopped:
+            return False
+        self._stats["remote"] += 1
+        return self._enqueue(self._item(payload, None, None, False))
+
+    # -- stopping --------------------------------------------------------------
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Close every member with 1001 (going away), end :meth:`run`, refuse new work.
+
+        Works whether or not :meth:`run` ever started; messages still in the
+        channel are discarded (counted). Only the first call acts. Without
+        ``timeout`` it returns at once; with one, it waits up to ``timeout``
+        seconds for the members' closing handshakes and for ``run()`` to
+        return, aborts members still open then, and returns False if any
+        had to be aborted (True otherwise).
+        """
+        if not self._binding.here():
+            bound = _THREAD_CALL_TIMEOUT + (timeout or 0.0)
+            return self._binding.call(self.stop, timeout, timeout=bound)
+        if not self._stopped:
+            self._stopped = True
+            self._stats["discarded"] += len(self._channel)
+            self._channel.clear()
+            members = list(self._members)
+            self._members.clear()
+            self._snapshot = None
+            self._closing = members
+            self._wake.set()
+            self._signal_room()
+            if self._backplane is not None:
+                try:
+                    self._backplane.close()
+                except Exception:
+                    log.exception("hub %r: backplane close failed", self.name)
+            for ws in members:
+                try:
+                    ws.close(1001, "going away", wait=False)  # never blocks
+                except Exception:
+                    log.exception("hub %r: closing %r failed", self.name, ws)
+            if self._runner is None:
+                self._done.set()
+        if timeout is None:
+            return True
+        deadline = time.monotonic() + timeout
+        if self._runner is not None and self._runner is not gevent.getcurrent():
+            self._done.wait(timeout)
+        for ws in self._closing:
+            ws.closed.wait(max(0.0, deadline - time.monotonic()))
+        late = [ws for ws in self._closing if not ws.closed.is_set()]
+        for ws in late:
+            ws.abort("hub stop timeout")
+        self._closing = [ws for ws in self._closing if not ws.closed.is_set()]
+        return not late
+
+    # -- introspection ---------------------------------------------------------
+
+    @property
+    def stopped(self) -> bool:
+        """True once :meth:`stop` was called."""
+        return self._stopped
+
+    @property
+    def running(self) -> bool:
+        """True while :meth:`run` is executing."""
+        return self._runner is not None
+
+    @property
+    def members(self) -> list[WebSocket]:
+        """The registered connections (a copy)."""
+        return list(self._members)
+
+    @property
+    def count(self) -> int:
+        """Number of registered connections (0 after :meth:`stop`)."""
+        return len(self._members)
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def __contains__(self, ws: object) -> bool:
+        return ws in self._members
+
+    def __iter__(self) -> Iterator[WebSocket]:
+        return iter(list(self._members))
+
+    def key_of(self, ws: WebSocket) -> Any:
+        """The ``key`` ``ws`` was registered with (None if absent)."""
+        m = self._members.get(ws)
+        return None if m is None else m.key
+
+    def member_drops(self, ws: WebSocket) -> int:
+        """Messages ``ws`` lost to the slow-member policy while a member."""
+        m = self._members.get(ws)
+        return 0 if m is None else m.drops
+
+    def stats(self) -> dict[str, Any]:
+        """Counters since creation.
+
+        ``members``; ``broadcasts`` (accepted into the channel); ``fanned_out``
+        (messages the hub greenlet processed); ``deliveries`` (frames queued
+        to members); ``drops`` (broadcasts refused, channel full);
+        ``member_drops`` (messages slow members lost); ``closed_slow``;
+        ``rejected`` (registers refused at ``max_members``); ``remote``
+        (messages from the backplane); ``discarded`` (in the channel at
+        stop); ``queued`` (in the channel now); ``registered``/``unregistered``.
+        """
+        out: dict[str, Any] = dict(self._stats)
+        out.update(name=self.name, members=len(self._members), queued=len(self._channel),
+                   running=self.running, stopped=self._stopped)
+        return out
+
+    def __repr__(self) -> str:
+        return f"<Hub {self.name!r} members={len(self._members)} stopped={self._stopped}>"
