@@ -32,11 +32,13 @@ def hub_greenlets() -> int:
     main = greenlet.getcurrent()
     while main.parent is not None:
         main = main.parent
+    # type() rather than isinstance(): lazy objects (Django settings)
+    # evaluate themselves when asked for __class__.
     return sum(
         1 for o in gc.get_objects()
-        if isinstance(o, greenlet) and not o.dead
+        if issubclass(type(o), greenlet) and not o.dead
         and (o.parent is not None or o is main)
-        and not isinstance(o, _WorkerGreenlet)
+        and not issubclass(type(o), _WorkerGreenlet)
     )
 
 
