@@ -3,8 +3,7 @@
 * ``/events``: an SSEBroker stream; a background greenlet publishes
   ``SOAK_RATE`` events a second (default 50) of about 200 bytes;
 * ``/ping``: a tiny plain response;
-* ``/ws``: a WebSocket echo, and ``/hub``: a Hub room, when gstream has
-  WebSocket support (``gstream.websocket``);
+* ``/ws``: a WebSocket echo (a Hub room is not part of the soak yet);
 * ``/stats``: JSON with the process's RSS, fds, live greenlets, broker
   subscribers and lifecycle streams, sampled by ``bench/soak.py``.
 """
@@ -54,7 +53,7 @@ def make_app() -> Any:
         path = environ.get("PATH_INFO", "/")
         if path == "/events":
             return broker.subscribe(environ, start_response)
-        if path in ("/ws", "/hub") and ws_app is not None:
+        if path == "/ws" and ws_app is not None:
             return ws_app(environ, start_response)
         if path == "/stats":
             body = json.dumps({
@@ -72,7 +71,7 @@ def make_app() -> Any:
 
 
 def _websocket_routes() -> Any:
-    """A WSGI app for /ws (echo) and /hub (one room), or None without WebSocket support."""
+    """A WSGI app for /ws (echo), or None without WebSocket support."""
     try:
         from gstream import websocket_app
     except ImportError:
