@@ -22,6 +22,7 @@ Logging goes through :mod:`logging`: ``gstream.server`` for the server,
 
 from __future__ import annotations
 
+import http.client
 import logging
 import signal
 import time
@@ -53,6 +54,28 @@ _REJECT_RESPONSE = (
 # Rejections run in short greenlets of their own; past this many at once a
 # flood is simply closed, so rejecting can't itself exhaust memory.
 _MAX_REJECTING = 256
+
+
+class _HeadReader:
+    """Reads header lines for pywsgi, failing once the head exceeds ``limit`` bytes.
+
+    http.client bounds each line (64 KiB) and the number of lines (100), so a
+    head could still be ~6.5 MB per connection; this bounds the total.
+    """
+
+    __slots__ = ("_fp", "_left")
+
+    def __init__(self, fp: Any, limit: int) -> None:
+        self._fp = fp
+        self._left = limit
+
+    def readline(self, size: int = -1) -> bytes:
+        line: bytes = self._fp.readline(size)
+        self._left -= len(line)
+        if self._left < 0:
+            # pywsgi turns LineTooLong into a quiet 400 Bad Request.
+            raise http.client.LineTooLong("request head")
+        return line
 
 
 def _managed_handler(base: Any) -> Any:
@@ -95,6 +118,25 @@ def _managed_handler(base: Any) -> Any:
                 # would hold a slot that a waiting client needs.
                 return None
             return result
+
+        def MessageClass(self, fp: Any, *args: Any) -> Any:  # noqa: N802 (pywsgi's name)
+            limit = self.server.controller.max_header_bytes
+            try:
+                return super().MessageClass(_HeadReader(fp, limit) if limit else fp, *args)
+            except http.client.HTTPException as exc:
+                # "got more than 100 headers": a client error. As a ValueError
+                # pywsgi answers 400 and logs one line, instead of printing a
+                # traceback per hostile request.
+                raise ValueError(str(exc)) from None
+
+        def _log_error(self, t: Any, v: Any, tb: Any) -> None:
+            # pywsgi hands application errors to the hub, which prints them to
+            # stderr; route them through logging like the rest of the server.
+            if issubclass(t, gevent.GreenletExit):
+                return
+            env = self.environ or {}
+            log.error("application error in %s %s from %s", env.get("REQUEST_METHOD"),
+                      env.get("PATH_INFO"), self.client_address, exc_info=(t, v, tb))
 
         def get_environ(self) -> Any:
             # The head is complete: the application may take as long as it needs.
@@ -178,6 +220,9 @@ class Server:
         shutdown_timeout: seconds a graceful shutdown may take in total.
         header_timeout: seconds a client has to send a complete request head
             (also the keep-alive idle limit); ``None`` disables it.
+        max_header_bytes: the largest request head (header lines) accepted;
+            larger heads get ``400``. ``None`` or 0 leaves only http.client's
+            limits (100 lines of 64 KiB).
         handler_class: the pywsgi handler class (default: gstream's
             WebSocket-aware handler when available, else pywsgi's).
         backlog: the listen backlog (where queued connections wait).
@@ -198,6 +243,7 @@ class Server:
         access_log: bool = False,
         shutdown_timeout: float = 10.0,
         header_timeout: float | None = 10.0,
+        max_header_bytes: int | None = 65536,
         handler_class: type | None = None,
         backlog: int | None = None,
         lifecycle: Lifecycle | None = None,
@@ -214,6 +260,7 @@ class Server:
         self.overflow = overflow
         self.shutdown_timeout = shutdown_timeout
         self.header_timeout = header_timeout
+        self.max_header_bytes = max_header_bytes or 0
         self.lifecycle = lifecycle if lifecycle is not None else default_lifecycle
         self.shutdown_reason = shutdown_reason
         self.secure = bool(certfile)
