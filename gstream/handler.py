@@ -11,6 +11,20 @@ environ, and once the application calls it the handler
 - drops its read buffer (8 KiB) and the request body reader, which a
   long-lived connection no longer needs.
 
+It also makes long streaming responses cheap (see docs/performance.md):
+
+- the status line, headers and first body chunk leave in one ``send`` (pywsgi
+  sends them separately, which costs a syscall and, without TCP_NODELAY, a
+  delayed-ACK stall);
+- each later chunk is framed with one ``bytes`` join instead of pywsgi's
+  growing ``bytearray``;
+- once a streaming body (an iterable without ``len``) has sent its first
+  chunk, and the request has no body and nothing read ahead, the 8 KiB read
+  buffer, the parsed request headers and the encoded response headers are
+  released for the life of the stream (a new reader is made if the
+  connection is reused afterwards). An idle SSE stream then costs about half
+  as much memory.
+
 It also bounds how long a client may take to send a request head
 (:attr:`request_head_timeout`), which plain pywsgi does not: a client that
 opens a connection and dribbles (or never sends) the headers is answered with
@@ -38,6 +52,12 @@ log = logging.getLogger("gstream.handler")
 
 _CLOSED_READER = io.BytesIO()
 _CLOSED_READER.close()
+# One shared, empty request body for every stream whose reader was released
+# (content length 0: reads return b"" and pywsgi's discard reads nothing).
+_EMPTY_INPUT = Input(_CLOSED_READER, 0)
+# Above this, a first body chunk is sent on its own rather than copied after
+# the headers (the copy would cost more than the saved syscall).
+_MERGE_LIMIT = 16384
 
 _REQUEST_TIMEOUT_RESPONSE = (
     b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\n"
@@ -59,6 +79,7 @@ class GStreamHandler(WSGIHandler):
 
     _hijacked = False
     _head_timer: gevent.Timeout | None = None
+    _released = False
 
     def handle_one_request(self) -> Any:
         if self.request_head_timeout is not None:
@@ -79,6 +100,7 @@ class GStreamHandler(WSGIHandler):
         self._cancel_head_timer()
         env: dict[str, Any] = super().get_environ()
         self._hijacked = False
+        self._released = False
         env["gstream.hijack"] = self._hijack
         return env
 
@@ -129,10 +151,113 @@ class GStreamHandler(WSGIHandler):
         if self._hijacked:
             # Consume nothing and write nothing; run_application closes the result.
             return
-        super().process_result()
+        if hasattr(self.result, "__len__"):
+            super().process_result()  # a sized body: pywsgi sets Content-Length
+            return
+        # A streaming body (generator, SSE stream): maybe long-lived, so give
+        # back what it does not need once its headers are out.
+        try:
+            for data in self.result:
+                if data:
+                    self.write(data)
+                    if not self._released and self.headers_sent:
+                        self._release_request()
+            if self.status and not self.headers_sent:
+                self.write(b"")
+            if self.response_use_chunked:
+                self._sendall(b"0\r\n\r\n")
+        finally:
+            if self._released:
+                self._restore_reader()
+
+    def _release_request(self) -> None:
+        """Free the read buffer and parsed request of a streaming response.
+
+        Only when the request has no body (so nothing will be read until the
+        response ends) and the reader holds no pipelined bytes (which would
+        be lost). Idempotent; undone by :meth:`_restore_reader`.
+        """
+        self._released = True  # checked once per response, kept or not
+        wsgi_input = self.wsgi_input
+        if wsgi_input is None or wsgi_input.content_length or wsgi_input.chunked_input:
+            return
+        rfile = self.rfile
+        if rfile is _CLOSED_READER or getattr(rfile, "closed", True):
+            return
+        if _has_buffered(rfile, self.socket):
+            return
+        self.rfile = _CLOSED_READER
+        self.wsgi_input = _EMPTY_INPUT
+        env = self.environ
+        if isinstance(env, dict) and env.get("wsgi.input") is wsgi_input:
+            env["wsgi.input"] = _EMPTY_INPUT
+        # The class attribute (an empty message) stands in for the parsed
+        # headers; the encoded response headers were sent already.
+        self.__dict__.pop("headers", None)
+        self.__dict__.pop("response_headers", None)
+        self._reader_released = True
+
+    def _restore_reader(self) -> None:
+        # The stream is over; if the connection is kept alive, the next
+        # request needs a real reader again.
+        if self.__dict__.pop("_reader_released", False) and self.socket is not None:
+            try:
+                self.rfile = self.socket.makefile("rb", -1)
+            except OSError:
+                pass  # closed under us: the keep-alive loop ends on rfile.closed
+
+    def _write(self, data: bytes, _bytearray: Any = bytearray) -> None:
+        # pywsgi grows a bytearray (header, data, trailer): two copies of
+        # ``data``. One join is one copy, and this runs once per event.
+        if not data:
+            return
+        if self.response_use_chunked:
+            self._sendall(b"".join((b"%x\r\n" % len(data), data, b"\r\n")))
+        else:
+            self._sendall(data)
+
+    def _write_with_headers(self, data: bytes) -> None:
+        # pywsgi sends the head and the first chunk in two writes; one write
+        # saves a syscall per response and never waits on Nagle.
+        self.headers_sent = True
+        self.finalize_headers()
+        parts = [b"HTTP/1.1 ", self.status, b"\r\n"]
+        for header, value in self.response_headers:
+            parts += (header, b": ", value, b"\r\n")
+        parts.append(b"\r\n")
+        if data and len(data) <= _MERGE_LIMIT:
+            if self.response_use_chunked:
+                parts += (b"%x\r\n" % len(data), data, b"\r\n")
+            else:
+                parts.append(data)
+            self._sendall(b"".join(parts))
+            return
+        self._sendall(b"".join(parts))
+        self._write(data)
 
     def _send_error_response_if_possible(self, error_code: int) -> None:
         if self._hijacked:
             self.close_connection = True
             return
         super()._send_error_response_if_possible(error_code)
+
+
+def _has_buffered(rfile: Any, sock: Any) -> bool:
+    """True if ``rfile`` holds (or the kernel has) bytes of a next request.
+
+    ``peek`` returns the buffer when it is not empty and otherwise does one
+    raw read; with the socket's timeout at 0 that read cannot block.
+    """
+    peek = getattr(rfile, "peek", None)
+    if peek is None or sock is None:
+        return True  # unknown reader: keep it
+    previous = sock.gettimeout()
+    sock.settimeout(0.0)
+    try:
+        return bool(peek(1))
+    except (TimeoutError, BlockingIOError):
+        return False
+    except OSError:
+        return True  # let the normal path see the error
+    finally:
+        sock.settimeout(previous)
