@@ -52,12 +52,34 @@ log = logging.getLogger("gstream.handler")
 
 _CLOSED_READER = io.BytesIO()
 _CLOSED_READER.close()
+# Put in place of the reader of a hijacked connection; ``rfile is
+# _HIJACKED_READER`` is how the handler knows (one attribute less, see below).
+_HIJACKED_READER = io.BytesIO()
+_HIJACKED_READER.close()
 # One shared, empty request body for every stream whose reader was released
 # (content length 0: reads return b"" and pywsgi's discard reads nothing).
 _EMPTY_INPUT = Input(_CLOSED_READER, 0)
 # Above this, a first body chunk is sent on its own rather than copied after
 # the headers (the copy would cost more than the saved syscall).
 _MERGE_LIMIT = 16384
+# Environ keys kept for error logs once a stream has given its environ back.
+_LOG_KEYS = ("REQUEST_METHOD", "PATH_INFO", "QUERY_STRING", "REMOTE_ADDR", "REMOTE_PORT",
+             "SERVER_PROTOCOL", "HTTP_HOST", "HTTP_USER_AGENT")
+
+# Why the handler's state lives in sentinels and locals rather than in new
+# attributes: CPython 3.11+ keeps up to 29 distinct instance attributes of a
+# class inline (a few hundred bytes); past that every handler carries a full
+# dict (~1.6 KiB). pywsgi sets 27 on a streaming request, gstream's server
+# one (_gs_timer) and this class one (_head_timer): the budget is spent.
+# The order pywsgi first sets them in a streaming request; see _prime_layout.
+_LAYOUT = (
+    "socket", "client_address", "server", "rfile", "time_start", "time_finish",
+    "_gs_timer", "_head_timer", "requestline", "response_length", "command", "path",
+    "request_version", "headers", "content_length", "close_connection", "wsgi_input",
+    "environ", "application", "status", "headers_sent", "result", "response_use_chunked",
+    "connection_upgraded", "_orig_status", "response_headers", "code", "provided_date",
+    "provided_content_length",
+)
 
 _REQUEST_TIMEOUT_RESPONSE = (
     b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\n"
@@ -77,9 +99,15 @@ class GStreamHandler(WSGIHandler):
     #: (also the keep-alive idle limit between requests). None disables.
     request_head_timeout: float | None = 30.0
 
-    _hijacked = False
     _head_timer: gevent.Timeout | None = None
-    _released = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _prime_layout(cls)  # before the subclass has any instance
+
+    @property
+    def _hijacked(self) -> bool:
+        return self.rfile is _HIJACKED_READER
 
     def handle_one_request(self) -> Any:
         if self.request_head_timeout is not None:
@@ -99,8 +127,6 @@ class GStreamHandler(WSGIHandler):
         # The head has been parsed: the application may take as long as it likes.
         self._cancel_head_timer()
         env: dict[str, Any] = super().get_environ()
-        self._hijacked = False
-        self._released = False
         env["gstream.hijack"] = self._hijack
         return env
 
@@ -117,12 +143,11 @@ class GStreamHandler(WSGIHandler):
             raise RuntimeError("connection already hijacked")
         if getattr(self, "headers_sent", False):
             raise RuntimeError("cannot hijack after the response has started")
-        self._hijacked = True
         sock = self.socket
         pre = drain_buffered(getattr(self, "rfile", None), sock)
         # Free what a hijacked connection no longer needs and end keep-alive.
-        self.rfile = _CLOSED_READER
-        self.wsgi_input = Input(_CLOSED_READER, 0)
+        self.rfile = _HIJACKED_READER  # also the "hijacked" mark
+        self.wsgi_input = _EMPTY_INPUT
         env = getattr(self, "environ", None)
         if isinstance(env, dict):
             env["wsgi.input"] = io.BytesIO(b"")
@@ -156,51 +181,60 @@ class GStreamHandler(WSGIHandler):
             return
         # A streaming body (generator, SSE stream): maybe long-lived, so give
         # back what it does not need once its headers are out.
+        checked = released = False  # locals, not attributes: see _HIJACKED_READER
         try:
             for data in self.result:
                 if data:
                     self.write(data)
-                    if not self._released and self.headers_sent:
-                        self._release_request()
+                    if not checked and self.headers_sent:
+                        checked = True
+                        released = self._release_request()
             if self.status and not self.headers_sent:
                 self.write(b"")
             if self.response_use_chunked:
                 self._sendall(b"0\r\n\r\n")
         finally:
-            if self._released:
+            if released:
                 self._restore_reader()
 
-    def _release_request(self) -> None:
+    def _release_request(self) -> bool:
         """Free the read buffer and parsed request of a streaming response.
 
         Only when the request has no body (so nothing will be read until the
         response ends) and the reader holds no pipelined bytes (which would
-        be lost). Idempotent; undone by :meth:`_restore_reader`.
+        be lost). Returns True if released; undone by :meth:`_restore_reader`.
         """
-        self._released = True  # checked once per response, kept or not
         wsgi_input = self.wsgi_input
         if wsgi_input is None or wsgi_input.content_length or wsgi_input.chunked_input:
-            return
+            return False
         rfile = self.rfile
         if rfile is _CLOSED_READER or getattr(rfile, "closed", True):
-            return
+            return False
         if _has_buffered(rfile, self.socket):
-            return
+            return False
         self.rfile = _CLOSED_READER
         self.wsgi_input = _EMPTY_INPUT
-        env = self.environ
+        env: Any = getattr(self, "environ", None)
         if isinstance(env, dict) and env.get("wsgi.input") is wsgi_input:
             env["wsgi.input"] = _EMPTY_INPUT
         # The class attribute (an empty message) stands in for the parsed
         # headers; the encoded response headers were sent already.
-        self.__dict__.pop("headers", None)
-        self.__dict__.pop("response_headers", None)
-        self._reader_released = True
+        # (``del``, not ``__dict__.pop``: touching __dict__ would turn the
+        # compact inline attributes into a full dict for good.)
+        for name in ("headers", "response_headers"):
+            try:
+                delattr(self, name)
+            except AttributeError:
+                pass
+        if isinstance(env, dict):
+            # The application has its environ; ours only serves error logs.
+            self.environ = {k: env[k] for k in _LOG_KEYS if k in env}
+        return True
 
     def _restore_reader(self) -> None:
         # The stream is over; if the connection is kept alive, the next
         # request needs a real reader again.
-        if self.__dict__.pop("_reader_released", False) and self.socket is not None:
+        if self.socket is not None:
             try:
                 self.rfile = self.socket.makefile("rb", -1)
             except OSError:
@@ -261,3 +295,24 @@ def _has_buffered(rfile: Any, sock: Any) -> bool:
         return True  # let the normal path see the error
     finally:
         sock.settimeout(previous)
+
+
+def _prime_layout(cls: type) -> None:
+    """Give ``cls`` its full instance-attribute layout before it has instances.
+
+    CPython 3.11+ stores instance attributes inline, in a table of names
+    shared by the class, which can only grow a little with each new
+    instance. Handlers are created many at a time (a burst of connections)
+    and learn their attributes slowly (the request line, then headers, then
+    the response), so the table fills up half-way and every later handler
+    falls back to a full dict: ~1.3 KiB more per connection. One throwaway
+    instance that sets every name, in order, before any real one exists
+    (so: when the class is created) avoids that. Harmless elsewhere.
+    """
+    probe: Any = object.__new__(cls)
+    for name in _LAYOUT:
+        object.__setattr__(probe, name, None)
+    del probe
+
+
+_prime_layout(GStreamHandler)

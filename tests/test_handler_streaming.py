@@ -3,11 +3,18 @@ keep-alive and pipelining still correct, request bodies still readable."""
 
 from __future__ import annotations
 
+import gc
+import socket
+import sys
+
 import gevent
+import pytest
 from gevent.pywsgi import WSGIServer
 
+from gstream.broker import SSEBroker
 from gstream.handler import GStreamHandler
-from tests.helpers import ChunkedReader, raw_http
+from gstream.server import Server
+from tests.helpers import ChunkedReader, raw_http, wait_until
 
 
 def _streaming_app(seen: list[dict[str, object]]):  # type: ignore[no-untyped-def]
@@ -114,3 +121,38 @@ def test_head_and_first_chunk_in_one_segment(serve) -> None:  # type: ignore[no-
         except TimeoutError:
             pass
         assert data.endswith(b"\r\n\r\n3\r\nnow\r\n")
+
+
+@pytest.mark.skipif(sys.implementation.name != "cpython" or sys.version_info < (3, 11),
+                    reason="inline instance attributes are a CPython 3.11+ layout")
+def test_handlers_keep_inline_attributes_under_a_connection_burst() -> None:
+    """Each handler object stays a few hundred bytes: no per-instance dict.
+
+    Handlers created in a burst, after a connection that closed without a
+    request (pywsgi then touches that handler's __dict__), must not fall
+    back to a full dict each (~1.3 KiB per connection).
+    """
+    broker = SSEBroker(heartbeat_interval=None)
+    srv = Server(broker.subscribe, "127.0.0.1", 0)
+    srv.start()
+    socks = []
+    try:
+        socket.create_connection(("127.0.0.1", srv.port)).close()
+        gevent.sleep(0.05)
+        for _ in range(30):
+            s = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
+            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            socks.append(s)
+        assert wait_until(lambda: broker.subscriber_count == 30, 5)
+        for s in socks:
+            assert s.recv(4096).startswith(b"HTTP/1.1 200 ")
+        handlers = [o for o in gc.get_objects()
+                    if isinstance(o, GStreamHandler) and getattr(o, "server", None) is srv._wsgi]
+        assert len(handlers) == 30
+        # With inline attributes the first referent is an attribute value;
+        # a materialized instance dict shows up as a dict.
+        assert [type(gc.get_referents(h)[0]) for h in handlers].count(dict) == 0
+    finally:
+        for s in socks:
+            s.close()
+        srv.stop(timeout=2)
