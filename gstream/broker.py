@@ -138,7 +138,10 @@ class _Subscriber:
         self.names = names
         self.block = block
         self.capacity = capacity
-        self.items: deque[bytes] = deque(maxlen=capacity)
+        # A list, not a deque(maxlen): an empty list is 56 bytes and clear()
+        # frees its storage, while a deque keeps a 64-slot block (~600 bytes)
+        # for the life of every idle stream. Drops are done by hand.
+        self.items: list[bytes] = []
         # Waking (see SSEBroker._wake): ``parked`` is the Waiter the reader
         # sleeps on (None while it runs or writes), ``due`` marks it queued
         # for the next batched wake-up, ``beat`` asks for a heartbeat.
@@ -366,7 +369,8 @@ class SSEBroker:
                 sub.dropped += 1
                 sub.missed += 1
                 stats["dropped"] += 1
-            items.append(frame)  # a full deque(maxlen) drops its oldest entry
+                del items[0]  # drop-oldest (O(capacity), only for a reader that lags)
+            items.append(frame)
             if sub.parked is not None and not sub.due:
                 self._wake(sub)
             count += 1
