@@ -148,6 +148,7 @@ class GStreamHandler(WSGIHandler):
         # Free what a hijacked connection no longer needs and end keep-alive.
         self.rfile = _HIJACKED_READER  # also the "hijacked" mark
         self.wsgi_input = _EMPTY_INPUT
+        _drop_attribute(self, "headers")  # the parsed request (~1 KiB); environ has it all
         env = getattr(self, "environ", None)
         if isinstance(env, dict):
             env["wsgi.input"] = io.BytesIO(b"")
@@ -221,11 +222,8 @@ class GStreamHandler(WSGIHandler):
         # headers; the encoded response headers were sent already.
         # (``del``, not ``__dict__.pop``: touching __dict__ would turn the
         # compact inline attributes into a full dict for good.)
-        for name in ("headers", "response_headers"):
-            try:
-                delattr(self, name)
-            except AttributeError:
-                pass
+        _drop_attribute(self, "headers")
+        _drop_attribute(self, "response_headers")
         if isinstance(env, dict):
             # The application has its environ; ours only serves error logs.
             self.environ = {k: env[k] for k in _LOG_KEYS if k in env}
@@ -295,6 +293,14 @@ def _has_buffered(rfile: Any, sock: Any) -> bool:
         return True  # let the normal path see the error
     finally:
         sock.settimeout(previous)
+
+
+def _drop_attribute(obj: Any, name: str) -> None:
+    # The class attribute (pywsgi's empty default) shows through again.
+    try:
+        delattr(obj, name)
+    except AttributeError:
+        pass
 
 
 def _prime_layout(cls: type) -> None:
