@@ -43,6 +43,7 @@ from typing import Any
 
 import gevent
 from gevent.pywsgi import Input, WSGIHandler
+from gevent.socket import socket as GeventSocket
 
 from .hijack import drain_buffered
 
@@ -237,6 +238,27 @@ class GStreamHandler(WSGIHandler):
                 self.rfile = self.socket.makefile("rb", -1)
             except OSError:
                 pass  # closed under us: the keep-alive loop ends on rfile.closed
+
+    def _sendall(self, data: Any) -> None:
+        # gevent's sendall asks the kernel for SO_SNDBUF and slices a
+        # memoryview on every call; a stream's writes are small and nearly
+        # always fit the socket buffer, so try one plain non-blocking send
+        # first (plain TCP only: a TLS socket's _sock is not the TLS layer)
+        # and hand only a remainder to pywsgi/gevent.
+        sock = self.socket
+        if type(sock) is not GeventSocket:
+            super()._sendall(data)
+            return
+        try:
+            sent = sock._sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            super()._sendall(data)  # fails again, and is recorded the pywsgi way
+            return
+        self.response_length += sent
+        if sent < len(data):
+            super()._sendall(memoryview(data)[sent:])
 
     def _write(self, data: bytes, _bytearray: Any = bytearray) -> None:
         # pywsgi grows a bytearray (header, data, trailer): two copies of
