@@ -559,6 +559,25 @@ class WebSocket:
             return
         if op is Opcode.PING or op is Opcode.CLOSE or self._failed:
             return  # websockets answers pings and echoes closes itself
+        if frame.fin and op is not Opcode.CONT:
+            # The common case, a whole message in one frame: no incremental
+            # decoder, no parts list (a few microseconds per message).
+            data = frame.data
+            if not isinstance(data, bytes):
+                data = bytes(data)
+            if len(data) > self.config.read_limit:  # also enforced by websockets
+                self._fail(1009, "message too big")
+                return
+            if op is Opcode.TEXT:
+                try:
+                    text = data.decode("utf-8")
+                except UnicodeDecodeError:
+                    self._fail(1007, "invalid UTF-8")
+                    return
+                self._deliver(text)
+                return
+            self._deliver(data)
+            return
         if op is not Opcode.CONT:
             self._frag_op = op
             self._frag_parts = []
