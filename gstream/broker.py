@@ -19,6 +19,7 @@ from urllib.parse import parse_qsl
 
 import gevent
 from gevent.event import Event as GEvent
+from gevent.hub import Waiter
 
 from .backplane import Backplane, DurableBackplane, LocalBackplane
 from .errors import BackplaneUnavailable, BrokerClosed
@@ -54,6 +55,10 @@ CUT_EVENT = "gstream.cut"
 HEARTBEAT = encode_comment("heartbeat")
 OPEN_COMMENT = encode_comment("stream open")
 MAX_FILTER_NAMES = 32
+#: Events published back to back before sleeping readers are woken even if
+#: the publisher has not let the event loop go round yet (bounds the latency
+#: that batching adds to the first events of a long burst).
+MAX_BATCH = 64
 
 _TEXT = [("Content-Type", "text/plain; charset=utf-8")]
 
@@ -120,8 +125,8 @@ class _Subscriber:
 
     __slots__ = (
         "broker", "key", "sid", "principal", "names", "block", "capacity", "items",
-        "ready", "room", "final", "ended", "greenlet", "dropped", "missed",
-        "delivered", "since", "__weakref__",
+        "parked", "due", "beat", "last_write", "room", "final", "ended", "greenlet",
+        "dropped", "missed", "delivered", "since", "__weakref__",
     )
 
     def __init__(self, broker: SSEBroker, key: str, sid: str, principal: str,
@@ -133,8 +138,17 @@ class _Subscriber:
         self.names = names
         self.block = block
         self.capacity = capacity
-        self.items: deque[bytes] = deque(maxlen=capacity)
-        self.ready = GEvent()
+        # A list, not a deque(maxlen): an empty list is 56 bytes and clear()
+        # frees its storage, while a deque keeps a 64-slot block (~600 bytes)
+        # for the life of every idle stream. Drops are done by hand.
+        self.items: list[bytes] = []
+        # Waking (see SSEBroker._wake): ``parked`` is the Waiter the reader
+        # sleeps on (None while it runs or writes), ``due`` marks it queued
+        # for the next batched wake-up, ``beat`` asks for a heartbeat.
+        self.parked: Waiter | None = None
+        self.due = False
+        self.beat = False
+        self.last_write = 0.0
         self.room: GEvent | None = GEvent() if block else None
         self.final: bytes | None = None
         self.ended = False
@@ -244,12 +258,36 @@ class SSEBroker:
         self._foreign: deque[Event] = deque()
         self._pump: Any = None
         self._binding = LoopBinding()
+        # Batched wake-ups: readers with new frames are queued here and woken
+        # together by one zero-delay timer, i.e. after the publishing
+        # greenlet yields *and* the loop has run the other ready callbacks.
+        # A publisher that yields between events (sleep(0)) therefore
+        # publishes several before the readers run, and each reader sends
+        # them in one write: one switch and one send per burst per reader
+        # instead of per event.
+        self._due: list[_Subscriber] = []
+        self._flush_timer: Any = None
+        self._pending = 0  # events published since the last wake-up
+        self._flush_soon = False
+        # One heartbeat timer for all subscribers instead of a timeout per
+        # idle stream (memory, and a timer wake-up per heartbeat).
+        self._beat_timer: Any = None
+        self._bind_hub()
         self._backplane: Backplane = cfg.backplane if cfg.backplane is not None else LocalBackplane()
         self._durable: DurableBackplane | None = (
             self._backplane if isinstance(self._backplane, DurableBackplane) else None)
         self._backplane.attach(cfg.topic, self._deliver_local)
 
     # -- threads -----------------------------------------------------------
+
+    def _bind_hub(self) -> None:
+        # The wake-up and heartbeat timers belong to the hub's loop: (re)made
+        # lazily on the loop this broker runs on.
+        self._loop = gevent.get_hub().loop
+        self._flush_timer = self._beat_timer = None
+        self._due = []
+        self._pending = 0
+        self._flush_soon = False
 
     def _in_hub_thread(self) -> bool:
         # Cross-thread publishes are handed to the hub's loop (see
@@ -348,12 +386,21 @@ class SSEBroker:
                 sub.dropped += 1
                 sub.missed += 1
                 stats["dropped"] += 1
-            items.append(frame)  # a full deque(maxlen) drops its oldest entry
-            sub.ready.set()
+                del items[0]  # drop-oldest (O(capacity), only for a reader that lags)
+            items.append(frame)
+            if sub.parked is not None and not sub.due:
+                self._wake(sub)
             count += 1
         if waiting:
             count += self._wait_for_room(waiting, frame)
         stats["enqueued"] += count
+        if self._due:
+            self._pending += 1
+            if self._pending >= MAX_BATCH and not self._flush_soon:
+                # A long burst: wake the readers before the publisher's next
+                # turn so the first events are not held back by the last.
+                self._flush_soon = True
+                self._loop.run_callback(self._flush_due)
         return count
 
     def _wait_for_room(self, waiting: list[_Subscriber], frame: bytes) -> int:
@@ -373,9 +420,61 @@ class SSEBroker:
                 self._cut_loose(sub)
                 continue
             sub.items.append(frame)
-            sub.ready.set()
+            self._wake(sub)
             count += 1
         return count
+
+    # -- waking readers ----------------------------------------------------
+
+    def _wake(self, sub: _Subscriber) -> None:
+        """Queue ``sub``'s reader for the next batched wake-up (if it sleeps)."""
+        if sub.due or sub.parked is None:
+            return  # already queued, or running: it looks at its queue before sleeping
+        sub.due = True
+        self._due.append(sub)
+        if len(self._due) == 1:
+            timer = self._flush_timer
+            if timer is None:
+                timer = self._flush_timer = self._loop.timer(0.0)
+            if not timer.active:
+                timer.start(self._flush_due)
+
+    def _flush_due(self) -> None:
+        # Runs in the hub: switch to each reader in turn; each one writes
+        # what it has queued and switches back here when it sleeps again.
+        due, self._due = self._due, []
+        self._pending = 0
+        self._flush_soon = False
+        for sub in due:
+            sub.due = False
+            waiter = sub.parked
+            if waiter is not None:
+                try:
+                    waiter.switch(None)
+                except Exception:  # never let one reader break the others
+                    log.exception("waking subscriber %r failed", sub.key)
+
+    def _start_heartbeats(self) -> None:
+        interval = self.config.heartbeat_interval
+        if interval is None or (self._beat_timer is not None and self._beat_timer.active):
+            return
+        # Checking four times per interval sends each heartbeat after 1 to
+        # 1.25 intervals of silence.
+        period = interval / 4
+        if self._beat_timer is None:
+            self._beat_timer = self._loop.timer(period, period, ref=False)
+        self._beat_timer.start(self._heartbeats)
+
+    def _heartbeats(self) -> None:
+        if not self._subs or self._closed:
+            if self._beat_timer is not None:
+                self._beat_timer.stop()  # restarted by the next subscriber
+            return
+        limit = time.monotonic() - (self.config.heartbeat_interval or 0.0)
+        for sub in self._subs.values():
+            if sub.parked is not None and not sub.beat and sub.last_write <= limit:
+                sub.beat = True
+                self._wake(sub)
 
     def _cut_loose(self, sub: _Subscriber) -> None:
         # Its reader is stuck in a socket write (its queue stayed full for a
@@ -523,14 +622,27 @@ class SSEBroker:
         sub.greenlet = gevent.getcurrent()
         yield prelude
         del prelude  # not kept alive for the life of an idle stream
-        heartbeat = self.config.heartbeat_interval
-        items, ready = sub.items, sub.ready
+        sub.last_write = time.monotonic()
+        self._start_heartbeats()
+        items = sub.items
         while True:
             if not items and sub.final is None:
-                ready.clear()
-                if not ready.wait(heartbeat):
-                    yield HEARTBEAT
+                if not sub.beat:
+                    # Sleep until _flush_due switches here. A Waiter rather
+                    # than an Event with a timeout: nothing per-stream stays
+                    # armed while idle, and the saved stack is shallower.
+                    waiter = sub.parked = Waiter()
+                    try:
+                        waiter.get()
+                    finally:
+                        sub.parked = None
+                if not items and sub.final is None:
+                    if sub.beat:
+                        sub.beat = False
+                        yield HEARTBEAT
+                        sub.last_write = time.monotonic()
                     continue
+                sub.beat = False  # frames are about to go: they reset the idle time
             parts: list[bytes] = []
             if sub.missed:
                 parts.append(encode(Event(data=json.dumps({"missed": sub.missed}, separators=(",", ":")),
@@ -548,7 +660,8 @@ class SSEBroker:
                 yield b"".join(parts)
                 return
             if parts:
-                yield b"".join(parts)
+                yield parts[0] if len(parts) == 1 else b"".join(parts)
+                sub.last_write = time.monotonic()
 
     def _end(self, sub: _Subscriber, final: bytes) -> None:
         """Stop routing to ``sub`` and let its reader send ``final`` and end."""
@@ -556,7 +669,7 @@ class SSEBroker:
             del self._subs[sub.key]
         if sub.final is None:
             sub.final = final
-        sub.ready.set()
+        self._wake(sub)
 
     def _unregister(self, sub: _Subscriber) -> None:
         if sub.ended:

@@ -11,6 +11,20 @@ environ, and once the application calls it the handler
 - drops its read buffer (8 KiB) and the request body reader, which a
   long-lived connection no longer needs.
 
+It also makes long streaming responses cheap (see docs/performance.md):
+
+- the status line, headers and first body chunk leave in one ``send`` (pywsgi
+  sends them separately, which costs a syscall and, without TCP_NODELAY, a
+  delayed-ACK stall);
+- each later chunk is framed with one ``bytes`` join instead of pywsgi's
+  growing ``bytearray``;
+- once a streaming body (an iterable without ``len``) has sent its first
+  chunk, and the request has no body and nothing read ahead, the 8 KiB read
+  buffer, the parsed request headers and the encoded response headers are
+  released for the life of the stream (a new reader is made if the
+  connection is reused afterwards). An idle SSE stream then costs about half
+  as much memory.
+
 It also bounds how long a client may take to send a request head
 (:attr:`request_head_timeout`), which plain pywsgi does not: a client that
 opens a connection and dribbles (or never sends) the headers is answered with
@@ -29,6 +43,7 @@ from typing import Any
 
 import gevent
 from gevent.pywsgi import Input, WSGIHandler
+from gevent.socket import socket as GeventSocket
 
 from .hijack import drain_buffered
 
@@ -38,6 +53,34 @@ log = logging.getLogger("gstream.handler")
 
 _CLOSED_READER = io.BytesIO()
 _CLOSED_READER.close()
+# Put in place of the reader of a hijacked connection; ``rfile is
+# _HIJACKED_READER`` is how the handler knows (one attribute less, see below).
+_HIJACKED_READER = io.BytesIO()
+_HIJACKED_READER.close()
+# One shared, empty request body for every stream whose reader was released
+# (content length 0: reads return b"" and pywsgi's discard reads nothing).
+_EMPTY_INPUT = Input(_CLOSED_READER, 0)
+# Above this, a first body chunk is sent on its own rather than copied after
+# the headers (the copy would cost more than the saved syscall).
+_MERGE_LIMIT = 16384
+# Environ keys kept for error logs once a stream has given its environ back.
+_LOG_KEYS = ("REQUEST_METHOD", "PATH_INFO", "QUERY_STRING", "REMOTE_ADDR", "REMOTE_PORT",
+             "SERVER_PROTOCOL", "HTTP_HOST", "HTTP_USER_AGENT")
+
+# Why the handler's state lives in sentinels and locals rather than in new
+# attributes: CPython 3.11+ keeps up to 29 distinct instance attributes of a
+# class inline (a few hundred bytes); past that every handler carries a full
+# dict (~1.6 KiB). pywsgi sets 27 on a streaming request, gstream's server
+# one (_gs_timer) and this class one (_head_timer): the budget is spent.
+# The order pywsgi first sets them in a streaming request; see _prime_layout.
+_LAYOUT = (
+    "socket", "client_address", "server", "rfile", "time_start", "time_finish",
+    "_gs_timer", "_head_timer", "requestline", "response_length", "command", "path",
+    "request_version", "headers", "content_length", "close_connection", "wsgi_input",
+    "environ", "application", "status", "headers_sent", "result", "response_use_chunked",
+    "connection_upgraded", "_orig_status", "response_headers", "code", "provided_date",
+    "provided_content_length",
+)
 
 _REQUEST_TIMEOUT_RESPONSE = (
     b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\n"
@@ -57,8 +100,15 @@ class GStreamHandler(WSGIHandler):
     #: (also the keep-alive idle limit between requests). None disables.
     request_head_timeout: float | None = 30.0
 
-    _hijacked = False
     _head_timer: gevent.Timeout | None = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _prime_layout(cls)  # before the subclass has any instance
+
+    @property
+    def _hijacked(self) -> bool:
+        return self.rfile is _HIJACKED_READER
 
     def handle_one_request(self) -> Any:
         if self.request_head_timeout is not None:
@@ -78,7 +128,6 @@ class GStreamHandler(WSGIHandler):
         # The head has been parsed: the application may take as long as it likes.
         self._cancel_head_timer()
         env: dict[str, Any] = super().get_environ()
-        self._hijacked = False
         env["gstream.hijack"] = self._hijack
         return env
 
@@ -95,12 +144,12 @@ class GStreamHandler(WSGIHandler):
             raise RuntimeError("connection already hijacked")
         if getattr(self, "headers_sent", False):
             raise RuntimeError("cannot hijack after the response has started")
-        self._hijacked = True
         sock = self.socket
         pre = drain_buffered(getattr(self, "rfile", None), sock)
         # Free what a hijacked connection no longer needs and end keep-alive.
-        self.rfile = _CLOSED_READER
-        self.wsgi_input = Input(_CLOSED_READER, 0)
+        self.rfile = _HIJACKED_READER  # also the "hijacked" mark
+        self.wsgi_input = _EMPTY_INPUT
+        _drop_attribute(self, "headers")  # the parsed request (~1 KiB); environ has it all
         env = getattr(self, "environ", None)
         if isinstance(env, dict):
             env["wsgi.input"] = io.BytesIO(b"")
@@ -129,10 +178,169 @@ class GStreamHandler(WSGIHandler):
         if self._hijacked:
             # Consume nothing and write nothing; run_application closes the result.
             return
-        super().process_result()
+        if hasattr(self.result, "__len__"):
+            super().process_result()  # a sized body: pywsgi sets Content-Length
+            return
+        # A streaming body (generator, SSE stream): maybe long-lived, so give
+        # back what it does not need once its headers are out.
+        checked = released = False  # locals, not attributes: see _HIJACKED_READER
+        try:
+            for data in self.result:
+                if data:
+                    self.write(data)
+                    if not checked and self.headers_sent:
+                        checked = True
+                        released = self._release_request()
+            if self.status and not self.headers_sent:
+                self.write(b"")
+            if self.response_use_chunked:
+                self._sendall(b"0\r\n\r\n")
+        finally:
+            if released:
+                self._restore_reader()
+
+    def _release_request(self) -> bool:
+        """Free the read buffer and parsed request of a streaming response.
+
+        Only when the request has no body (so nothing will be read until the
+        response ends) and the reader holds no pipelined bytes (which would
+        be lost). Returns True if released; undone by :meth:`_restore_reader`.
+        """
+        wsgi_input = self.wsgi_input
+        if wsgi_input is None or wsgi_input.content_length or wsgi_input.chunked_input:
+            return False
+        rfile = self.rfile
+        if rfile is _CLOSED_READER or getattr(rfile, "closed", True):
+            return False
+        if _has_buffered(rfile, self.socket):
+            return False
+        self.rfile = _CLOSED_READER
+        self.wsgi_input = _EMPTY_INPUT
+        env: Any = getattr(self, "environ", None)
+        if isinstance(env, dict) and env.get("wsgi.input") is wsgi_input:
+            env["wsgi.input"] = _EMPTY_INPUT
+        # The class attribute (an empty message) stands in for the parsed
+        # headers; the encoded response headers were sent already.
+        # (``del``, not ``__dict__.pop``: touching __dict__ would turn the
+        # compact inline attributes into a full dict for good.)
+        _drop_attribute(self, "headers")
+        _drop_attribute(self, "response_headers")
+        if isinstance(env, dict):
+            # The application has its environ; ours only serves error logs.
+            self.environ = {k: env[k] for k in _LOG_KEYS if k in env}
+        return True
+
+    def _restore_reader(self) -> None:
+        # The stream is over; if the connection is kept alive, the next
+        # request needs a real reader again.
+        if self.socket is not None:
+            try:
+                self.rfile = self.socket.makefile("rb", -1)
+            except OSError:
+                pass  # closed under us: the keep-alive loop ends on rfile.closed
+
+    def _sendall(self, data: Any) -> None:
+        # gevent's sendall asks the kernel for SO_SNDBUF and slices a
+        # memoryview on every call; a stream's writes are small and nearly
+        # always fit the socket buffer, so try one plain non-blocking send
+        # first (plain TCP only: a TLS socket's _sock is not the TLS layer)
+        # and hand only a remainder to pywsgi/gevent.
+        sock = self.socket
+        if type(sock) is not GeventSocket:
+            super()._sendall(data)
+            return
+        try:
+            sent = sock._sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            super()._sendall(data)  # fails again, and is recorded the pywsgi way
+            return
+        self.response_length += sent
+        if sent < len(data):
+            super()._sendall(memoryview(data)[sent:])
+
+    def _write(self, data: bytes, _bytearray: Any = bytearray) -> None:
+        # pywsgi grows a bytearray (header, data, trailer): two copies of
+        # ``data``. One join is one copy, and this runs once per event.
+        if not data:
+            return
+        if self.response_use_chunked:
+            self._sendall(b"".join((b"%x\r\n" % len(data), data, b"\r\n")))
+        else:
+            self._sendall(data)
+
+    def _write_with_headers(self, data: bytes) -> None:
+        # pywsgi sends the head and the first chunk in two writes; one write
+        # saves a syscall per response and never waits on Nagle.
+        self.headers_sent = True
+        self.finalize_headers()
+        parts = [b"HTTP/1.1 ", self.status, b"\r\n"]
+        for header, value in self.response_headers:
+            parts += (header, b": ", value, b"\r\n")
+        parts.append(b"\r\n")
+        if data and len(data) <= _MERGE_LIMIT:
+            if self.response_use_chunked:
+                parts += (b"%x\r\n" % len(data), data, b"\r\n")
+            else:
+                parts.append(data)
+            self._sendall(b"".join(parts))
+            return
+        self._sendall(b"".join(parts))
+        self._write(data)
 
     def _send_error_response_if_possible(self, error_code: int) -> None:
         if self._hijacked:
             self.close_connection = True
             return
         super()._send_error_response_if_possible(error_code)
+
+
+def _has_buffered(rfile: Any, sock: Any) -> bool:
+    """True if ``rfile`` holds (or the kernel has) bytes of a next request.
+
+    ``peek`` returns the buffer when it is not empty and otherwise does one
+    raw read; with the socket's timeout at 0 that read cannot block.
+    """
+    peek = getattr(rfile, "peek", None)
+    if peek is None or sock is None:
+        return True  # unknown reader: keep it
+    previous = sock.gettimeout()
+    sock.settimeout(0.0)
+    try:
+        return bool(peek(1))
+    except (TimeoutError, BlockingIOError):
+        return False
+    except OSError:
+        return True  # let the normal path see the error
+    finally:
+        sock.settimeout(previous)
+
+
+def _drop_attribute(obj: Any, name: str) -> None:
+    # The class attribute (pywsgi's empty default) shows through again.
+    try:
+        delattr(obj, name)
+    except AttributeError:
+        pass
+
+
+def _prime_layout(cls: type) -> None:
+    """Give ``cls`` its full instance-attribute layout before it has instances.
+
+    CPython 3.11+ stores instance attributes inline, in a table of names
+    shared by the class, which can only grow a little with each new
+    instance. Handlers are created many at a time (a burst of connections)
+    and learn their attributes slowly (the request line, then headers, then
+    the response), so the table fills up half-way and every later handler
+    falls back to a full dict: ~1.3 KiB more per connection. One throwaway
+    instance that sets every name, in order, before any real one exists
+    (so: when the class is created) avoids that. Harmless elsewhere.
+    """
+    probe: Any = object.__new__(cls)
+    for name in _LAYOUT:
+        object.__setattr__(probe, name, None)
+    del probe
+
+
+_prime_layout(GStreamHandler)

@@ -82,8 +82,9 @@ def _managed_handler(base: Any) -> Any:
     """Subclass ``base`` (a pywsgi handler) with gstream's server bookkeeping."""
 
     class Managed(base):
+        # Instance attributes are few on purpose (see _HIJACKED in handler.py):
+        # past ~29 per instance CPython gives every handler a full dict.
         _gs_timer: Any = None
-        _gs_served = 0
 
         def handle_one_request(self) -> Any:
             ctl: Server = self.server.controller
@@ -95,7 +96,9 @@ def _managed_handler(base: Any) -> Any:
                 timer.start()
             self._gs_timer = timer
             ctl._idle.add(self)
-            if self._gs_served:
+            if self.status is not None:
+                # A response went out on this connection already (pywsgi's
+                # status stays set until the next response): keep-alive.
                 ctl._keepalive.add(self)
             try:
                 result = super().handle_one_request()
@@ -112,7 +115,6 @@ def _managed_handler(base: Any) -> Any:
                     timer.close()
                 ctl._idle.discard(self)
                 ctl._keepalive.discard(self)
-            self._gs_served += 1
             if result is True and (ctl.draining or ctl._active >= ctl.max_connections):
                 # Draining, or at capacity: an idle keep-alive connection
                 # would hold a slot that a waiting client needs.
@@ -142,6 +144,7 @@ def _managed_handler(base: Any) -> Any:
             # The head is complete: the application may take as long as it needs.
             if self._gs_timer is not None:
                 self._gs_timer.close()
+                self._gs_timer = None  # a long stream need not keep it
             self.server.controller._idle.discard(self)
             self.server.controller._keepalive.discard(self)
             return super().get_environ()

@@ -20,6 +20,7 @@ from urllib.parse import quote
 
 import gevent
 from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
+from websockets.protocol import OPEN
 from websockets.server import ServerProtocol
 
 from . import hijack as _hijack
@@ -121,6 +122,14 @@ def upgrade(environ: dict[str, Any], start_response: Any = None,
         status = 400 if response.status_code == 426 else response.status_code
         raise _refuse(status, detail or HTTPStatus(status).phrase)
     protocol.send_response(response)
+    if protocol.state is OPEN and not protocol.reader.buffer:
+        # websockets' parse() generator keeps the parsed Request (headers
+        # and all, ~1.5 KiB) as a local of its suspended frame for the life
+        # of the connection. Restart it in the OPEN state, where it goes
+        # straight to frame parsing (websockets does the same after a
+        # rejection): nothing is buffered, so nothing is lost.
+        protocol.parser = protocol.parse()
+        next(protocol.parser)
     head = b"".join(protocol.data_to_send())
 
     taken = _hijack.take(environ, start_response, server)
