@@ -101,7 +101,9 @@ class Member:
     ``"<seq> <sent> ..."`` text message, and the payload of any other."""
 
     def __init__(self, port: int) -> None:
-        self.sock, rest = open_raw(port)
+        # A roomy receive buffer: the test process also runs the server, so a
+        # reader starved of CPU for a moment must not look like a slow member.
+        self.sock, rest = open_raw(port, rcvbuf=1 << 20)
         self.reader = wsraw.Reader(self.sock, rest)
         self.seqs: list[int] = []
         self.other: list[bytes] = []
@@ -157,7 +159,10 @@ def test_200_members_20_never_read(gserver, errors, policy):
     order with bounded latency; the stalled ones lose their oldest messages
     (counted exactly) or are closed with 1013 within a bound; the server's
     queued messages never exceed members x send_buffer."""
-    cfg = WSConfig(send_buffer=16, write_timeout=1.0, close_timeout=0.5)
+    # Under drop_oldest the stalled members must stay (to count their drops):
+    # a write_timeout that a slow, loaded run could reach would cut them.
+    cfg = WSConfig(send_buffer=16, write_timeout=1.0 if policy == "close" else 30.0,
+                   close_timeout=0.5)
     hub = Hub(name="big", slow_policy=policy)
     srv, app = start(gserver, hub, cfg)
     n_healthy, n_hostile, n = 180, 20, 400
@@ -166,7 +171,9 @@ def test_200_members_20_never_read(gserver, errors, policy):
         healthy.append(Member(srv.port))
     hostile = [open_raw(srv.port, rcvbuf=1024) for _ in range(n_hostile)]
     assert wait_until(lambda: hub.count == n_healthy + n_hostile, 10)
-    hostile_ws = app.conns[n_healthy:]
+    # Matched by port: handlers may register in any order under load.
+    hostile_ports = {str(s.getsockname()[1]) for s, _ in hostile}
+    hostile_ws = [ws for ws in app.conns if ws.environ["REMOTE_PORT"] in hostile_ports]
     assert len(hostile_ws) == n_hostile
     peak = {"depth": 0, "bytes": 0, "members": 0}
     bound_violations: list[tuple[int, int]] = []
@@ -199,7 +206,7 @@ def test_200_members_20_never_read(gserver, errors, policy):
     st = hub.stats()
     if policy == "drop_oldest":
         drops = [hub.member_drops(ws) for ws in hostile_ws]
-        assert all(d > 0 for d in drops), drops
+        assert all(d > 0 for d in drops), (drops, [ws.close_code for ws in hostile_ws], st)
         assert st["member_drops"] == sum(drops)
         # drop-oldest still queues the new message for everyone
         assert st["deliveries"] == n * (n_healthy + n_hostile)
@@ -212,7 +219,10 @@ def test_200_members_20_never_read(gserver, errors, policy):
         assert wait_until(lambda: all(ws.closed.is_set() for ws in hostile_ws), bound)
         assert [ws.close_code for ws in hostile_ws] == [1013] * n_hostile
         assert all(ws.close_reason == "too slow" for ws in hostile_ws)
-    assert max(lat) < 2.0 and p99(lat) < 1.0, (p99(lat), max(lat))
+    # ~20-50 ms on an idle machine. The bound is loose because this process
+    # also runs the server (CI may starve it), yet far below what a hub that
+    # waited on a stalled member would show (20 x write_timeout).
+    assert max(lat) < 3.0 and p99(lat) < 2.0, (p99(lat), max(lat))
     print(f"\n{policy}: {n} x {n_healthy + n_hostile} members sent in {t_sent:.2f}s, all healthy "
           f"received in {t_all:.2f}s; latency p50 {sorted(lat)[len(lat) // 2] * 1e3:.0f} ms "
           f"p99 {p99(lat) * 1e3:.0f} ms max {max(lat) * 1e3:.0f} ms; peak queued "
@@ -272,7 +282,9 @@ def test_register_connect_reset_storm_during_broadcasts(gserver, errors):
     members get all of them, no unhandled exception (a reset mid-head used
     to kill its greenlet with BrokenPipeError), and no greenlet, fd,
     connection or hub member is left behind."""
-    cfg = WSConfig(send_buffer=64, write_timeout=2.0, close_timeout=0.5)
+    # Stable members are not the subject here: a roomy send buffer keeps a
+    # CPU-starved reader from being treated as slow.
+    cfg = WSConfig(send_buffer=1024, write_timeout=2.0, close_timeout=0.5)
     hub = Hub(name="storm")
     srv, app = start(gserver, hub, cfg)
     stable = [Member(srv.port) for _ in range(5)]
@@ -306,7 +318,8 @@ def test_register_connect_reset_storm_during_broadcasts(gserver, errors):
         storm_over.set()
         n = producer.get(timeout=20)
         t_storm = time.monotonic() - t0
-        assert wait_until(lambda: all(len(m.seqs) == n for m in stable), 10)
+        assert wait_until(lambda: all(len(m.seqs) == n for m in stable), 10), (
+            n, [len(m.seqs) for m in stable], hub.stats())
         for m in stable:
             assert m.seqs == list(range(n))
         # Half-open handshakes end at the 1 s head deadline.
@@ -402,7 +415,7 @@ def test_native_thread_broadcasts_while_members_churn(gserver, errors):
     a connection through the hub's thread) while 300 members come and go:
     stable members get exactly the accepted messages, in order; nothing
     leaks."""
-    cfg = WSConfig(send_buffer=64, write_timeout=2.0, close_timeout=0.5)
+    cfg = WSConfig(send_buffer=1024, write_timeout=2.0, close_timeout=0.5)
     hub = Hub(name="threads")
     srv, app = start(gserver, hub, cfg)
     stable = [Member(srv.port) for _ in range(4)]
@@ -453,7 +466,9 @@ def test_native_thread_broadcasts_while_members_churn(gserver, errors):
         assert not thread_errors, thread_errors
         assert len(accepted) >= n * 0.9  # the channel holds 1024: nothing should drop
         assert hub.stats()["drops"] == n - len(accepted)
-        assert wait_until(lambda: all(len(m.seqs) == len(accepted) for m in stable), 10)
+        assert wait_until(lambda: all(len(m.seqs) == len(accepted) for m in stable), 10), (
+            len(accepted), [len(m.seqs) for m in stable],
+            [hub.member_drops(ws) for ws in stable_ws], hub.stats())
         for m in stable:
             assert m.seqs == accepted
         assert wait_until(lambda: hub.count == 4 and srv.connections == 4, 5)
