@@ -7,7 +7,13 @@ load process (gevent) that, for the whole run:
   then leaves (half by closing, a quarter with a TCP reset, a quarter
   resuming with ``Last-Event-ID``) and is replaced;
 * sends ``--pings`` plain requests a second (and, with WebSocket support,
-  keeps ``--ws`` WebSocket clients churning with pings and echoes).
+  keeps ``--ws`` WebSocket clients churning with pings and echoes, and
+  ``--room`` members of a Hub room churning: each stays 0.5-6 s reading the
+  room's broadcasts and now and then talking to the room; one in ten stops
+  reading and leaves with a reset).
+
+WebSocket ping round trips and the room's broadcast-to-member latency are
+reported (p50/p99/max, ms) with the load counts.
 
 Every ``--interval`` seconds the server's ``/stats`` (RSS, fds, greenlets,
 subscribers) is sampled. At the end the samples are written to
@@ -43,8 +49,19 @@ sys.path.insert(0, ROOT)  # this checkout's gstream, not an installed one
 
 # -- the load process ----------------------------------------------------------
 
-def load_worker(url: str, clients: int, pings: float, ws_clients: int, seconds: float) -> None:
-    """Run in a child process: churn SSE (and WebSocket) clients, ping."""
+def _percentiles(xs: list[float]) -> dict[str, float]:
+    """p50/p99/max of ``xs`` (seconds) in milliseconds."""
+    if not xs:
+        return {}
+    xs = sorted(xs)
+    return {"n": len(xs), "p50_ms": round(xs[len(xs) // 2] * 1e3, 2),
+            "p99_ms": round(xs[min(len(xs) - 1, int(len(xs) * 0.99))] * 1e3, 2),
+            "max_ms": round(xs[-1] * 1e3, 2)}
+
+
+def load_worker(url: str, clients: int, pings: float, ws_clients: int, seconds: float,
+                room_members: int = 0) -> None:
+    """Run in a child process: churn SSE, WebSocket and room clients, ping."""
     from gevent import monkey
 
     monkey.patch_all()
@@ -57,7 +74,10 @@ def load_worker(url: str, clients: int, pings: float, ws_clients: int, seconds: 
     host, port = url.split("//")[1].split(":")
     port_i = int(port)
     counts = {"sse_sessions": 0, "sse_events": 0, "sse_errors": 0, "pings": 0,
-              "ping_errors": 0, "ws_sessions": 0, "ws_errors": 0}
+              "ping_errors": 0, "ws_sessions": 0, "ws_errors": 0, "room_sessions": 0,
+              "room_messages": 0, "room_stalled": 0, "room_errors": 0}
+    ws_rtts: list[float] = []
+    room_lat: list[float] = []
     stop_at = time.monotonic() + seconds
     rng = random.Random(1)
 
@@ -114,7 +134,7 @@ def load_worker(url: str, clients: int, pings: float, ws_clients: int, seconds: 
                 for i in range(rng.randrange(1, 20)):
                     ws.send(f"echo {i}")
                     ws.recv(timeout=10)
-                    ws.ping().get(timeout=10)
+                    ws_rtts.append(ws.ping().get(timeout=10))
                     gevent.sleep(rng.uniform(0.0, 0.2))
                 ws.close()
                 counts["ws_sessions"] += 1
@@ -122,10 +142,48 @@ def load_worker(url: str, clients: int, pings: float, ws_clients: int, seconds: 
                 counts["ws_errors"] += 1
                 gevent.sleep(0.5)
 
+    def room_member() -> None:
+        from gstream.client import connect
+
+        while time.monotonic() < stop_at:
+            life = rng.uniform(0.5, 6.0)
+            stalled = rng.random() < 0.1
+            try:
+                # A stalled member buffers one message, then stops reading.
+                ws = connect(url.replace("http", "ws") + "/room", open_timeout=10,
+                             max_queue=1 if stalled else 256)
+                end = time.monotonic() + life
+                if stalled:
+                    ws._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                    gevent.sleep(life)
+                    ws._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                        struct.pack("ii", 1, 0))
+                    ws.abort()
+                    counts["room_stalled"] += 1
+                    continue
+                while time.monotonic() < end:
+                    try:
+                        msg = ws.recv(timeout=max(0.01, end - time.monotonic()))
+                    except TimeoutError:
+                        break
+                    counts["room_messages"] += 1
+                    if isinstance(msg, str) and msg.startswith("{"):
+                        room_lat.append(time.time() - json.loads(msg)["t"])
+                    if rng.random() < 0.01:
+                        ws.send("hello room")
+                ws.close()
+                counts["room_sessions"] += 1
+            except Exception:
+                counts["room_errors"] += 1
+                gevent.sleep(0.5)
+
     jobs = [gevent.spawn(sse_client) for _ in range(clients)]
     jobs.append(gevent.spawn(pinger))
     jobs += [gevent.spawn(ws_client) for _ in range(ws_clients)]
+    jobs += [gevent.spawn(room_member) for _ in range(room_members)]
     gevent.joinall(jobs, timeout=seconds + 30)
+    counts["ws_ping"] = _percentiles(ws_rtts)
+    counts["room_latency"] = _percentiles(room_lat)
     print(json.dumps(counts), flush=True)
 
 
@@ -161,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--minutes", type=float, default=10.0)
     p.add_argument("--clients", type=int, default=200, help="churning SSE subscribers")
     p.add_argument("--ws", type=int, default=50, help="churning WebSocket clients (if available)")
+    p.add_argument("--room", type=int, default=50,
+                   help="churning Hub room members (if WebSocket support is available)")
+    p.add_argument("--room-rate", type=float, default=20.0,
+                   help="room broadcasts per second")
     p.add_argument("--pings", type=float, default=20.0, help="plain requests per second")
     p.add_argument("--rate", type=float, default=50.0, help="events published per second")
     p.add_argument("--interval", type=float, default=2.0, help="seconds between samples")
@@ -169,12 +231,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="fds or greenlets per minute")
     p.add_argument("--max-error-rate", type=float, default=0.01)
     p.add_argument("--out", default=None, help="output directory")
-    p.add_argument("--worker", nargs=5, metavar=("URL", "CLIENTS", "PINGS", "WS", "SECONDS"),
+    p.add_argument("--worker", nargs=6,
+                   metavar=("URL", "CLIENTS", "PINGS", "WS", "SECONDS", "ROOM"),
                    help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        u, c, pg, w, s = args.worker
-        load_worker(u, int(c), float(pg), int(w), float(s))
+        u, c, pg, w, s, r = args.worker
+        load_worker(u, int(c), float(pg), int(w), float(s), int(r))
         return 0
 
     import resource
@@ -184,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     seconds = args.minutes * 60
     out = args.out or os.path.join(ROOT, "bench", "results", time.strftime("soak-%Y%m%d-%H%M%S"))
     os.makedirs(out, exist_ok=True)
-    env = dict(os.environ, PYTHONPATH=ROOT, PYTHONUNBUFFERED="1", SOAK_RATE=str(args.rate))
+    env = dict(os.environ, PYTHONPATH=ROOT, PYTHONUNBUFFERED="1", SOAK_RATE=str(args.rate),
+               SOAK_ROOM_RATE=str(args.room_rate))
     errlog = open(os.path.join(out, "server.log"), "w")  # noqa: SIM115
     server = subprocess.Popen(
         [sys.executable, "-m", "gstream", "serve", "bench.soak_app:make_app()", "--port", "0",
@@ -198,11 +262,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     url = m.group(1)
     ws_n = args.ws if ws_available() else 0
+    room_n = args.room if ws_available() else 0
     print(f"soak: {url}, {args.minutes} min, {args.clients} SSE clients, {ws_n} WS clients, "
-          f"{args.pings}/s pings, {args.rate} events/s -> {out}", flush=True)
+          f"{room_n} room members, {args.pings}/s pings, {args.rate} events/s, "
+          f"{args.room_rate} room broadcasts/s -> {out}", flush=True)
     load = subprocess.Popen(
         [sys.executable, HERE, "--worker", url, str(args.clients), str(args.pings), str(ws_n),
-         str(seconds)], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+         str(seconds), str(room_n)], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
     samples: list[dict[str, Any]] = []
     t0 = time.time()
     try:
@@ -211,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
             st["elapsed"] = time.time() - t0
             samples.append(st)
             print(f"  t={st['elapsed']:6.0f}s rss={st['rss'] / 2**20:6.1f} MiB fds={st['fds']:5d} "
-                  f"greenlets={st['greenlets']:5d} subscribers={st['subscribers']:5d}", flush=True)
+                  f"greenlets={st['greenlets']:5d} subscribers={st['subscribers']:5d} "
+                  f"room={(st.get('room') or {}).get('members', 0):4d}", flush=True)
             time.sleep(args.interval)
         load_out, _ = load.communicate(timeout=120)
     finally:
@@ -236,8 +303,10 @@ def main(argv: list[str] | None = None) -> int:
     limits = {"rss_mib_per_min": args.max_rss_slope, "fds_per_min": args.max_count_slope,
               "greenlets_per_min": args.max_count_slope}
     failures = [f"{k} = {v:.2f} > {limits[k]}" for k, v in slopes.items() if v > limits[k]]
-    sessions = counts.get("sse_sessions", 0) + counts.get("pings", 0) + counts.get("ws_sessions", 0)
-    errors = counts.get("sse_errors", 0) + counts.get("ping_errors", 0) + counts.get("ws_errors", 0)
+    sessions = sum(counts.get(k, 0) for k in ("sse_sessions", "pings", "ws_sessions",
+                                              "room_sessions", "room_stalled"))
+    errors = sum(counts.get(k, 0) for k in ("sse_errors", "ping_errors", "ws_errors",
+                                            "room_errors"))
     if sessions == 0 or errors > args.max_error_rate * max(1, sessions):
         failures.append(f"load errors: {errors} of {sessions}")
     if code != 0:
@@ -245,10 +314,15 @@ def main(argv: list[str] | None = None) -> int:
     with open(os.path.join(out, "server.log")) as f:
         if "Traceback" in f.read():
             failures.append("tracebacks in server.log")
+    room_last = (samples[-1].get("room") or {}) if samples else {}
     summary = {"url": url, "minutes": args.minutes, "args": vars(args), "load": counts,
                "slopes_second_half": slopes, "limits": limits, "failures": failures,
                "rss_first_mib": samples[0]["rss"] / 2**20 if samples else None,
                "rss_last_mib": samples[-1]["rss"] / 2**20 if samples else None,
+               "ws_ping": counts.get("ws_ping"), "room_latency": counts.get("room_latency"),
+               "room_hub": {k: room_last.get(k) for k in (
+                   "members", "fanned_out", "deliveries", "member_drops", "drops",
+                   "registered", "unregistered")},
                "samples": samples}
     with open(os.path.join(out, "samples.json"), "w") as f:
         json.dump(summary, f, indent=1)
@@ -270,7 +344,12 @@ def _plot(samples: list[dict[str, Any]], path: str, slopes: dict[str, float]) ->
               ("greenlets", "live greenlets", 1, "greenlets_per_min"),
               ("subscribers", "SSE subscribers", 1, None)]
     for ax, (key, label, scale, slope_key) in zip(axes, series, strict=False):
-        ax.plot(t, [s[key] / scale for s in samples])
+        ax.plot(t, [s[key] / scale for s in samples], label=label)
+        if key == "subscribers" and any(s.get("room") for s in samples):
+            ax.plot(t, [(s.get("room") or {}).get("members", 0) for s in samples],
+                    label="room members")
+            ax.legend(fontsize=8)
+            label = "SSE subscribers, room members"
         title = label if slope_key is None else f"{label}: 2nd-half slope {slopes[slope_key]:+.2f}/min"
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)

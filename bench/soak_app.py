@@ -3,9 +3,14 @@
 * ``/events``: an SSEBroker stream; a background greenlet publishes
   ``SOAK_RATE`` events a second (default 50) of about 200 bytes;
 * ``/ping``: a tiny plain response;
-* ``/ws``: a WebSocket echo (a Hub room is not part of the soak yet);
+* ``/ws``: a WebSocket echo;
+* ``/room``: a WebSocket member of a :class:`~gstream.hub.Hub` room; a
+  background greenlet broadcasts ``SOAK_ROOM_RATE`` messages a second
+  (default 20) carrying their send time, and a member's text messages are
+  relayed to the others;
 * ``/stats``: JSON with the process's RSS, fds, live greenlets, broker
-  subscribers and lifecycle streams, sampled by ``bench/soak.py``.
+  subscribers, lifecycle streams and the room's hub stats, sampled by
+  ``bench/soak.py``.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ def make_app() -> Any:
     """Build the soak application and start its publisher."""
     broker = SSEBroker(heartbeat_interval=float(os.environ.get("SOAK_HEARTBEAT", "5")))
     rate = float(os.environ.get("SOAK_RATE", "50"))
-    ws_app = _websocket_routes()
+    ws_app, room_app, hub = _websocket_routes()
 
     def publisher() -> None:
         n = 0
@@ -55,11 +60,14 @@ def make_app() -> Any:
             return broker.subscribe(environ, start_response)
         if path == "/ws" and ws_app is not None:
             return ws_app(environ, start_response)
+        if path == "/room" and room_app is not None:
+            return room_app(environ, start_response)
         if path == "/stats":
             body = json.dumps({
                 "t": time.time(), "rss": _rss(), "fds": len(os.listdir("/proc/self/fd")),
                 "greenlets": _greenlets(), "subscribers": broker.subscriber_count,
                 "lifecycle": len(lifecycle), "broker": broker.stats(),
+                "room": hub.stats() if hub is not None else None,
             }).encode()
             start_response("200 OK", [("Content-Type", "application/json"),
                                       ("Content-Length", str(len(body)))])
@@ -70,15 +78,36 @@ def make_app() -> Any:
     return app
 
 
-def _websocket_routes() -> Any:
-    """A WSGI app for /ws (echo), or None without WebSocket support."""
+def _websocket_routes() -> tuple[Any, Any, Any]:
+    """WSGI apps for /ws (echo) and /room (a Hub room) and the room's hub,
+    or Nones without WebSocket support."""
     try:
         from gstream import websocket_app
+        from gstream.hub import Hub
     except ImportError:
-        return None
+        return None, None, None
 
     def echo(ws: Any) -> None:
         for message in ws:
             ws.send(message)
 
-    return websocket_app(echo)
+    hub = Hub(name="soak-room")
+    hub.start()
+    rate = float(os.environ.get("SOAK_ROOM_RATE", "20"))
+
+    def broadcaster() -> None:
+        n = 0
+        while True:
+            n += 1
+            hub.broadcast(json.dumps({"t": time.time(), "n": n, "pad": "r" * 100}))
+            gevent.sleep(1.0 / rate)
+
+    gevent.spawn(broadcaster)
+
+    def member(ws: Any) -> None:
+        hub.register(ws)  # leaves by itself when the connection closes
+        for message in ws:
+            if isinstance(message, str):
+                hub.broadcast(message, exclude=ws)
+
+    return websocket_app(echo), websocket_app(member), hub

@@ -136,6 +136,12 @@ class GStreamHandler(WSGIHandler):
             log.info("request head timeout from %s", self.client_address)
             self.close_connection = True
             return ("408", _REQUEST_TIMEOUT_RESPONSE)
+        if isinstance(ex, ConnectionError):
+            # Reset mid-head: pywsgi would log a traceback, then answer 400
+            # into the dead socket and die with an unhandled BrokenPipeError.
+            log.debug("connection lost in the request head from %s: %s", self.client_address, ex)
+            self.close_connection = True
+            return None
         return super()._handle_client_error(ex)
 
     def _hijack(self) -> tuple[Any, bytes]:

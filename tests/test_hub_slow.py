@@ -66,6 +66,9 @@ class Reader:
 
     def __init__(self, url: str) -> None:
         self.client = connect(url, max_queue=4096)
+        # This process also runs the server: a reader starved of CPU for a
+        # moment (a loaded CI box) must not be mistaken for a slow member.
+        self.client._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         self.seqs: list[int] = []
         self.worst = 0.0
         self.g = gevent.spawn(self._run)
