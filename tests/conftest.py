@@ -42,3 +42,27 @@ def _fresh_lifecycle() -> Iterator[None]:
     lifecycle.reset()
     yield
     lifecycle.reset()
+
+
+@pytest.fixture
+def gserver() -> Iterator[Callable[..., Any]]:
+    """Start ``gstream.server.Server`` in this process on 127.0.0.1:0."""
+    from gstream.lifecycle import lifecycle
+    from gstream.server import Server
+
+    servers: list[Server] = []
+
+    def run(app: Any, **kwargs: Any) -> Server:
+        kwargs.setdefault("shutdown_timeout", 2.0)
+        srv = Server(app, "127.0.0.1", 0, **kwargs)
+        srv.start()
+        servers.append(srv)
+        return srv
+
+    yield run
+    for srv in servers:
+        if not srv.draining:
+            srv.stop(timeout=1)
+    # stop() marks the process-wide lifecycle as shutting down; later tests
+    # in this process must start from a clean state.
+    lifecycle.reset()

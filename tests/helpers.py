@@ -5,8 +5,11 @@ from __future__ import annotations
 import gc
 import os
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import gevent
@@ -157,3 +160,23 @@ def iter_sse(resp: Any) -> Iterator[ParsedEvent]:
     parser = EventStreamParser()
     for chunk in resp.iter_content(chunk_size=None):
         yield from parser.feed(chunk)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@contextmanager
+def reference_ws_server() -> Iterator[int]:
+    """Run the ``websockets`` package's own asyncio server (tests/apps/ws_echo.py)
+    in a subprocess, as a reference peer; yield its port on 127.0.0.1."""
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    proc = subprocess.Popen([sys.executable, "-m", "tests.apps.ws_echo"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        with gevent.Timeout(10):
+            assert proc.stdout is not None
+            port = int(proc.stdout.readline())
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(5)

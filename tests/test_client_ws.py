@@ -4,8 +4,6 @@ package (asyncio, in a subprocess), over real 127.0.0.1 sockets."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 
 import gevent
@@ -13,23 +11,15 @@ import pytest
 
 from gstream.client import WebSocketClient, connect
 from gstream.errors import Closed, HandshakeError
+from tests.helpers import reference_ws_server
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def ws_url() -> Iterator[str]:
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    proc = subprocess.Popen([sys.executable, "-m", "tests.apps.ws_echo"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, text=True)
-    try:
-        with gevent.Timeout(10):
-            assert proc.stdout is not None
-            port = int(proc.stdout.readline())
+    with reference_ws_server() as port:
         yield f"ws://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(5)
 
 
 def test_echo_text_and_binary(ws_url: str) -> None:

@@ -22,7 +22,7 @@ from gstream.errors import Closed
 from gstream.events import Event
 from gstream.locust import SSEUser, WebSocketUser, json_timestamp, stream_counters
 from gstream.sse import SSEWriter, last_event_id, query_param
-from tests.helpers import open_fds, wait_until
+from tests.helpers import open_fds, reference_ws_server, wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -66,17 +66,8 @@ def sse_url(serve: Callable[..., Any]) -> str:
 
 @pytest.fixture(scope="module")
 def ws_url() -> Iterator[str]:
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    proc = subprocess.Popen([sys.executable, "-m", "tests.apps.ws_echo"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, text=True)
-    try:
-        with gevent.Timeout(10):
-            assert proc.stdout is not None
-            port = int(proc.stdout.readline())
+    with reference_ws_server() as port:
         yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(5)
 
 
 class Run:

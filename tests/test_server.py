@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import gevent
@@ -21,20 +21,12 @@ from tests.tlsutil import make_cert
 
 
 @pytest.fixture
-def start() -> Iterator[Any]:
-    servers: list[Server] = []
-
+def start(gserver: Any) -> Any:
     def run(app: Any = basic_app, **kwargs: Any) -> Server:
         kwargs.setdefault("shutdown_timeout", 3.0)
-        srv = Server(app, "127.0.0.1", 0, **kwargs)
-        srv.start()
-        servers.append(srv)
-        return srv
+        return gserver(app, **kwargs)
 
-    yield run
-    for srv in servers:
-        if not srv.draining:
-            srv.stop(timeout=1)
+    return run
 
 
 class Concurrency:

@@ -18,9 +18,6 @@ from typing import Any
 import gevent
 import pytest
 
-from gstream.lifecycle import lifecycle
-from gstream.server import Server
-
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -87,25 +84,6 @@ def errors(monkeypatch: pytest.MonkeyPatch) -> Iterator[ErrorLog]:
         logger.removeHandler(handler)
 
 
-@pytest.fixture
-def gserver() -> Iterator[Callable[..., Server]]:
-    """Start ``gstream.server.Server`` in this process on 127.0.0.1:0."""
-    servers: list[Server] = []
-
-    def run(app: Any, **kwargs: Any) -> Server:
-        kwargs.setdefault("shutdown_timeout", 2.0)
-        srv = Server(app, "127.0.0.1", 0, **kwargs)
-        srv.start()
-        servers.append(srv)
-        return srv
-
-    yield run
-    for srv in servers:
-        if not srv.draining:
-            srv.stop(timeout=1)
-    # stop() marks the process-wide lifecycle as shutting down; later tests
-    # in this process must start from a clean state.
-    lifecycle.reset()
 
 
 class ServerProcess:
