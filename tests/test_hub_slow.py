@@ -27,15 +27,37 @@ N = 1500
 SIZE = 1024
 
 
+STALLED_ADDR = "127.0.0.2"  # stalled members connect from here, fast ones from 127.0.0.1
+
+
 class SmallSendBuffer(GStreamHandler):
-    """Shrink the server's send buffer so a stalled client is felt quickly."""
+    """Shrink the server's send buffer of stalled members so they are felt
+    quickly (fast members keep the default: they share this process's CPU
+    with the hub, and a tiny buffer would make them look slow too)."""
+
+    def handle(self) -> None:
+        if self.client_address[0] == STALLED_ADDR:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        super().handle()
+
+
+class SmallSendBufferForAll(GStreamHandler):
+    """Every connection gets the small send buffer (for a stalled member
+    that cannot choose its source address, e.g. gstream's own client)."""
 
     def handle(self) -> None:
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         super().handle()
 
 
-def start(serve: Any, hub: Hub, config: WSConfig | None = None) -> tuple[Any, list[gstream.WebSocket]]:
+def stalled_of(conns: list[gstream.WebSocket]) -> gstream.WebSocket:
+    """The server side of the stalled member (registration order may vary)."""
+    (ws,) = [c for c in conns if c.environ.get("REMOTE_ADDR") == STALLED_ADDR]
+    return ws
+
+
+def start(serve: Any, hub: Hub, config: WSConfig | None = None,
+          handler_class: type[GStreamHandler] = SmallSendBuffer) -> tuple[Any, list[gstream.WebSocket]]:
     conns: list[gstream.WebSocket] = []
 
     def handler(ws: gstream.WebSocket) -> None:
@@ -44,12 +66,12 @@ def start(serve: Any, hub: Hub, config: WSConfig | None = None) -> tuple[Any, li
         ws.closed.wait(30)
 
     hub.start()
-    srv = serve(websocket_app(handler, config), handler_class=SmallSendBuffer)
+    srv = serve(websocket_app(handler, config), handler_class=handler_class)
     return srv, conns
 
 
 def stalled_member(port: int) -> tuple[socket.socket, bytes]:
-    s, status, _, rest = wsraw.handshake(port)
+    s, status, _, rest = wsraw.handshake(port, source=STALLED_ADDR)
     assert status == 101
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     return s, rest
@@ -122,7 +144,7 @@ def test_stalled_member_drops_its_oldest_and_the_others_are_not_delayed(serve: A
     fast = [Reader(url) for _ in range(3)]
     sock, rest = stalled_member(srv.port)
     assert wait_until(lambda: hub.count == 4, 5)
-    stalled_ws = conns[-1]
+    stalled_ws = stalled_of(conns)
     elapsed = broadcast_all(hub)
     assert wait_until(lambda: all(len(r.seqs) == N for r in fast), 10)
     for r in fast:
@@ -154,7 +176,7 @@ def test_drop_newest_policy_keeps_the_prefix(serve: Any) -> None:
     (fast,) = [Reader(f"ws://127.0.0.1:{srv.port}/")]
     sock, rest = stalled_member(srv.port)
     assert wait_until(lambda: hub.count == 2, 5)
-    stalled_ws = conns[-1]
+    stalled_ws = stalled_of(conns)
     broadcast_all(hub, 800)
     assert wait_until(lambda: len(fast.seqs) == 800, 10)
     drops = hub.member_drops(stalled_ws)
@@ -179,7 +201,7 @@ def test_close_policy_closes_the_slow_member_only(serve: Any, code: int) -> None
     fast = [Reader(f"ws://127.0.0.1:{srv.port}/") for _ in range(2)]
     sock, rest = stalled_member(srv.port)
     assert wait_until(lambda: hub.count == 3, 5)
-    stalled_ws = conns[-1]
+    stalled_ws = stalled_of(conns)
     broadcast_all(hub, 800)
     assert wait_until(lambda: all(len(r.seqs) == 800 for r in fast), 10)
     assert all(r.seqs == list(range(800)) and r.worst < 0.5 for r in fast)
@@ -200,13 +222,14 @@ def test_deflate_member_falls_back_to_dropping_the_newest_and_stays_decodable(se
     # Compressed frames depend on each other (context takeover), so queued
     # ones cannot be dropped: the new one is refused instead.
     hub = Hub()
-    srv, conns = start(serve, hub, WSConfig(compression=True))
+    srv, conns = start(serve, hub, WSConfig(compression=True), SmallSendBufferForAll)
     url = f"ws://127.0.0.1:{srv.port}/"
     fast = Reader(url)
     slow = connect(url, compression="deflate", max_queue=1)  # stops reading when 1 is queued
     slow._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     assert wait_until(lambda: hub.count == 2, 5)
-    stalled_ws = conns[-1]
+    slow_port = str(slow._sock.getsockname()[1])
+    (stalled_ws,) = [c for c in conns if c.environ.get("REMOTE_PORT") == slow_port]
     assert not stalled_ws.shares_frames
     n = 600
     blobs = [i.to_bytes(4, "big") + os.urandom(2044) for i in range(n)]  # incompressible

@@ -20,14 +20,17 @@ KEY = base64.b64encode(b"0123456789abcdef").decode()
 
 def handshake(port: int, path: str = "/", headers: dict[str, str] | None = None,
               extra: bytes = b"", timeout: float = 5.0, method: str = "GET",
+              source: str | None = None,
               ) -> tuple[socket.socket, int, dict[str, str], bytes]:
-    """Send an upgrade request (plus ``extra`` bytes in the same write)."""
+    """Send an upgrade request (plus ``extra`` bytes in the same write),
+    from the loopback address ``source`` if given."""
     h = {"Host": f"127.0.0.1:{port}", "Upgrade": "websocket", "Connection": "Upgrade",
          "Sec-WebSocket-Key": KEY, "Sec-WebSocket-Version": "13"}
     h.update(headers or {})
     req = f"{method} {path} HTTP/1.1\r\n" + "".join(
         f"{k}: {v}\r\n" for k, v in h.items() if v is not None) + "\r\n"
-    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout,
+                                 source_address=(source, 0) if source else None)
     s.sendall(req.encode("latin-1") + extra)
     status, headers_out, rest = read_response_head(s)
     return s, status, headers_out, rest
