@@ -32,8 +32,10 @@ __all__ = ["Hub", "HubConfig", "HubBackplane", "MemoryBackplane", "SLOW_POLICIES
 log = logging.getLogger("gstream.hub")
 
 SLOW_POLICIES = ("drop_oldest", "drop_newest", "close")
-_BATCH_MESSAGES = 8  # messages fanned out between two yields (frames then leave coalesced)
-_BATCH_DELIVERIES = 1024  # ...or this many queued frames: a 10k-member hub must not hog the loop
+_BATCH_MESSAGES = 64  # messages queued to members before they are flushed (one send each)
+_BATCH_SECONDS = 0.05  # ...or this much fan-out work: bounds the first message's wait
+_YIELD_DELIVERIES = 16384  # frames queued between two yields inside one huge fan-out
+_FLUSH_YIELD = 2048  # members flushed between two yields
 _THREAD_CALL_TIMEOUT = 10.0  # a native thread waits this long at most for the hub's thread
 
 Message = str | bytes
@@ -129,12 +131,14 @@ class MemoryBackplane:
 
 
 class _Member:
-    __slots__ = ("ws", "key", "drops")
+    __slots__ = ("ws", "key", "drops", "shares", "pending")
 
     def __init__(self, ws: WebSocket, key: Any) -> None:
         self.ws = ws
         self.key = key
         self.drops = 0
+        self.shares = ws.shares_frames  # fixed at the handshake
+        self.pending = False  # frames queued in this batch, flush due
 
 
 def _arity(fn: Callable[..., Any]) -> int:
@@ -228,40 +232,67 @@ class Hub:
             self._done.set()
 
     def _loop(self) -> None:
+        # Batches: fan out messages while they keep coming (a short linger
+        # lets a publisher add its next one), only *queueing* frames; then
+        # flush every member once, so a burst of k messages costs each
+        # member one send() instead of k. A batch closes when the channel
+        # stays empty, after _BATCH_MESSAGES or after _BATCH_SECONDS of work.
         channel = self._channel
-        batch = 0
-        while not self._stopped:
-            if not channel:
-                batch = 0
-                self._wake.clear()
-                if channel or self._stopped:
+        dirty: list[_Member] = []
+        try:
+            while not self._stopped:
+                if not channel:
+                    self._wake.clear()
+                    if channel or self._stopped:
+                        continue
+                    self._wake.wait()
                     continue
-                self._wake.wait()
-                continue
-            message, exclude, where, arity, forward = channel.popleft()
-            self._signal_room()
-            if forward and self._backplane is not None:
-                try:
-                    self._backplane.broadcast(self.name, message)
-                except BackplaneUnavailable as exc:
-                    # An outage is expected and already logged by the backplane on
-                    # each state change: count it, don't dump a traceback per message.
-                    self._stats["backplane_failures"] = self._stats.get("backplane_failures", 0) + 1
-                    log.debug("hub %r: backplane unavailable: %s", self.name, exc)
-                except Exception:
-                    log.exception("hub %r: backplane broadcast failed", self.name)
-            batch += self._fan_out(message, exclude, where, arity)
-            if batch >= _BATCH_DELIVERIES or self._stats["fanned_out"] % _BATCH_MESSAGES == 0:
-                batch = 0
-                gevent.sleep(0)  # let the members' flush callbacks send what we queued
+                started = time.perf_counter()
+                taken = 0
+                while channel and not self._stopped:
+                    self._take_one(dirty)
+                    taken += 1
+                    if taken >= _BATCH_MESSAGES or time.perf_counter() - started >= _BATCH_SECONDS:
+                        break
+                    if not channel:
+                        gevent.sleep(0)  # linger: a publisher's next message joins this batch
+                self._flush(dirty)
+                gevent.sleep(0)  # let members, publishers and the rest of the app run
+        finally:
+            self._flush(dirty)  # killed or stopped mid-batch: nothing stays unsent
+
+    def _take_one(self, dirty: list[_Member]) -> None:
+        message, exclude, where, arity, forward = self._channel.popleft()
+        self._signal_room()
+        if forward and self._backplane is not None:
+            try:
+                self._backplane.broadcast(self.name, message)
+            except BackplaneUnavailable as exc:
+                # An outage is expected and already logged by the backplane on
+                # each state change: count it, don't dump a traceback per message.
+                self._stats["backplane_failures"] = self._stats.get("backplane_failures", 0) + 1
+                log.debug("hub %r: backplane unavailable: %s", self.name, exc)
+            except Exception:
+                log.exception("hub %r: backplane broadcast failed", self.name)
+        self._fan_out(message, exclude, where, arity, dirty)
+
+    def _flush(self, dirty: list[_Member]) -> None:
+        """One send per member that got frames in this batch."""
+        for i, m in enumerate(dirty):
+            m.pending = False
+            m.ws._flush_pending()
+            if i % _FLUSH_YIELD == _FLUSH_YIELD - 1:
+                gevent.sleep(0)  # a huge room must not hog the loop
+        dirty.clear()
 
     def _fan_out(self, message: Message, exclude: frozenset[WebSocket] | None,
-                 where: Where | None, arity: int) -> int:
+                 where: Where | None, arity: int, dirty: list[_Member]) -> None:
         self._stats["fanned_out"] += 1
         snapshot = self._snapshot
         if snapshot is None:
             snapshot = self._snapshot = tuple(self._members.values())
         pm = prepare(message)
+        frame = pm.frame
         delivered = since_yield = 0
         for m in snapshot:
             ws = m.ws
@@ -275,20 +306,37 @@ class Hub:
                     log.exception("hub %r: where predicate failed; member skipped", self.name)
                     continue
             try:
-                if ws.try_send_prepared(pm):
+                if m.shares:
+                    if ws._push_shared(frame) or self._push_after_flush(m, frame) or self._slow(m, pm):
+                        delivered += 1
+                        if not m.pending:
+                            m.pending = True
+                            dirty.append(m)
+                elif ws.try_send_prepared(pm):  # deflate: encodes and flushes on its own
                     delivered += 1
                 else:
                     delivered += self._slow(m, pm)
             except Closed:
                 self._remove(ws)  # closing; on_close will find it gone
             since_yield += 1
-            if since_yield >= _BATCH_DELIVERIES:
+            if since_yield >= _YIELD_DELIVERIES:
                 since_yield = 0
                 gevent.sleep(0)  # a huge room must not hog the loop
                 if self._stopped:
                     break
         self._stats["deliveries"] += delivered
-        return since_yield
+
+    @staticmethod
+    def _push_after_flush(m: _Member, frame: bytes) -> bool:
+        """A buffer full of this batch's own frames: send them, then retry.
+
+        Only a kernel buffer that stays full makes a member slow; a batch
+        longer than ``send_buffer`` must not.
+        """
+        if not m.pending:
+            return False
+        m.ws._flush_pending()
+        return m.ws._push_shared(frame)
 
     def _slow(self, m: _Member, pm: Any) -> int:
         """Apply the slow-member policy; return 1 if the message was queued."""

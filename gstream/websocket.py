@@ -280,6 +280,28 @@ class WebSocket:
         self._queue_prepared(prepared)
         return True
 
+    def _push_shared(self, frame: bytes) -> bool:
+        """Hub fast path: queue a shared frame *without* scheduling a flush.
+
+        Only for connections that share frames (no extension). The caller
+        must call :meth:`_flush_pending` afterwards (a hub does it once per
+        batch, so many queued frames leave in one ``send``). Returns False
+        when the send buffer is full; raises :class:`Closed` once closing.
+        """
+        if self._finalized or self._p.state is not OPEN:
+            raise Closed(self.close_reason or "connection closed", self.close_code)
+        if self._out_msgs >= self.config.send_buffer:
+            return False
+        self._out.append((frame, True))
+        self._out_bytes += len(frame)
+        self._out_msgs += 1
+        return True
+
+    def _flush_pending(self) -> None:
+        """Send what :meth:`_push_shared` queued, now, from the calling greenlet."""
+        if self._out and self._writer is None and not self._flush_scheduled and not self._finalized:
+            self._guard(self._flush_now)
+
     def send_prepared_drop_oldest(self, prepared: PreparedMessage) -> int:
         """Queue a prepared message without blocking, making room if needed.
 
