@@ -21,7 +21,7 @@ from .sse import SSE_HEADERS, ChunkedWriter, SSEWriter, last_event_id, stream_ev
 from .sseparse import EventStreamParser, ParsedEvent
 from .websocket import PreparedMessage, WebSocket, close_all, prepare
 from .wsconfig import WSConfig
-from .wsupgrade import reject_response, upgrade, websocket_app
+from .wsupgrade import reject_response, upgrade, websocket_app, websocket_callback_app
 
 # gstream.server imports gevent.pywsgi, which imports ssl; importing it here
 # would load ssl before `gstream serve` has monkey-patched. Load it lazily.
@@ -78,4 +78,5 @@ __all__ = [
     "stream_events",
     "upgrade",
     "websocket_app",
+    "websocket_callback_app",
 ]

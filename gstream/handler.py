@@ -39,6 +39,7 @@ from __future__ import annotations
 import io
 import logging
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import gevent
@@ -166,6 +167,27 @@ class GStreamHandler(WSGIHandler):
         self.headers_sent = True
         self.response_use_chunked = False
         return sock, pre
+
+    def _detach(self) -> tuple[Any, Callable[[], None]] | None:
+        """After a hijack, let the connection outlive this handler's greenlet.
+
+        The descriptor moves to a new socket object, so the server's close
+        at the end of this greenlet closes nothing. Only a server that keeps
+        accounting for such sessions (gstream's :class:`~gstream.server.Server`,
+        through ``claim_detached``) allows it: the session keeps its slot
+        under ``max_connections`` until the returned release is called.
+        Returns None (stay attached) anywhere else or when no slot is free.
+        """
+        claim = getattr(self.server, "claim_detached", None)
+        if not self._hijacked or claim is None:
+            return None
+        release = claim()
+        if release is None:
+            return None
+        old = self.socket
+        family, kind, proto = old.family, old.type, old.proto
+        sock = GeventSocket(family, kind, proto, fileno=old.detach())
+        return sock, release
 
     # pywsgi's writes all go through these; after a hijack they must not.
     def write(self, data: bytes) -> None:

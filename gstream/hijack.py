@@ -59,6 +59,9 @@ class Hijack:
     pre_read: bytes
     server: str
     handler: WSGIHandler | None = None
+    detacher: Callable[[], tuple[gevent.socket.socket, Callable[[], None]] | None] | None = None
+    """gstream's server only: lets the session outlive the request greenlet
+    (see :meth:`GStreamHandler._detach`); None elsewhere."""
 
     def wsgi_result(self) -> list[bytes]:
         """The value the WSGI app must return once the session is over.
@@ -163,8 +166,10 @@ def _release_handler(handler: WSGIHandler, environ: Any) -> None:
 def take(environ: Any, start_response: Any, server: str) -> Hijack:
     """Take the connection from ``server`` (as named by :func:`find_server`)."""
     if server == "gstream":
-        sock, pre = environ["gstream.hijack"]()
-        return Hijack(sock, pre, server)
+        hijack = environ["gstream.hijack"]
+        sock, pre = hijack()
+        detacher = getattr(getattr(hijack, "__self__", None), "_detach", None)
+        return Hijack(sock, pre, server, detacher=detacher)
     if server == "gunicorn":
         sock = environ["gunicorn.socket"]
         pre = b""

@@ -67,6 +67,20 @@ class Lifecycle:
             gevent.sleep(0.02)
         return len(self._streams)
 
+    def abort_all(self, reason: str = "shutdown deadline") -> int:
+        """Abort every stream still registered that can be aborted (WebSockets
+        served by callbacks have no greenlet a server could kill). Returns how many."""
+        count = 0
+        for stream in list(self._streams):
+            abort = getattr(stream, "abort", None)
+            if abort is not None:
+                try:
+                    abort(reason)
+                    count += 1
+                except Exception:
+                    log.exception("error while aborting %r", stream)
+        return count
+
     def reset(self) -> None:
         """Forget the shutting-down state (tests and in-process restarts)."""
         self.shutting_down = False

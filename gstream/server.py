@@ -192,6 +192,33 @@ class _WSGIServer(pywsgi.WSGIServer):
             ctl._active -= 1
 
 
+    def claim_detached(self) -> Callable[[], None] | None:
+        """A slot for a WebSocket session that outlives its handler greenlet.
+
+        Called by :meth:`GStreamHandler._detach`. The session is counted in
+        :attr:`Server.connections` (and, in queue mode, holds a pool slot) until
+        the returned release is called; None when draining or at the cap.
+        """
+        ctl = self.controller
+        if ctl.draining:
+            return None
+        sem = getattr(self.pool, "_semaphore", None) if ctl.overflow == "queue" else None
+        if ctl.overflow == "queue" and (sem is None or not sem.acquire(blocking=False)):
+            return None
+        ctl._active += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                ctl._active -= 1
+                if sem is not None:
+                    sem.release()
+
+        return release
+
+
 def _reject(sock: Any) -> None:
     """Answer 503 politely: read the request head first so closing doesn't reset."""
     try:
@@ -381,6 +408,7 @@ class Server:
                                            self.shutdown_reason)
         if left:
             log.warning("%d streams did not end before the deadline", left)
+            self.lifecycle.abort_all()
         # Handlers that were between requests when the drain began, or that
         # just finished one, must not linger until the deadline.
         while self.pool and time.monotonic() < deadline:

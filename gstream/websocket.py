@@ -49,6 +49,14 @@ _JOIN_LIMIT = 256 * 1024  # coalesce up to this many bytes per send()
 _PAUSE_OUT_BYTES = 1 << 20  # stop reading while this much is stuck behind a slow peer
 
 _open: weakref.WeakSet[WebSocket] = weakref.WeakSet()
+# Sessions served by callbacks after their request greenlet ended: nothing
+# else need hold them (the loop's watchers hold bound methods, but a hub
+# membership or the lifecycle registry may be weak).
+_detached: set[WebSocket] = set()
+
+
+def _discard(ws: WebSocket, message: Message) -> None:
+    """The message callback of sessions that ignore what clients send."""
 
 
 class _WriteTimeout(Exception):
@@ -134,6 +142,7 @@ class WebSocket:
         "_out_msgs", "_eof_pending", "_eof_sent", "_flush_scheduled", "_writer", "_space",
         "_reader", "_reading", "_ka_timer", "_close_timer", "_last_rx", "_ping_nonce",
         "_ping_sent_at", "_ping_count", "_finalized", "_callbacks", "_peer_eof",
+        "_on_message", "_dispatcher", "_release",
     )
 
     def __init__(self, protocol: ServerProtocol, hijack: Hijack, config: WSConfig,
@@ -186,6 +195,9 @@ class WebSocket:
         self._peer_eof = False
         self._callbacks: list[Callable[[WebSocket], None]] = (
             [config.on_close] if config.on_close is not None else [])
+        self._on_message: Callable[[WebSocket, Message], Any] | None = None
+        self._dispatcher: gevent.Greenlet | None = None
+        self._release: Callable[[], None] | None = None
 
     # ------------------------------------------------------------------ start
     def _start(self, pre_read: bytes) -> None:
@@ -408,6 +420,73 @@ class WebSocket:
     def __repr__(self) -> str:
         state = "closed" if self._finalized else self._p.state.name.lower()
         return f"<WebSocket fd={self._fd} {state} code={self.close_code}>"
+
+    # ---------------------------------------------------- callback-served sessions
+    def _serve_by_callbacks(self, on_message: Callable[[WebSocket, Message], Any] | None) -> bool:
+        """Hand every future message to ``on_message`` and try to detach.
+
+        Messages are dispatched by a greenlet spawned per burst (it exits
+        once the inbound queue is empty), so an idle session holds no
+        greenlet. Returns True when the connection was detached from the
+        request greenlet (gstream's server); False means the caller must
+        keep its greenlet until :attr:`closed` is set.
+        """
+        self._on_message = on_message if on_message is not None else _discard
+        if self._inbound:
+            self._kick_dispatch()
+        detacher = self._hijack.detacher
+        if self._finalized or detacher is None:
+            return False
+        got = detacher()
+        if got is None:
+            return False
+        sock, self._release = got
+        self._sock = sock
+        self._raw = getattr(sock, "_sock", sock)
+        # Drop what ties the session to the finished request (its handler).
+        self._hijack.detacher = None
+        self._hijack.handler = None
+        self._hijack.sock = sock
+        self._hijack.pre_read = b""
+        _detached.add(self)
+        if self._finalized:  # closed while detaching: undo the claim now
+            self._close_detached()
+        return True
+
+    def _kick_dispatch(self) -> None:
+        if self._dispatcher is None and self._on_message is not None:
+            self._dispatcher = gevent.spawn(self._dispatch)
+
+    def _dispatch(self) -> None:
+        on_message = self._on_message
+        assert on_message is not None
+        try:
+            while self._inbound:
+                msg = self._inbound.pop(0)
+                if self._paused and len(self._inbound) < self.config.max_queue:
+                    self._paused = False
+                    self._resume_reading()
+                on_message(self, msg)
+        except Closed:
+            pass
+        except Exception:
+            log.exception("websocket %s: on_message %r failed; closing with 1011", self._fd,
+                          getattr(on_message, "__name__", on_message))
+            self._inbound.clear()
+            if self.open:
+                self.close(1011, "internal error", wait=False)
+        finally:
+            self._dispatcher = None
+
+    def _close_detached(self) -> None:
+        release, self._release = self._release, None
+        if release is None:
+            return
+        release()
+        _detached.discard(self)
+        # After the writer (killed with a callback queued just before this
+        # one) has left its wait on the descriptor.
+        self._loop.run_callback(self._sock.close)
 
     # --------------------------------------------------------------- sending
     def _check_open(self) -> None:
@@ -672,8 +751,13 @@ class WebSocket:
             if cfg.inbound_overflow == "close":
                 self._fail(1008, "inbound queue full")
                 return
+        if self._on_message is _discard:
+            return
         self._inbound.append(msg)
-        self._readable.set()
+        if self._on_message is not None:
+            self._kick_dispatch()
+        else:
+            self._readable.set()
         if cfg.inbound_overflow == "pause" and len(self._inbound) >= cfg.max_queue:
             self._paused = True
             self._stop_reading()
@@ -779,6 +863,7 @@ class WebSocket:
         self.closed.set()
         lifecycle.unregister(self)
         _open.discard(self)
+        self._close_detached()
         if self._callbacks:
             self._run_callbacks()
 

@@ -29,7 +29,7 @@ from .lifecycle import lifecycle
 from .websocket import WebSocket
 from .wsconfig import WSConfig
 
-__all__ = ["upgrade", "websocket_app", "reject_response"]
+__all__ = ["upgrade", "websocket_app", "websocket_callback_app", "reject_response"]
 
 log = logging.getLogger("gstream.websocket")
 _protocol_log = logging.getLogger("gstream.websocket.protocol")
@@ -192,6 +192,54 @@ def websocket_app(handler: Callable[[WebSocket], Any],
                           getattr(handler, "__name__", handler))
             if ws.open:
                 ws.close(1011, "internal error")
+        return ws.wsgi_result()
+
+    return app
+
+
+def websocket_callback_app(
+        on_open: Callable[[WebSocket], Any],
+        on_message: Callable[[WebSocket, str | bytes], Any] | None = None,
+        config: WSConfig | None = None) -> Callable[[dict[str, Any], Any], Iterable[bytes]]:
+    """A WSGI application for sessions served by callbacks: no greenlet while idle.
+
+    ``on_open(ws)`` runs in the request's greenlet once the upgrade is done
+    (it may block: authenticate, load state, ``hub.register(ws)``). When it
+    returns, the connection stays open and the request greenlet ends: under
+    gstream's own server the session is detached from it (an idle member of
+    a hub then costs a few KiB, not a parked greenlet's stack; it still
+    counts under ``max_connections``); under other servers the request
+    greenlet waits for the close instead. ``on_message(ws, message)`` is
+    called for every message, in order, from a greenlet spawned per burst
+    (so it may block; it is never called concurrently for one connection).
+    Without ``on_message`` incoming messages are discarded. Register close
+    handling with ``ws.on_close``. If a callback raises, the connection is
+    closed with 1011 and the error logged.
+
+    A chat room: ``websocket_callback_app(hub.register,
+    lambda ws, m: hub.broadcast(m, exclude=ws))``.
+    """
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        try:
+            ws = upgrade(environ, start_response, config)
+        except HandshakeError as exc:
+            log.info("websocket upgrade refused (%s %s): %s %s", exc.status, exc.reason,
+                     environ.get("REMOTE_ADDR", "-"), environ.get("PATH_INFO", ""))
+            return reject_response(exc, start_response)
+        try:
+            on_open(ws)
+        except Closed:
+            pass
+        except Exception:
+            log.exception("websocket on_open %r failed; closing with 1011",
+                          getattr(on_open, "__name__", on_open))
+            if ws.open:
+                ws.close(1011, "internal error")
+            return ws.wsgi_result()
+        if ws._serve_by_callbacks(on_message):
+            return []  # detached: the session lives on without this greenlet
+        ws.closed.wait()
         return ws.wsgi_result()
 
     return app

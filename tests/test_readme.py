@@ -43,6 +43,20 @@ def test_hub_example_runs(serve):
     ns["room"].stop(2)
 
 
+def test_callback_example_runs(gserver):
+    ns: dict = {}
+    exec(_block("room = Hub()"), ns)
+    exec(_block("websocket_callback_app(room.register)"), ns)
+    feed, chat = gserver(ns["feed"]), gserver(ns["chat_cb"])
+    with connect(f"ws://127.0.0.1:{feed.port}/") as listener, \
+            connect(f"ws://127.0.0.1:{chat.port}/") as a, connect(f"ws://127.0.0.1:{chat.port}/") as b:
+        assert wait_until(lambda: ns["room"].count == 3)
+        a.send("hi")
+        assert b.recv(timeout=5) == "hi"
+        assert listener.recv(timeout=5) == "hi"
+    ns["room"].stop(2)
+
+
 def test_broker_example_runs(serve):
     ns: dict = {}
     exec(_block('feed = SSEBroker(topic="feed"'), ns)

@@ -74,6 +74,7 @@ def _optional(name: str, *modules: str):  # type: ignore[no-untyped-def]
 SSEBroker = _optional("SSEBroker", "gstream.broker")  # PLUG-IN: names of issues 3-6
 websocket_app = _optional("websocket_app", "gstream.websocket", "gstream.wsupgrade")
 Hub = _optional("Hub", "gstream.hub")
+websocket_callback_app = _optional("websocket_callback_app", "gstream.wsupgrade")
 
 
 def _accepts(fn, name: str) -> bool:  # type: ignore[no-untyped-def]
@@ -143,8 +144,15 @@ def idle_member(ws):  # type: ignore[no-untyped-def]
         pass
 
 
+# Hub members are served by callbacks where gstream has them (the idiom its
+# docs give for room members: no greenlet parked per idle connection);
+# BENCH_GSTREAM_WS_GREENLET=1 measures the `for m in ws` form instead.
 # Without a Hub, /ws still holds idle WebSocket connections (idle scenario only).
-hub_app = _ws_app(hub_member if hub is not None else idle_member) if websocket_app else None
+if hub is not None and websocket_callback_app is not None and not os.environ.get(
+        "BENCH_GSTREAM_WS_GREENLET"):
+    hub_app = websocket_callback_app(hub.register, None, ws_config)
+else:
+    hub_app = _ws_app(hub_member if hub is not None else idle_member) if websocket_app else None
 flask_app = make_flask_app()
 
 
