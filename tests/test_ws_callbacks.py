@@ -12,7 +12,7 @@ from typing import Any
 
 import gevent
 import pytest
-from websockets.exceptions import ConnectionClosedError
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 
 from gstream import WSConfig, websocket_callback_app
@@ -105,7 +105,7 @@ def test_on_message_error_closes_1011_and_others_carry_on(room: Any) -> None:
     with ws_connect(url) as bad, ws_connect(url) as good:
         assert wait_until(lambda: hub.count == 2, 5)
         bad.send("boom")
-        with pytest.raises(ConnectionClosedError):
+        with pytest.raises(ConnectionClosed):
             bad.recv(timeout=5)
         assert bad.close_code == 1011
         good.send("still here")
@@ -141,7 +141,7 @@ def test_server_stop_closes_detached_sessions_with_1001(gserver: Any) -> None:
         assert srv.stop(timeout=3)
         assert time.monotonic() - started < 3
         for c in clients:
-            with pytest.raises(ConnectionClosedError):
+            with pytest.raises(ConnectionClosed):
                 c.recv(timeout=3)
             assert c.close_code == 1001
     assert not _detached
