@@ -28,6 +28,7 @@ from typing import Any
 
 import gevent
 import gevent.event
+from gevent.hub import Waiter
 from gevent.socket import wait_write
 from websockets.frames import Close, Frame, Opcode
 from websockets.protocol import CLOSED, OPEN
@@ -137,7 +138,7 @@ class WebSocket:
     __slots__ = (
         "__weakref__", "environ", "config", "subprotocol", "closed", "close_code",
         "close_reason", "dropped_inbound", "latency", "_p", "_hijack", "_sock", "_raw",
-        "_fd", "_loop", "_inbound", "_readable", "_recv_done", "_paused", "_failed",
+        "_fd", "_loop", "_hub", "_inbound", "_waiter", "_recv_done", "_paused", "_failed",
         "_frag_op", "_frag_parts", "_frag_size", "_decoder", "_out", "_out_bytes",
         "_out_msgs", "_eof_pending", "_eof_sent", "_flush_scheduled", "_writer", "_space",
         "_reader", "_reading", "_ka_timer", "_close_timer", "_last_rx", "_ping_nonce",
@@ -166,7 +167,10 @@ class WebSocket:
         # queues are short (max_queue, send_buffer) and drained from the
         # front in one slice (see _consume).
         self._inbound: list[Message] = []
-        self._readable = gevent.event.Event()
+        # The greenlet parked in receive(), woken straight from the read
+        # callback (a Waiter, not an Event: no extra loop callback per message).
+        self._waiter: Waiter[Any] | None = None
+        self._hub = gevent.get_hub()
         self._recv_done = False
         self._paused = False
         self._failed = False
@@ -244,9 +248,22 @@ class WebSocket:
                 return msg
             if self._recv_done:
                 raise Closed(self.close_reason or "connection closed", self.close_code)
-            self._readable.clear()
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not self._readable.wait(remaining) and not self._inbound and not self._recv_done:
+            if self._waiter is not None:
+                raise RuntimeError("another greenlet is already waiting in receive()")
+            waiter: Waiter[Any] = Waiter()
+            self._waiter = waiter
+            try:
+                if deadline is None:
+                    waiter.get()
+                    continue
+                remaining = deadline - time.monotonic()
+                if remaining > 0:
+                    with gevent.Timeout(remaining, False):
+                        waiter.get()
+            finally:
+                if self._waiter is waiter:
+                    self._waiter = None
+            if not self._inbound and not self._recv_done:
                 raise TimeoutError("no message received in time")
 
     def __iter__(self) -> Iterator[Message]:
@@ -685,6 +702,23 @@ class WebSocket:
             self._on_frame(frame)  # type: ignore[arg-type]  # only Frames once open
         self._take_output(False)
         self._check_state()
+        if self._waiter is not None and (self._inbound or self._recv_done):
+            # A safe point (all state updated): switch to the reader now.
+            self._wake_reader(now=True)
+
+    def _wake_reader(self, now: bool = False) -> None:
+        # Once per wait (the slot is cleared first). Directly only from the
+        # hub at a safe point (end of _feed); otherwise from a loop callback,
+        # so the reader sees the connection's final state (close code) and
+        # not one half-way through a transition. If the wait timed out
+        # meanwhile, the late switch just stores a value nobody reads.
+        waiter, self._waiter = self._waiter, None
+        if waiter is None:
+            return
+        if now and gevent.getcurrent() is self._hub:
+            waiter.switch(None)
+        else:
+            self._loop.run_callback(waiter.switch, None)
 
     def _on_frame(self, frame: Frame) -> None:
         self._last_rx = time.monotonic()
@@ -756,8 +790,6 @@ class WebSocket:
         self._inbound.append(msg)
         if self._on_message is not None:
             self._kick_dispatch()
-        else:
-            self._readable.set()
         if cfg.inbound_overflow == "pause" and len(self._inbound) >= cfg.max_queue:
             self._paused = True
             self._stop_reading()
@@ -818,15 +850,16 @@ class WebSocket:
             self.close_reason = close.reason
 
     def _check_state(self) -> None:
-        if self._finalized:
-            return
         p = self._p
-        if p.state is not OPEN:
-            self._update_close_info()
-            if not self._recv_done:
-                self._recv_done = True
-                self._readable.set()
-                self._space.set()
+        if self._finalized or p.state is OPEN:
+            # Open: nothing to do (close_expected() is False once the
+            # handshake succeeded); this runs after every read and flush.
+            return
+        self._update_close_info()
+        if not self._recv_done:
+            self._recv_done = True
+            self._wake_reader()
+            self._space.set()
         if p.state is CLOSED:
             self._finalize(1006, "connection lost")
         elif p.close_expected() and not self._out and self._close_timer is None:
@@ -858,7 +891,7 @@ class WebSocket:
             pass
         self._out.clear()
         self._out_bytes = self._out_msgs = 0
-        self._readable.set()
+        self._wake_reader()
         self._space.set()
         self.closed.set()
         lifecycle.unregister(self)
