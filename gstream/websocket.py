@@ -64,6 +64,46 @@ class _WriteTimeout(Exception):
     pass
 
 
+class _Flusher:
+    """Flushes, from one loop callback, every connection that queued frames
+    during this loop iteration.
+
+    One callback for all rather than one per connection: cheaper, and gevent
+    may split a long run of callbacks across iterations (its switch
+    interval) but never one callback, so with hundreds of busy connections
+    none of them waits an extra poll for its flush (fair tail latency).
+    """
+
+    __slots__ = ("__weakref__", "loop", "due", "scheduled")
+
+    def __init__(self, loop: Any) -> None:
+        self.loop = loop
+        self.due: list[WebSocket] = []
+        self.scheduled = False
+
+    def add(self, ws: WebSocket) -> None:
+        self.due.append(ws)
+        if not self.scheduled:
+            self.scheduled = True
+            self.loop.run_callback(self.run)
+
+    def run(self) -> None:
+        self.scheduled = False
+        due, self.due = self.due, []
+        for ws in due:
+            ws._guard(ws._flush_now)
+
+
+_flushers: weakref.WeakKeyDictionary[Any, _Flusher] = weakref.WeakKeyDictionary()
+
+
+def _flusher_for(hub: Any) -> _Flusher:
+    flusher = _flushers.get(hub)
+    if flusher is None:
+        flusher = _flushers[hub] = _Flusher(hub.loop)
+    return flusher
+
+
 def _valid_close_code(code: int) -> bool:
     return code in (1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014) or (
         3000 <= code <= 4999)
@@ -138,7 +178,7 @@ class WebSocket:
     __slots__ = (
         "__weakref__", "environ", "config", "subprotocol", "closed", "close_code",
         "close_reason", "dropped_inbound", "latency", "_p", "_hijack", "_sock", "_raw",
-        "_fd", "_loop", "_hub", "_inbound", "_waiter", "_recv_done", "_paused", "_failed",
+        "_fd", "_loop", "_hub", "_flusher", "_inbound", "_waiter", "_recv_done", "_paused", "_failed",
         "_frag_op", "_frag_parts", "_frag_size", "_decoder", "_out", "_out_bytes",
         "_out_msgs", "_eof_pending", "_eof_sent", "_flush_scheduled", "_writer", "_space",
         "_reader", "_reading", "_ka_timer", "_close_timer", "_last_rx", "_ping_nonce",
@@ -171,6 +211,7 @@ class WebSocket:
         # callback (a Waiter, not an Event: no extra loop callback per message).
         self._waiter: Waiter[Any] | None = None
         self._hub = gevent.get_hub()
+        self._flusher = _flusher_for(self._hub)
         self._recv_done = False
         self._paused = False
         self._failed = False
@@ -564,7 +605,7 @@ class WebSocket:
         # a burst leave in one send() call.
         if self._writer is None and not self._flush_scheduled and not self._finalized:
             self._flush_scheduled = True
-            self._loop.run_callback(self._guard, self._flush_now)
+            self._flusher.add(self)
 
     def _next_chunk(self) -> bytes:
         if len(self._out) == 1 or len(self._out[0][0]) >= _JOIN_LIMIT:
