@@ -590,7 +590,10 @@ class WebSocket:
         self._schedule_flush()
 
     def _take_output(self, is_message: bool) -> None:
-        for chunk in self._p.data_to_send():
+        chunks = self._p.data_to_send()
+        if not chunks:
+            return  # nothing new (most reads): no flush to schedule
+        for chunk in chunks:
             if chunk:
                 self._out.append((chunk, is_message))
                 self._out_bytes += len(chunk)
