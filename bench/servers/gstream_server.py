@@ -29,23 +29,6 @@ from common import (  # noqa: E402
 )
 
 args = server_args()
-if os.environ.get("BENCH_GCLOG"):
-    import gc as _gc
-    import sys as _sys
-    import time as _time
-    _t = {}
-    def _cb(phase, info):  # type: ignore[no-untyped-def]
-        if phase == "start":
-            _t["s"] = _time.perf_counter()
-        elif (_time.perf_counter() - _t["s"]) > 0.002:
-            print(f"GC gen{info['generation']} {(_time.perf_counter() - _t['s']) * 1000:.1f} ms "
-                  f"collected={info['collected']}", file=_sys.stderr, flush=True)
-    _gc.callbacks.append(_cb)
-if os.environ.get("BENCH_GC"):
-    import gc
-    gc.collect(); gc.freeze()
-    gc.set_threshold(*(int(x) for x in os.environ["BENCH_GC"].split(",")))
-
 HB = args.heartbeat
 missing: list[str] = []
 
