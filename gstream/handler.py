@@ -47,6 +47,7 @@ from gevent.pywsgi import Input, WSGIHandler
 from gevent.socket import socket as GeventSocket
 
 from .hijack import drain_buffered
+from .tlsio import is_tls
 
 __all__ = ["GStreamHandler"]
 
@@ -179,8 +180,8 @@ class GStreamHandler(WSGIHandler):
         Returns None (stay attached) anywhere else or when no slot is free.
         """
         claim = getattr(self.server, "claim_detached", None)
-        if not self._hijacked or claim is None:
-            return None
+        if not self._hijacked or claim is None or is_tls(self.socket):
+            return None  # a TLS socket's state cannot move to a new socket object
         release = claim()
         if release is None:
             return None

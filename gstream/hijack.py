@@ -127,8 +127,8 @@ def drain_buffered(rfile: Any, sock: gevent.socket.socket) -> bytes:
         return b""
     previous = sock.gettimeout()
     sock.settimeout(0.0)
+    chunks: list[bytes] = []
     try:
-        chunks = []
         while True:
             data = rfile.read1(65536)
             if not data:
@@ -136,11 +136,16 @@ def drain_buffered(rfile: Any, sock: gevent.socket.socket) -> bytes:
             chunks.append(data)
             if len(chunks) > 16:  # bounded: at most a little over 1 MiB pre-read
                 break
-        return b"".join(chunks)
     except (TimeoutError, BlockingIOError):
-        return b""
+        pass  # nothing more without waiting; keep what was read
+    except OSError as exc:
+        # Over TLS "nothing more yet" is SSLWantReadError (ssl is not imported
+        # here: it must not load before the application monkey-patches).
+        if type(exc).__name__ not in ("SSLWantReadError", "SSLWantWriteError"):
+            raise
     finally:
         sock.settimeout(previous)
+    return b"".join(chunks)
 
 
 def _release_handler(handler: WSGIHandler, environ: Any) -> None:

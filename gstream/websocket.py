@@ -37,6 +37,7 @@ from websockets.server import ServerProtocol
 from .errors import Closed
 from .hijack import Hijack
 from .lifecycle import lifecycle
+from .tlsio import TLSTransport, is_tls, os_socket
 from .wsconfig import WSConfig
 
 __all__ = ["WebSocket", "PreparedMessage", "prepare", "close_all", "open_connections"]
@@ -178,7 +179,7 @@ class WebSocket:
     __slots__ = (
         "__weakref__", "environ", "config", "subprotocol", "closed", "close_code",
         "close_reason", "dropped_inbound", "latency", "_p", "_hijack", "_sock", "_raw",
-        "_fd", "_loop", "_hub", "_flusher", "_inbound", "_waiter", "_recv_done", "_paused", "_failed",
+        "_fd", "_tls", "_loop", "_hub", "_flusher", "_inbound", "_waiter", "_recv_done", "_paused", "_failed",
         "_frag_op", "_frag_parts", "_frag_size", "_decoder", "_out", "_out_bytes",
         "_out_msgs", "_eof_pending", "_eof_sent", "_flush_scheduled", "_writer", "_space",
         "_reader", "_reading", "_ka_timer", "_close_timer", "_last_rx", "_ping_nonce",
@@ -199,7 +200,10 @@ class WebSocket:
         self._p = protocol
         self._hijack = hijack
         self._sock = hijack.sock
-        self._raw = getattr(hijack.sock, "_sock", hijack.sock)  # the non-blocking OS socket
+        # What we read and write: the non-blocking OS socket, or over TLS the
+        # TLS layer (made non-blocking in _start, after the handshake's 101).
+        self._tls = is_tls(hijack.sock)
+        self._raw: Any = os_socket(hijack.sock)
         self._fd = hijack.sock.fileno()
         self._loop = gevent.get_hub().loop
         # Lists, not deques: an idle deque keeps a 64-slot block (~600 bytes)
@@ -246,6 +250,8 @@ class WebSocket:
 
     # ------------------------------------------------------------------ start
     def _start(self, pre_read: bytes) -> None:
+        if self._tls:
+            self._raw = TLSTransport(self._sock)
         lifecycle.register(self)
         _open.add(self)
         self._reader = self._loop.io(self._fd, 1)
@@ -611,7 +617,9 @@ class WebSocket:
             self._flusher.add(self)
 
     def _next_chunk(self) -> bytes:
-        if len(self._out) == 1 or len(self._out[0][0]) >= _JOIN_LIMIT:
+        if self._tls or len(self._out) == 1 or len(self._out[0][0]) >= _JOIN_LIMIT:
+            # Over TLS a write that did not complete must be retried with the
+            # same buffer: the queue's first frame is that buffer.
             return self._out[0][0]
         parts = []
         size = 0
@@ -700,7 +708,7 @@ class WebSocket:
         if self._eof_pending and not self._eof_sent:
             self._eof_sent = True
             try:
-                self._sock.shutdown(socket.SHUT_WR)
+                os_socket(self._sock).shutdown(socket.SHUT_WR)
             except OSError:
                 pass
         self._check_state()
@@ -930,7 +938,7 @@ class WebSocket:
         try:
             # The server owning the socket closes the descriptor; shutting it
             # down makes any write it might still attempt fail with EPIPE.
-            self._sock.shutdown(socket.SHUT_RDWR)
+            os_socket(self._sock).shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
         self._out.clear()
