@@ -6,10 +6,10 @@ non-blocking ``recv``, feeds :class:`websockets.server.ServerProtocol`, answers
 control frames (pongs, close echoes) and queues complete messages, whether or
 not the application ever calls :meth:`WebSocket.receive`. Keepalive and the
 close wait are libev timers. Writes are queued and flushed from a loop
-callback with one non-blocking ``send`` of all queued frames joined; only when
-the kernel buffer is full is a writer greenlet started, and it exits once the
-queue is empty. An idle connection therefore costs the application's own
-greenlet plus a few small objects.
+callback with one non-blocking ``send`` of all queued frames joined
+(:mod:`gstream.wsoutput`). An idle connection therefore costs the
+application's own greenlet plus a few small objects, and not even that when
+it is served by callbacks (:mod:`gstream.wssession`).
 
 Frame parsing, masking, control-frame rules, close codes and permessage-deflate
 (with inflation bounded by ``read_limit``) are websockets'; message reassembly
@@ -29,7 +29,6 @@ from typing import Any
 import gevent
 import gevent.event
 from gevent.hub import Waiter
-from gevent.socket import wait_write
 from websockets.frames import Close, Frame, Opcode
 from websockets.protocol import CLOSED, OPEN
 from websockets.server import ServerProtocol
@@ -39,6 +38,8 @@ from .hijack import Hijack
 from .lifecycle import lifecycle
 from .tlsio import TLSTransport, is_tls, os_socket
 from .wsconfig import WSConfig
+from .wsoutput import OutboundQueue, flusher_for
+from .wssession import CallbackSession, _discard
 
 __all__ = ["WebSocket", "PreparedMessage", "prepare", "close_all", "open_connections"]
 
@@ -47,64 +48,8 @@ log = logging.getLogger("gstream.websocket")
 Message = str | bytes
 
 _RECV_SIZE = 65536
-_JOIN_LIMIT = 256 * 1024  # coalesce up to this many bytes per send()
-_PAUSE_OUT_BYTES = 1 << 20  # stop reading while this much is stuck behind a slow peer
 
 _open: weakref.WeakSet[WebSocket] = weakref.WeakSet()
-# Sessions served by callbacks after their request greenlet ended: nothing
-# else need hold them (the loop's watchers hold bound methods, but a hub
-# membership or the lifecycle registry may be weak).
-_detached: set[WebSocket] = set()
-
-
-def _discard(ws: WebSocket, message: Message) -> None:
-    """The message callback of sessions that ignore what clients send."""
-
-
-class _WriteTimeout(Exception):
-    pass
-
-
-class _Flusher:
-    """Flushes, from one loop callback, every connection that queued frames
-    during this loop iteration.
-
-    One callback for all rather than one per connection: cheaper, and gevent
-    may split a long run of callbacks across iterations (its switch
-    interval) but never one callback, so with hundreds of busy connections
-    none of them waits an extra poll for its flush (fair tail latency).
-    """
-
-    __slots__ = ("__weakref__", "loop", "due", "scheduled")
-
-    def __init__(self, loop: Any) -> None:
-        self.loop = loop
-        self.due: list[WebSocket] = []
-        self.scheduled = False
-
-    def add(self, ws: WebSocket) -> None:
-        self.due.append(ws)
-        if not self.scheduled:
-            self.scheduled = True
-            self.loop.run_callback(self.run)
-
-    def run(self) -> None:
-        self.scheduled = False
-        due, self.due = self.due, []
-        for ws in due:
-            ws._guard(ws._flush_now)
-
-
-_flushers: weakref.WeakKeyDictionary[Any, _Flusher] = weakref.WeakKeyDictionary()
-
-
-def _flusher_for(hub: Any) -> _Flusher:
-    flusher = _flushers.get(hub)
-    if flusher is None:
-        flusher = _flushers[hub] = _Flusher(hub.loop)
-    return flusher
-
-
 def _valid_close_code(code: int) -> bool:
     return code in (1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014) or (
         3000 <= code <= 4999)
@@ -162,7 +107,7 @@ def close_all(timeout: float | None = None, code: int = 1001,
     return len(late)
 
 
-class WebSocket:
+class WebSocket(OutboundQueue, CallbackSession):
     """One server-side WebSocket connection (made by :func:`gstream.upgrade`).
 
     Attributes:
@@ -215,7 +160,7 @@ class WebSocket:
         # callback (a Waiter, not an Event: no extra loop callback per message).
         self._waiter: Waiter[Any] | None = None
         self._hub = gevent.get_hub()
-        self._flusher = _flusher_for(self._hub)
+        self._flusher = flusher_for(self._hub)
         self._recv_done = False
         self._paused = False
         self._failed = False
@@ -356,28 +301,6 @@ class WebSocket:
         self._queue_prepared(prepared)
         return True
 
-    def _push_shared(self, frame: bytes) -> bool:
-        """Hub fast path: queue a shared frame *without* scheduling a flush.
-
-        Only for connections that share frames (no extension). The caller
-        must call :meth:`_flush_pending` afterwards (a hub does it once per
-        batch, so many queued frames leave in one ``send``). Returns False
-        when the send buffer is full; raises :class:`Closed` once closing.
-        """
-        if self._finalized or self._p.state is not OPEN:
-            raise Closed(self.close_reason or "connection closed", self.close_code)
-        if self._out_msgs >= self.config.send_buffer:
-            return False
-        self._out.append((frame, True))
-        self._out_bytes += len(frame)
-        self._out_msgs += 1
-        return True
-
-    def _flush_pending(self) -> None:
-        """Send what :meth:`_push_shared` queued, now, from the calling greenlet."""
-        if self._out and self._writer is None and not self._flush_scheduled and not self._finalized:
-            self._guard(self._flush_now)
-
     def send_prepared_drop_oldest(self, prepared: PreparedMessage) -> int:
         """Queue a prepared message without blocking, making room if needed.
 
@@ -485,72 +408,6 @@ class WebSocket:
         state = "closed" if self._finalized else self._p.state.name.lower()
         return f"<WebSocket fd={self._fd} {state} code={self.close_code}>"
 
-    # ---------------------------------------------------- callback-served sessions
-    def _serve_by_callbacks(self, on_message: Callable[[WebSocket, Message], Any] | None) -> bool:
-        """Hand every future message to ``on_message`` and try to detach.
-
-        Messages are dispatched by a greenlet spawned per burst (it exits
-        once the inbound queue is empty), so an idle session holds no
-        greenlet. Returns True when the connection was detached from the
-        request greenlet (gstream's server); False means the caller must
-        keep its greenlet until :attr:`closed` is set.
-        """
-        self._on_message = on_message if on_message is not None else _discard
-        if self._inbound:
-            self._kick_dispatch()
-        detacher = self._hijack.detacher
-        if self._finalized or detacher is None:
-            return False
-        got = detacher()
-        if got is None:
-            return False
-        sock, self._release = got
-        self._sock = sock
-        self._raw = getattr(sock, "_sock", sock)
-        # Drop what ties the session to the finished request (its handler).
-        self._hijack.detacher = None
-        self._hijack.handler = None
-        self._hijack.sock = sock
-        self._hijack.pre_read = b""
-        _detached.add(self)
-        if self._finalized:  # closed while detaching: undo the claim now
-            self._close_detached()
-        return True
-
-    def _kick_dispatch(self) -> None:
-        if self._dispatcher is None and self._on_message is not None:
-            self._dispatcher = gevent.spawn(self._dispatch)
-
-    def _dispatch(self) -> None:
-        on_message = self._on_message
-        assert on_message is not None
-        try:
-            while self._inbound:
-                msg = self._inbound.pop(0)
-                if self._paused and len(self._inbound) < self.config.max_queue:
-                    self._paused = False
-                    self._resume_reading()
-                on_message(self, msg)
-        except Closed:
-            pass
-        except Exception:
-            log.exception("websocket %s: on_message %r failed; closing with 1011", self._fd,
-                          getattr(on_message, "__name__", on_message))
-            self._inbound.clear()
-            if self.open:
-                self.close(1011, "internal error", wait=False)
-        finally:
-            self._dispatcher = None
-
-    def _close_detached(self) -> None:
-        release, self._release = self._release, None
-        if release is None:
-            return
-        release()
-        _detached.discard(self)
-        # After the writer (killed with a callback queued just before this
-        # one) has left its wait on the descriptor.
-        self._loop.run_callback(self._sock.close)
 
     # --------------------------------------------------------------- sending
     def _check_open(self) -> None:
@@ -594,124 +451,6 @@ class WebSocket:
         self._out_bytes += len(prepared.frame)
         self._out_msgs += 1
         self._schedule_flush()
-
-    def _take_output(self, is_message: bool) -> None:
-        chunks = self._p.data_to_send()
-        if not chunks:
-            return  # nothing new (most reads): no flush to schedule
-        for chunk in chunks:
-            if chunk:
-                self._out.append((chunk, is_message))
-                self._out_bytes += len(chunk)
-                if is_message:
-                    self._out_msgs += 1
-            else:
-                self._eof_pending = True
-        self._schedule_flush()
-
-    def _schedule_flush(self) -> None:
-        # Deferred to the end of this loop iteration so that frames queued in
-        # a burst leave in one send() call.
-        if self._writer is None and not self._flush_scheduled and not self._finalized:
-            self._flush_scheduled = True
-            self._flusher.add(self)
-
-    def _next_chunk(self) -> bytes:
-        if self._tls or len(self._out) == 1 or len(self._out[0][0]) >= _JOIN_LIMIT:
-            # Over TLS a write that did not complete must be retried with the
-            # same buffer: the queue's first frame is that buffer.
-            return self._out[0][0]
-        parts = []
-        size = 0
-        for chunk, _ in self._out:
-            parts.append(chunk)
-            size += len(chunk)
-            if size >= _JOIN_LIMIT:
-                break
-        return b"".join(parts)
-
-    def _consume(self, n: int) -> None:
-        self._out_bytes -= n
-        out = self._out
-        done = 0
-        while n:
-            chunk, is_msg = out[done]
-            if n >= len(chunk):
-                done += 1
-                n -= len(chunk)
-                if is_msg:
-                    self._out_msgs -= 1
-            else:
-                out[done] = (chunk[n:], is_msg)
-                n = 0
-        if done:
-            del out[:done]  # one slice: a list pops from the front in O(len)
-        if self._out_msgs < self.config.send_buffer:
-            self._space.set()
-
-    def _flush_now(self) -> None:
-        self._flush_scheduled = False
-        if self._writer is not None or self._finalized:
-            return
-        try:
-            while self._out:
-                data = self._next_chunk()
-                n = self._raw.send(data)
-                self._consume(n)
-                if n < len(data):
-                    break
-        except (BlockingIOError, InterruptedError):
-            pass
-        except OSError:
-            self._finalize(1006, "connection lost")
-            return
-        if self._out:
-            self._writer = gevent.spawn(self._write_loop)
-        else:
-            self._drained()
-
-    def _write_loop(self) -> None:
-        try:
-            while self._out and not self._finalized:
-                data = self._next_chunk()
-                try:
-                    n = self._raw.send(data)
-                except (BlockingIOError, InterruptedError):
-                    n = 0
-                if n:
-                    self._consume(n)
-                    continue
-                if len(self._out) and self._out_bytes > _PAUSE_OUT_BYTES and self._reading:
-                    self._stop_reading()  # don't read what we cannot answer
-                wait_write(self._fd, timeout=self.config.write_timeout,
-                           timeout_exc=_WriteTimeout())
-        except _WriteTimeout:
-            log.info("websocket %s: peer stopped reading for %ss; closing",
-                     self._fd, self.config.write_timeout)
-            self._writer = None
-            self._finalize(1006, "write timeout")
-            return
-        except OSError:
-            self._writer = None
-            self._finalize(1006, "connection lost")
-            return
-        self._writer = None
-        if not self._finalized:
-            if not self._reading and not self._paused and not self._peer_eof:
-                self._resume_reading()
-            self._guard(self._drained)
-
-    def _drained(self) -> None:
-        if self._out:
-            self._schedule_flush()
-            return
-        if self._eof_pending and not self._eof_sent:
-            self._eof_sent = True
-            try:
-                os_socket(self._sock).shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
-        self._check_state()
 
     # --------------------------------------------------------------- reading
     def _resume_reading(self) -> None:

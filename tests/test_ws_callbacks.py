@@ -19,7 +19,7 @@ from gstream import WSConfig, websocket_callback_app
 from gstream.client import connect
 from gstream.handler import GStreamHandler
 from gstream.hub import Hub
-from gstream.websocket import _detached
+from gstream.wssession import detached_sessions
 from tests import wsraw
 from tests.helpers import wait_until
 from tests.leakcheck import LeakCheck, hub_greenlets
@@ -61,7 +61,7 @@ def test_messages_and_broadcasts_flow_in_order(room: Any) -> None:
     a, b = connect(url), connect(url)
     assert wait_until(lambda: hub.count == 2, 5)
     if kind == "gstream":
-        assert len(_detached) == 2
+        assert detached_sessions() == 2
     for i in range(20):
         a.send("slow" if i == 3 else f"m{i}")
     with gevent.Timeout(5):
@@ -95,7 +95,7 @@ def test_detached_sessions_hold_no_greenlet_and_count_as_connections(gserver: An
         assert reader.next() == (0x1, b"hello", True)
     for sock, _ in clients:
         sock.close()
-    assert wait_until(lambda: srv.connections == 0 and hub.count == 0 and not _detached, 5)
+    assert wait_until(lambda: srv.connections == 0 and hub.count == 0 and not detached_sessions(), 5)
     hub.stop()
 
 
@@ -136,7 +136,7 @@ def test_server_stop_closes_detached_sessions_with_1001(gserver: Any) -> None:
     with contextlib.ExitStack() as stack:
         clients = [stack.enter_context(ws_connect(f"ws://127.0.0.1:{srv.port}/"))
                    for _ in range(5)]
-        assert wait_until(lambda: hub.count == 5 and len(_detached) == 5, 5)
+        assert wait_until(lambda: hub.count == 5 and detached_sessions() == 5, 5)
         started = time.monotonic()
         assert srv.stop(timeout=3)
         assert time.monotonic() - started < 3
@@ -144,7 +144,7 @@ def test_server_stop_closes_detached_sessions_with_1001(gserver: Any) -> None:
             with pytest.raises(ConnectionClosed):
                 c.recv(timeout=3)
             assert c.close_code == 1001
-    assert not _detached
+    assert not detached_sessions()
 
 
 def test_vanishing_clients_leak_nothing(gserver: Any) -> None:
@@ -155,7 +155,7 @@ def test_vanishing_clients_leak_nothing(gserver: Any) -> None:
     head = (b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
             b"Connection: Upgrade\r\nSec-WebSocket-Key: " + key +
             b"\r\nSec-WebSocket-Version: 13\r\n\r\n")
-    with LeakCheck(extra={"detached": lambda: len(_detached), "members": lambda: hub.count}):
+    with LeakCheck(extra={"detached": lambda: detached_sessions(), "members": lambda: hub.count}):
         for i in range(200):
             s = socket.create_connection(("127.0.0.1", srv.port))
             s.sendall(head)
@@ -164,5 +164,5 @@ def test_vanishing_clients_leak_nothing(gserver: Any) -> None:
                 s.sendall(b"\x81\x82" + b"\0\0\0\0" + b"hi")
             s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             s.close()
-        assert wait_until(lambda: not _detached and hub.count == 0 and srv.connections == 0, 10)
+        assert wait_until(lambda: not detached_sessions() and hub.count == 0 and srv.connections == 0, 10)
     hub.stop()

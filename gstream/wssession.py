@@ -1,0 +1,131 @@
+"""Callback-served WebSocket sessions (:func:`gstream.websocket_callback_app`).
+
+After ``on_open`` the session is handed to ``on_message`` callbacks, run by a
+greenlet spawned per burst of inbound messages, and, under gstream's own
+server, detached from the request greenlet: the descriptor moves to a new
+socket object (the server's close at the end of the request closes nothing)
+and the server keeps counting the session under ``max_connections`` until it
+is finalized. An idle session then holds no greenlet. See docs/websocket.md.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, cast
+
+import gevent
+
+from .errors import Closed
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from .hijack import Hijack
+    from .websocket import Message, WebSocket
+    from .wsconfig import WSConfig
+
+__all__ = ["CallbackSession", "detached_sessions"]
+
+log = logging.getLogger("gstream.websocket")
+
+# Sessions served by callbacks after their request greenlet ended: nothing
+# else need hold them (the loop's watchers hold bound methods, but a hub
+# membership or the lifecycle registry may be weak).
+_detached: set[Any] = set()
+
+
+def detached_sessions() -> int:
+    """How many sessions currently live without their request greenlet."""
+    return len(_detached)
+
+
+def _discard(ws: Any, message: Any) -> None:
+    """The message callback of sessions that ignore what clients send."""
+
+
+class CallbackSession:
+    """Mixin of :class:`gstream.websocket.WebSocket`: serving by callbacks."""
+
+    if not TYPE_CHECKING:  # the attributes below are WebSocket's slots
+        __slots__ = ()
+    else:
+        config: WSConfig
+        _hijack: Hijack
+        _sock: Any
+        _raw: Any
+        _fd: int
+        _loop: Any
+        _finalized: bool
+        _paused: bool
+        _inbound: list[Message]
+        _on_message: Callable[[WebSocket, Message], Any] | None
+        _dispatcher: gevent.Greenlet | None
+        _release: Callable[[], None] | None
+
+        def close(self, code: int = 1000, reason: str = "", wait: bool = True) -> None: ...
+        def _resume_reading(self) -> None: ...
+
+    def _serve_by_callbacks(self, on_message: Callable[[WebSocket, Message], Any] | None) -> bool:
+        """Hand every future message to ``on_message`` and try to detach.
+
+        Messages are dispatched by a greenlet spawned per burst (it exits
+        once the inbound queue is empty), so an idle session holds no
+        greenlet. Returns True when the connection was detached from the
+        request greenlet (gstream's server); False means the caller must
+        keep its greenlet until :attr:`closed` is set.
+        """
+        self._on_message = on_message if on_message is not None else _discard
+        if self._inbound:
+            self._kick_dispatch()
+        detacher = self._hijack.detacher
+        if self._finalized or detacher is None:
+            return False
+        got = detacher()
+        if got is None:
+            return False
+        sock, self._release = got
+        self._sock = sock
+        self._raw = getattr(sock, "_sock", sock)
+        # Drop what ties the session to the finished request (its handler).
+        self._hijack.detacher = None
+        self._hijack.handler = None
+        self._hijack.sock = sock
+        self._hijack.pre_read = b""
+        _detached.add(self)
+        if self._finalized:  # closed while detaching: undo the claim now
+            self._close_detached()
+        return True
+
+    def _kick_dispatch(self) -> None:
+        if self._dispatcher is None and self._on_message is not None:
+            self._dispatcher = gevent.spawn(self._dispatch)
+
+    def _dispatch(self) -> None:
+        on_message = self._on_message
+        assert on_message is not None
+        try:
+            while self._inbound:
+                msg = self._inbound.pop(0)
+                if self._paused and len(self._inbound) < self.config.max_queue:
+                    self._paused = False
+                    self._resume_reading()
+                on_message(cast("WebSocket", self), msg)
+        except Closed:
+            pass
+        except Exception:
+            log.exception("websocket %s: on_message %r failed; closing with 1011", self._fd,
+                          getattr(on_message, "__name__", on_message))
+            self._inbound.clear()
+            self.close(1011, "internal error", wait=False)  # a no-op once closing
+        finally:
+            self._dispatcher = None
+
+    def _close_detached(self) -> None:
+        release, self._release = self._release, None
+        if release is None:
+            return
+        release()
+        _detached.discard(self)
+        # After the writer (killed with a callback queued just before this
+        # one) has left its wait on the descriptor.
+        self._loop.run_callback(self._sock.close)
