@@ -45,7 +45,7 @@ NOT_PEERS = {"gstream", "raw_epoll"}
 FULL = {
     "idle": [1000, 5000, 15000], "fanout": [100, 1000, 5000], "echo": [1, 50, 500],
     "legacy": [5000], "reps": 3, "idle_window": 2.0, "idle_window_last": 4.0, "settle": 0.4,
-    "echo_secs": 1.5, "view_secs": 2.0, "fanout_budget": 100_000, "max_minutes": 14.0,
+    "echo_secs": 2.0, "view_secs": 2.0, "fanout_budget": 100_000, "max_minutes": 14.0,
     "workers": 2,
     # The legacy scenario carries no target: one repetition keeps the full
     # run under 15 minutes on 2 cores (the target scenarios get all of them).
