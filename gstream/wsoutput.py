@@ -167,6 +167,8 @@ class OutboundQueue:
             # Over TLS a write that did not complete must be retried with the
             # same buffer: the queue's first frame is that buffer.
             return self._out[0][0]
+        if self._out_bytes <= _JOIN_LIMIT:
+            return b"".join([chunk for chunk, _ in self._out])  # the common case: all of it
         parts = []
         size = 0
         for chunk, _ in self._out:
@@ -177,6 +179,12 @@ class OutboundQueue:
         return b"".join(parts)
 
     def _consume(self, n: int) -> None:
+        if n == self._out_bytes:
+            # Everything left (the common case): no walk over the queue.
+            self._out.clear()
+            self._out_bytes = self._out_msgs = 0
+            self._space.set()
+            return
         self._out_bytes -= n
         out = self._out
         done = 0
