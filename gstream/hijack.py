@@ -36,6 +36,8 @@ from typing import TYPE_CHECKING, Any
 
 import gevent.socket
 
+from .tlsio import tls_would_block
+
 if TYPE_CHECKING:
     from gevent.pywsgi import WSGIHandler
 
@@ -139,9 +141,7 @@ def drain_buffered(rfile: Any, sock: gevent.socket.socket) -> bytes:
     except (TimeoutError, BlockingIOError):
         pass  # nothing more without waiting; keep what was read
     except OSError as exc:
-        # Over TLS "nothing more yet" is SSLWantReadError (ssl is not imported
-        # here: it must not load before the application monkey-patches).
-        if type(exc).__name__ not in ("SSLWantReadError", "SSLWantWriteError"):
+        if not tls_would_block(exc):  # over TLS "nothing more yet" is SSLWantReadError
             raise
     finally:
         sock.settimeout(previous)

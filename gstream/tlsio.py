@@ -13,15 +13,25 @@ could not complete is retried with the very same buffer, as OpenSSL requires.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
-__all__ = ["is_tls", "TLSTransport", "os_socket"]
+__all__ = ["is_tls", "TLSTransport", "os_socket", "tls_would_block"]
 
 
 def is_tls(sock: Any) -> bool:
     """True for an ``ssl``/gevent TLS socket (checked without importing ``ssl``,
     which must not be loaded before the application monkey-patches)."""
     return hasattr(sock, "_sslobj") and hasattr(sock, "pending")
+
+
+def tls_would_block(exc: BaseException) -> bool:
+    """True for TLS "no complete record yet" (``SSLWantReadError``/``SSLWantWriteError``).
+
+    Looked up in ``sys.modules``: if ``ssl`` is not loaded, no TLS socket exists.
+    """
+    ssl = sys.modules.get("ssl")
+    return ssl is not None and isinstance(exc, (ssl.SSLWantReadError, ssl.SSLWantWriteError))
 
 
 def os_socket(sock: Any) -> Any:
@@ -45,8 +55,6 @@ class TLSTransport:
 
     def recv(self, size: int) -> bytes:
         """What the TLS layer has decrypted (b"" at EOF); ``BlockingIOError`` if nothing yet."""
-        import ssl
-
         try:
             data: bytes = self.sock.recv(size)
             pending = self.sock.pending()
@@ -57,5 +65,7 @@ class TLSTransport:
                 parts.append(self.sock.recv(pending))
                 pending = self.sock.pending()
             return b"".join(parts)
-        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-            raise BlockingIOError("TLS record incomplete") from None
+        except OSError as exc:
+            if tls_would_block(exc):
+                raise BlockingIOError("TLS record incomplete") from None
+            raise

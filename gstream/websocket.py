@@ -50,6 +50,8 @@ Message = str | bytes
 _RECV_SIZE = 65536
 
 _open: weakref.WeakSet[WebSocket] = weakref.WeakSet()
+
+
 def _valid_close_code(code: int) -> bool:
     return code in (1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014) or (
         3000 <= code <= 4999)
@@ -150,7 +152,8 @@ class WebSocket(OutboundQueue, CallbackSession):
         self._tls = is_tls(hijack.sock)
         self._raw: Any = os_socket(hijack.sock)
         self._fd = hijack.sock.fileno()
-        self._loop = gevent.get_hub().loop
+        self._hub = gevent.get_hub()
+        self._loop = self._hub.loop
         # Lists, not deques: an idle deque keeps a 64-slot block (~600 bytes)
         # for the life of the connection; an empty list is 56 bytes. Both
         # queues are short (max_queue, send_buffer) and drained from the
@@ -159,7 +162,6 @@ class WebSocket(OutboundQueue, CallbackSession):
         # The greenlet parked in receive(), woken straight from the read
         # callback (a Waiter, not an Event: no extra loop callback per message).
         self._waiter: Waiter[Any] | None = None
-        self._hub = gevent.get_hub()
         self._flusher = flusher_for(self._hub)
         self._recv_done = False
         self._paused = False
@@ -233,11 +235,7 @@ class WebSocket(OutboundQueue, CallbackSession):
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if self._inbound:
-                msg = self._inbound.pop(0)
-                if self._paused and len(self._inbound) < self.config.max_queue:
-                    self._paused = False
-                    self._resume_reading()
-                return msg
+                return self._pop_inbound()
             if self._recv_done:
                 raise Closed(self.close_reason or "connection closed", self.close_code)
             if self._waiter is not None:
@@ -257,6 +255,14 @@ class WebSocket(OutboundQueue, CallbackSession):
                     self._waiter = None
             if not self._inbound and not self._recv_done:
                 raise TimeoutError("no message received in time")
+
+    def _pop_inbound(self) -> Message:
+        """The oldest queued message; reading resumes once there is room again."""
+        msg = self._inbound.pop(0)
+        if self._paused and len(self._inbound) < self.config.max_queue:
+            self._paused = False
+            self._resume_reading()
+        return msg
 
     def __iter__(self) -> Iterator[Message]:
         """Yield messages until the connection closes (ends quietly)."""
@@ -407,7 +413,6 @@ class WebSocket(OutboundQueue, CallbackSession):
     def __repr__(self) -> str:
         state = "closed" if self._finalized else self._p.state.name.lower()
         return f"<WebSocket fd={self._fd} {state} code={self.close_code}>"
-
 
     # --------------------------------------------------------------- sending
     def _check_open(self) -> None:
@@ -568,6 +573,8 @@ class WebSocket(OutboundQueue, CallbackSession):
         self._deliver(msg)
 
     def _deliver(self, msg: Message) -> None:
+        if self._on_message is _discard:
+            return
         cfg = self.config
         if len(self._inbound) >= cfg.max_queue:
             if cfg.inbound_overflow == "drop":
@@ -576,8 +583,6 @@ class WebSocket(OutboundQueue, CallbackSession):
             if cfg.inbound_overflow == "close":
                 self._fail(1008, "inbound queue full")
                 return
-        if self._on_message is _discard:
-            return
         self._inbound.append(msg)
         if self._on_message is not None:
             self._kick_dispatch()

@@ -19,9 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import gevent
 from gevent.socket import wait_write
-from websockets.protocol import OPEN
 
-from .errors import Closed
 from .tlsio import os_socket
 
 if TYPE_CHECKING:
@@ -118,6 +116,7 @@ class OutboundQueue:
         def _check_state(self) -> None: ...
         def _resume_reading(self) -> None: ...
         def _stop_reading(self) -> None: ...
+        def _check_open(self) -> None: ...
 
     def _push_shared(self, frame: bytes) -> bool:
         """Hub fast path: queue a shared frame *without* scheduling a flush.
@@ -127,8 +126,7 @@ class OutboundQueue:
         batch, so many queued frames leave in one ``send``). Returns False
         when the send buffer is full; raises :class:`Closed` once closing.
         """
-        if self._finalized or self._p.state is not OPEN:
-            raise Closed(self.close_reason or "connection closed", self.close_code)
+        self._check_open()
         if self._out_msgs >= self.config.send_buffer:
             return False
         self._out.append((frame, True))

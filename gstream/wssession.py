@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, cast
 import gevent
 
 from .errors import Closed
+from .tlsio import os_socket
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -63,7 +64,7 @@ class CallbackSession:
         _release: Callable[[], None] | None
 
         def close(self, code: int = 1000, reason: str = "", wait: bool = True) -> None: ...
-        def _resume_reading(self) -> None: ...
+        _pop_inbound: Callable[[], Message]
 
     def _serve_by_callbacks(self, on_message: Callable[[WebSocket, Message], Any] | None) -> bool:
         """Hand every future message to ``on_message`` and try to detach.
@@ -85,7 +86,7 @@ class CallbackSession:
             return False
         sock, self._release = got
         self._sock = sock
-        self._raw = getattr(sock, "_sock", sock)
+        self._raw = os_socket(sock)
         # Drop what ties the session to the finished request (its handler).
         self._hijack.detacher = None
         self._hijack.handler = None
@@ -105,11 +106,7 @@ class CallbackSession:
         assert on_message is not None
         try:
             while self._inbound:
-                msg = self._inbound.pop(0)
-                if self._paused and len(self._inbound) < self.config.max_queue:
-                    self._paused = False
-                    self._resume_reading()
-                on_message(cast("WebSocket", self), msg)
+                on_message(cast("WebSocket", self), self._pop_inbound())
         except Closed:
             pass
         except Exception:

@@ -167,6 +167,32 @@ def reject_response(exc: HandshakeError, start_response: Any) -> list[bytes]:
     return [body]
 
 
+def _accept(environ: dict[str, Any], start_response: Any,
+            config: WSConfig | None) -> WebSocket | list[bytes]:
+    """The upgraded connection, or the HTTP response refusing it (logged)."""
+    try:
+        return upgrade(environ, start_response, config)
+    except HandshakeError as exc:
+        log.info("websocket upgrade refused (%s %s): %s %s", exc.status, exc.reason,
+                 environ.get("REMOTE_ADDR", "-"), environ.get("PATH_INFO", ""))
+        return reject_response(exc, start_response)
+
+
+def _call(role: str, fn: Callable[[WebSocket], Any], ws: WebSocket) -> bool:
+    """``fn(ws)``; if it raises, log and close with 1011. False if it failed."""
+    try:
+        fn(ws)
+    except Closed:
+        pass  # the peer went away while the application was using the connection
+    except Exception:
+        log.exception("websocket %s %r failed; closing with 1011", role,
+                      getattr(fn, "__name__", fn))
+        if ws.open:
+            ws.close(1011, "internal error")
+        return False
+    return True
+
+
 def websocket_app(handler: Callable[[WebSocket], Any],
                   config: WSConfig | None = None) -> Callable[[dict[str, Any], Any], Iterable[bytes]]:
     """A WSGI application that calls ``handler(ws)`` once per connection.
@@ -177,21 +203,10 @@ def websocket_app(handler: Callable[[WebSocket], Any],
     """
 
     def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
-        try:
-            ws = upgrade(environ, start_response, config)
-        except HandshakeError as exc:
-            log.info("websocket upgrade refused (%s %s): %s %s", exc.status, exc.reason,
-                     environ.get("REMOTE_ADDR", "-"), environ.get("PATH_INFO", ""))
-            return reject_response(exc, start_response)
-        try:
-            handler(ws)
-        except Closed:
-            pass  # the peer went away while the handler was using the connection
-        except Exception:
-            log.exception("websocket handler %r failed; closing with 1011",
-                          getattr(handler, "__name__", handler))
-            if ws.open:
-                ws.close(1011, "internal error")
+        ws = _accept(environ, start_response, config)
+        if not isinstance(ws, WebSocket):
+            return ws
+        _call("handler", handler, ws)
         return ws.wsgi_result()
 
     return app
@@ -221,21 +236,10 @@ def websocket_callback_app(
     """
 
     def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
-        try:
-            ws = upgrade(environ, start_response, config)
-        except HandshakeError as exc:
-            log.info("websocket upgrade refused (%s %s): %s %s", exc.status, exc.reason,
-                     environ.get("REMOTE_ADDR", "-"), environ.get("PATH_INFO", ""))
-            return reject_response(exc, start_response)
-        try:
-            on_open(ws)
-        except Closed:
-            pass
-        except Exception:
-            log.exception("websocket on_open %r failed; closing with 1011",
-                          getattr(on_open, "__name__", on_open))
-            if ws.open:
-                ws.close(1011, "internal error")
+        ws = _accept(environ, start_response, config)
+        if not isinstance(ws, WebSocket):
+            return ws
+        if not _call("on_open", on_open, ws):
             return ws.wsgi_result()
         if ws._serve_by_callbacks(on_message):
             return []  # detached: the session lives on without this greenlet
