@@ -38,7 +38,7 @@ from .hijack import Hijack
 from .lifecycle import lifecycle
 from .tlsio import TLSTransport, is_tls, os_socket
 from .wsconfig import WSConfig
-from .wsoutput import OutboundQueue, flusher_for
+from .wsoutput import OutboundQueue, _Control, flusher_for
 from .wssession import CallbackSession, _discard
 
 __all__ = ["WebSocket", "PreparedMessage", "prepare", "close_all", "open_connections"]
@@ -170,7 +170,7 @@ class WebSocket(OutboundQueue, CallbackSession):
         self._frag_parts: list[Any] = []
         self._frag_size = 0
         self._decoder: Any = None
-        self._out: list[tuple[bytes, bool]] = []
+        self._out: list[bytes] = []  # frames; control frames as wsoutput._Control
         self._out_bytes = 0
         self._out_msgs = 0
         self._eof_pending = False
@@ -330,8 +330,8 @@ class WebSocket(OutboundQueue, CallbackSession):
         dropped = 0
         i = 1
         while self._out_msgs >= limit and i < len(out):
-            chunk, is_msg = out[i]
-            if is_msg:
+            chunk = out[i]
+            if type(chunk) is not _Control:
                 del out[i]
                 self._out_bytes -= len(chunk)
                 self._out_msgs -= 1
@@ -452,7 +452,7 @@ class WebSocket(OutboundQueue, CallbackSession):
                 self._p.send_binary(prepared.payload)
             self._take_output(True)
             return
-        self._out.append((prepared.frame, True))
+        self._out.append(prepared.frame)
         self._out_bytes += len(prepared.frame)
         self._out_msgs += 1
         self._schedule_flush()
