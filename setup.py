@@ -1,5 +1,7 @@
 """Package metadata for gstream (tool settings live in pyproject.toml)."""
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 TEST = [
@@ -17,7 +19,7 @@ setup(
     name="gstream",
     version="0.1.0",
     description="Server-Sent Events and WebSockets for gevent/greenlet WSGI servers",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",
