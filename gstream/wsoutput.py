@@ -148,6 +148,13 @@ class OutboundQueue:
         self._out_msgs += 1
         return True
 
+    def _queue_frame(self, frame: bytes) -> None:
+        """Queue one encoded message frame and schedule a flush."""
+        self._out.append(frame)
+        self._out_bytes += len(frame)
+        self._out_msgs += 1
+        self._schedule_flush()
+
     def _flush_pending(self) -> None:
         """Send what :meth:`_push_shared` queued, now, from the calling greenlet."""
         if self._out and self._writer is None and not self._flush_scheduled and not self._finalized:

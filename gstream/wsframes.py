@@ -1,0 +1,58 @@
+"""Unmasked server-to-client data frames, encoded once (RFC 6455, section 5.2).
+
+The one piece of framing gstream does itself, because it is on every hot
+path: a frame a server sends is a 2-, 4- or 10-byte header and the payload,
+never masked, and without an extension it is the same bytes for every
+connection (:class:`PreparedMessage`: encode once, queue to thousands).
+Parsing client frames, control frames, close codes and permessage-deflate
+stay with websockets' Sans-I/O protocol.
+"""
+
+from __future__ import annotations
+
+import struct
+
+__all__ = ["Message", "PreparedMessage", "encode_frame", "prepare"]
+
+Message = str | bytes
+
+TEXT = 0x1
+BINARY = 0x2
+_FIN = 0x80
+
+_HEAD16 = struct.Struct("!BBH")
+_HEAD64 = struct.Struct("!BBQ")
+
+
+def encode_frame(opcode: int, payload: bytes) -> bytes:
+    """One final, unmasked frame of ``opcode`` carrying ``payload``."""
+    n = len(payload)
+    if n < 126:
+        return bytes((_FIN | opcode, n)) + payload
+    if n < 65536:
+        return _HEAD16.pack(_FIN | opcode, 126, n) + payload
+    return _HEAD64.pack(_FIN | opcode, 127, n) + payload
+
+
+class PreparedMessage:
+    """A message encoded once as an unmasked frame, to send to many connections.
+
+    Every connection without an extension (no permessage-deflate) queues the
+    very same ``frame`` bytes object; others fall back to encoding ``payload``.
+    """
+
+    __slots__ = ("payload", "is_text", "frame")
+
+    def __init__(self, message: Message) -> None:
+        if isinstance(message, str):
+            self.payload = message.encode("utf-8")
+            self.is_text = True
+        else:
+            self.payload = bytes(message)
+            self.is_text = False
+        self.frame: bytes = encode_frame(TEXT if self.is_text else BINARY, self.payload)
+
+
+def prepare(message: Message) -> PreparedMessage:
+    """Encode ``message`` (text if str, binary if bytes) once for a broadcast."""
+    return PreparedMessage(message)
