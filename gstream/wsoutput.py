@@ -83,7 +83,10 @@ class _Flusher:
         self.scheduled = False
         due, self.due = self.due, []
         for conn in due:
-            conn._guard(conn._flush_now)
+            try:  # what _guard does, inline: one call less per connection
+                conn._flush_now()
+            except Exception:
+                conn._internal_error()
 
 
 _flushers: weakref.WeakKeyDictionary[Any, _Flusher] = weakref.WeakKeyDictionary()
@@ -126,6 +129,7 @@ class OutboundQueue:
         _space: gevent.event.Event
 
         def _guard(self, fn: Callable[..., None], *args: Any) -> None: ...
+        def _internal_error(self) -> None: ...
         def _finalize(self, code: int, reason: str) -> None: ...
         def _check_state(self) -> None: ...
         def _resume_reading(self) -> None: ...
@@ -149,7 +153,13 @@ class OutboundQueue:
         return True
 
     def _queue_frame(self, frame: bytes) -> None:
-        """Queue one encoded message frame and schedule a flush."""
+        """Queue one encoded message frame and schedule a flush.
+
+        Never written at once, even to an idle connection: measured, writing
+        a reply straight away cut echo throughput at 50 clients from ~56-72k
+        to ~39-46k round trips/s (each reply woke the client on its own; the
+        end-of-iteration flush hands the clients their replies in batches).
+        """
         self._out.append(frame)
         self._out_bytes += len(frame)
         self._out_msgs += 1
