@@ -18,6 +18,7 @@ Message = str | bytes
 
 TEXT = 0x1
 BINARY = 0x2
+PING = 0x9
 _FIN = 0x80
 
 _HEAD16 = struct.Struct("!BBH")
@@ -25,7 +26,11 @@ _HEAD64 = struct.Struct("!BBQ")
 
 
 def encode_frame(opcode: int, payload: bytes) -> bytes:
-    """One final, unmasked frame of ``opcode`` carrying ``payload``."""
+    """One final, unmasked frame of ``opcode`` carrying ``payload``.
+
+    Control frames (``PING``) carry at most 125 bytes (RFC 6455, 5.5); the
+    caller keeps to that.
+    """
     n = len(payload)
     if n < 126:
         return bytes((_FIN | opcode, n)) + payload

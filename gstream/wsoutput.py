@@ -165,6 +165,12 @@ class OutboundQueue:
         self._out_msgs += 1
         self._schedule_flush()
 
+    def _queue_control(self, frame: bytes) -> None:
+        """Queue an encoded control frame (not counted against ``send_buffer``)."""
+        self._out.append(_Control(frame))
+        self._out_bytes += len(frame)
+        self._schedule_flush()
+
     def _flush_pending(self) -> None:
         """Send what :meth:`_push_shared` queued, now, from the calling greenlet."""
         if self._out and self._writer is None and not self._flush_scheduled and not self._finalized:

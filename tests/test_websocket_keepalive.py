@@ -170,3 +170,22 @@ def test_idle_connection_has_no_extra_greenlet(serve: Any) -> None:
     assert live_greenlets() - base <= 10
     for s in socks:
         s.close()
+
+
+def test_pings_keep_the_idle_pace_when_the_pong_wait_is_longer(serve: Any) -> None:
+    # read_idle_timeout is the heartbeat; pong_timeout only bounds the wait
+    # for an answer. (The next ping used to wait for pong_timeout to run out:
+    # one ping per 10 s instead of per 2 s with a 2 s heartbeat.)
+    srv = serve(websocket_app(lambda ws: ws.closed.wait(5),
+                              WSConfig(read_idle_timeout=0.1, pong_timeout=5.0)))
+    sock, _, _, rest = wsraw.handshake(srv.port)
+    r = wsraw.Reader(sock, rest)
+    pings = 0
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 0.8:
+        op, payload, _ = r.next(timeout=1)  # type: ignore[misc]
+        assert op == 0x9
+        pings += 1
+        sock.sendall(wsraw.frame(0xA, payload))
+    assert pings >= 5, pings  # one per ~0.1 s of silence
+    sock.close()

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from websockets.frames import Frame, Opcode
 from websockets.streams import StreamReader
 
-from gstream.wsframes import BINARY, TEXT, encode_frame, prepare
+from gstream.wsframes import BINARY, PING, TEXT, encode_frame, prepare
 
 
 def _parse(data: bytes) -> Frame:
@@ -43,3 +43,11 @@ def test_prepared_frames_parse_back_to_the_message(message: str | bytes) -> None
         assert frame.opcode is Opcode.TEXT and bytes(frame.data).decode() == message
     else:
         assert frame.opcode is Opcode.BINARY and bytes(frame.data) == message
+
+
+def test_keepalive_ping_frame_matches_websockets_serializer() -> None:
+    nonce = (12345).to_bytes(4, "big")
+    ours = encode_frame(PING, nonce)
+    assert ours == Frame(Opcode.PING, nonce).serialize(mask=False, extensions=[])
+    frame = _parse(ours)
+    assert (frame.opcode, bytes(frame.data)) == (Opcode.PING, nonce)
