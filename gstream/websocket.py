@@ -38,9 +38,9 @@ from .hijack import Hijack
 from .lifecycle import lifecycle
 from .tlsio import TLSTransport, is_tls, os_socket
 from .wsconfig import WSConfig
-from .wsframes import BINARY, PING, TEXT, Message, PreparedMessage, encode_frame, prepare
+from .wsframes import PING, Message, PreparedMessage, encode_frame, prepare
 from .wskeepalive import KeepaliveSweep, join_sweep
-from .wsoutput import OutboundQueue, _Control, flusher_for
+from .wsoutput import OutboundQueue, flusher_for
 from .wssession import CallbackSession, _discard
 
 __all__ = ["WebSocket", "PreparedMessage", "prepare", "close_all", "open_connections"]
@@ -254,78 +254,6 @@ class WebSocket(OutboundQueue, CallbackSession):
             except Closed:
                 return
 
-    def send(self, message: Message, timeout: float | None = None) -> None:
-        """Send a text (``str``) or binary (bytes-like) message.
-
-        Queues the frame; blocks while ``send_buffer`` messages are already
-        waiting for a slow peer (backpressure), raising :class:`TimeoutError`
-        after ``timeout`` seconds. Raises :class:`gstream.Closed` once closing.
-        """
-        if self._out_msgs >= self.config.send_buffer:
-            self._wait_space(timeout)
-        self._queue_message(message)  # checks the connection is open
-
-    def try_send(self, message: Message) -> bool:
-        """Queue ``message`` without blocking; False if the send buffer is full."""
-        self._check_open()
-        if self._out_msgs >= self.config.send_buffer:
-            return False
-        self._queue_message(message)
-        return True
-
-    def send_prepared(self, prepared: PreparedMessage, timeout: float | None = None) -> None:
-        """Like :meth:`send` for a :class:`PreparedMessage` (no re-encoding)."""
-        self._wait_space(timeout)
-        self._queue_prepared(prepared)
-
-    def try_send_prepared(self, prepared: PreparedMessage) -> bool:
-        """Queue a prepared message without blocking; False if the buffer is full.
-
-        This is what a hub calls in its fan-out loop: a False return is the
-        hook for its slow-consumer policy (drop, or ``close(1008)``/``abort``).
-        """
-        self._check_open()
-        if self._out_msgs >= self.config.send_buffer:
-            return False
-        self._queue_prepared(prepared)
-        return True
-
-    def send_prepared_drop_oldest(self, prepared: PreparedMessage) -> int:
-        """Queue a prepared message without blocking, making room if needed.
-
-        When the send buffer is full, the oldest queued messages that have
-        not started to leave are dropped to make room; returns how many
-        messages were lost (0 if none). With permessage-deflate nothing
-        queued can be dropped (each compressed frame depends on the ones
-        before it), so the new message is refused instead and 1 is returned.
-        Control frames (pongs, the close frame) are never dropped.
-        """
-        self._check_open()
-        limit = self.config.send_buffer
-        if self._out_msgs < limit:
-            self._queue_prepared(prepared)
-            return 0
-        if self._p.extensions:
-            return 1
-        # Index 0 may be partly sent already; everything behind it is whole,
-        # and without extensions one queued chunk is one message.
-        out = self._out
-        dropped = 0
-        i = 1
-        while self._out_msgs >= limit and i < len(out):
-            chunk = out[i]
-            if type(chunk) is not _Control:
-                del out[i]
-                self._out_bytes -= len(chunk)
-                self._out_msgs -= 1
-                dropped += 1
-            else:
-                i += 1
-        if self._out_msgs >= limit:
-            return dropped + 1  # nothing left to drop (send_buffer of 1)
-        self._queue_prepared(prepared)
-        return dropped
-
     def ping(self, data: bytes = b"") -> None:
         """Send a ping (the keepalive sends its own automatically)."""
         self._check_open()
@@ -396,53 +324,6 @@ class WebSocket(OutboundQueue, CallbackSession):
     def __repr__(self) -> str:
         state = "closed" if self._finalized else self._p.state.name.lower()
         return f"<WebSocket fd={self._fd} {state} code={self.close_code}>"
-
-    # --------------------------------------------------------------- sending
-    def _check_open(self) -> None:
-        if self._finalized or self._p.state is not OPEN:
-            raise Closed(self.close_reason or "connection closed", self.close_code)
-
-    def _wait_space(self, timeout: float | None) -> None:
-        self._check_open()
-        if self._out_msgs < self.config.send_buffer:
-            return
-        if gevent.getcurrent() is gevent.get_hub():
-            raise RuntimeError("send() would block in the hub; use try_send()")
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self._out_msgs >= self.config.send_buffer:
-            self._space.clear()
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not self._space.wait(remaining) and self._out_msgs >= self.config.send_buffer:
-                raise TimeoutError("send buffer full")
-            self._check_open()
-
-    def _queue_message(self, message: Message) -> None:
-        self._check_open()
-        if isinstance(message, str):
-            self._queue_payload(message.encode("utf-8"), True, None)
-        elif isinstance(message, (bytes, bytearray, memoryview)):
-            self._queue_payload(bytes(message), False, None)
-        else:
-            raise TypeError(f"send() takes str or bytes, not {type(message).__name__}")
-
-    def _queue_prepared(self, prepared: PreparedMessage) -> None:
-        self._check_open()
-        self._queue_payload(prepared.payload, prepared.is_text, prepared.frame)
-
-    def _queue_payload(self, payload: bytes, is_text: bool, frame: bytes | None) -> None:
-        if self._p.extensions:  # permessage-deflate: websockets compresses, per connection
-            if is_text:
-                self._p.send_text(payload)
-            else:
-                self._p.send_binary(payload)
-            self._take_output(True)
-            return
-        # A plain connection takes an unmasked frame as is: encoded here (a
-        # few microseconds less per message than a websockets Frame) unless
-        # a broadcast already encoded it once for everyone.
-        if frame is None:
-            frame = encode_frame(TEXT if is_text else BINARY, payload)
-        self._queue_frame(frame)
 
     # --------------------------------------------------------------- reading
     def _resume_reading(self) -> None:
