@@ -36,6 +36,7 @@ gstream's own server uses it by default.
 
 from __future__ import annotations
 
+import _socket
 import io
 import logging
 import socket
@@ -160,7 +161,7 @@ class GStreamHandler(WSGIHandler):
         _drop_attribute(self, "headers")  # the parsed request (~1 KiB); environ has it all
         env = getattr(self, "environ", None)
         if isinstance(env, dict):
-            env["wsgi.input"] = io.BytesIO(b"")
+            env["wsgi.input"] = _EMPTY_INPUT  # shared: a WebSocket keeps its environ
             env.pop("gstream.hijack", None)
         self.close_connection = True
         self.status = b"101 Switching Protocols"
@@ -187,7 +188,11 @@ class GStreamHandler(WSGIHandler):
             return None
         old = self.socket
         family, kind, proto = old.family, old.type, old.proto
-        sock = GeventSocket(family, kind, proto, fileno=old.detach())
+        # A plain OS socket, not a gevent one: the session reads and writes
+        # through its own watcher, and a gevent socket would carry two more
+        # libev watchers per idle connection.
+        sock = _socket.socket(family, kind, proto, fileno=old.detach())
+        sock.setblocking(False)
         return sock, release
 
     # pywsgi's writes all go through these; after a hijack they must not.

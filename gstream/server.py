@@ -206,17 +206,29 @@ class _WSGIServer(pywsgi.WSGIServer):
         if ctl.overflow == "queue" and (sem is None or not sem.acquire(blocking=False)):
             return None
         ctl._active += 1
-        released = False
+        return _DetachedSlot(ctl, sem)
 
-        def release() -> None:
-            nonlocal released
-            if not released:
-                released = True
-                ctl._active -= 1
-                if sem is not None:
-                    sem.release()
 
-        return release
+class _DetachedSlot:
+    """The release of a detached session's slot (callable once; later calls do nothing).
+
+    A small object rather than a closure: one per idle WebSocket session.
+    """
+
+    __slots__ = ("ctl", "sem")
+
+    def __init__(self, ctl: Any, sem: Any) -> None:
+        self.ctl = ctl
+        self.sem = sem
+
+    def __call__(self) -> None:
+        ctl, self.ctl = self.ctl, None
+        if ctl is None:
+            return
+        ctl._active -= 1
+        if self.sem is not None:
+            self.sem.release()
+            self.sem = None
 
 
 def _reject(sock: Any) -> None:

@@ -157,8 +157,7 @@ class WebSocket(OutboundQueue, CallbackSession):
         self._eof_sent = False
         self._flush_scheduled = False
         self._writer: gevent.Greenlet | None = None
-        self._space = gevent.event.Event()
-        self._space.set()
+        self._space: gevent.event.Event | None = None  # made when a sender must wait
         self._reader: Any = None
         self._reading = False
         self._keepalive: KeepaliveSweep | None = None
@@ -528,7 +527,8 @@ class WebSocket(OutboundQueue, CallbackSession):
         if not self._recv_done:
             self._recv_done = True
             self._wake_reader()
-            self._space.set()
+            if self._space is not None:
+                self._space.set()
         if p.state is CLOSED:
             self._finalize(1006, "connection lost")
         elif p.close_expected() and not self._out and self._close_timer is None:
@@ -564,7 +564,8 @@ class WebSocket(OutboundQueue, CallbackSession):
         self._out.clear()
         self._out_bytes = self._out_msgs = 0
         self._wake_reader()
-        self._space.set()
+        if self._space is not None:
+            self._space.set()
         self.closed.set()
         lifecycle.unregister(self)
         _open.discard(self)

@@ -134,7 +134,7 @@ class OutboundQueue:
         _flush_scheduled: bool
         _flusher: _Flusher
         _writer: gevent.Greenlet | None
-        _space: gevent.event.Event
+        _space: gevent.event.Event | None
 
         def _guard(self, fn: Callable[..., None], *args: Any) -> None: ...
         def _internal_error(self) -> None: ...
@@ -228,10 +228,13 @@ class OutboundQueue:
         if gevent.getcurrent() is gevent.get_hub():
             raise RuntimeError("send() would block in the hub; use try_send()")
         deadline = None if timeout is None else time.monotonic() + timeout
+        space = self._space
+        if space is None:  # made on first need: most connections never wait
+            space = self._space = gevent.event.Event()
         while self._out_msgs >= self.config.send_buffer:
-            self._space.clear()
+            space.clear()
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not self._space.wait(remaining) and self._out_msgs >= self.config.send_buffer:
+            if not space.wait(remaining) and self._out_msgs >= self.config.send_buffer:
                 raise TimeoutError("send buffer full")
             self._check_open()
 
@@ -347,7 +350,8 @@ class OutboundQueue:
             # Everything left (the common case): no walk over the queue.
             self._out.clear()
             self._out_bytes = self._out_msgs = 0
-            self._space.set()
+            if self._space is not None:
+                self._space.set()
             return
         self._out_bytes -= n
         out = self._out
@@ -365,7 +369,7 @@ class OutboundQueue:
                 n = 0
         if done:
             del out[:done]  # one slice: a list pops from the front in O(len)
-        if self._out_msgs < self.config.send_buffer:
+        if self._space is not None and self._out_msgs < self.config.send_buffer:
             self._space.set()
 
     def _flush_now(self) -> None:

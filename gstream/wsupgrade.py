@@ -58,12 +58,25 @@ def _request_bytes(environ: dict[str, Any]) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
 
 
-def _selector(preferred: Sequence[str]) -> Callable[[Any, Sequence[str]], str | None]:
-    def select(protocol: Any, offered: Sequence[str]) -> str | None:
-        for name in preferred:  # the server's order decides
-            if name in offered:
-                return name
-        return None  # nothing in common: no header, upgrade still succeeds
+_selectors: dict[tuple[str, ...], Callable[[Any, Sequence[str]], str | None]] = {}
+
+
+def _selector(preferred: Sequence[str]) -> Callable[[Any, Sequence[str]], str | None] | None:
+    """The subprotocol chooser for ``preferred``: None (websockets' default,
+    which answers no header) when there is nothing to choose, else one
+    shared function per list, not one closure per connection."""
+    if not preferred:
+        return None
+    key = tuple(preferred)
+    select = _selectors.get(key)
+    if select is None:
+        def select(protocol: Any, offered: Sequence[str]) -> str | None:
+            for name in key:  # the server's order decides
+                if name in offered:
+                    return name
+            return None  # nothing in common: no header, upgrade still succeeds
+        if len(_selectors) < 64:  # bounded: configs are few, but never grow without end
+            _selectors[key] = select
     return select
 
 
