@@ -189,3 +189,26 @@ def test_pings_keep_the_idle_pace_when_the_pong_wait_is_longer(serve: Any) -> No
         sock.sendall(wsraw.frame(0xA, payload))
     assert pings >= 5, pings  # one per ~0.1 s of silence
     sock.close()
+
+
+def test_keepalive_sweep_is_shared_and_goes_away_with_its_last_connection(serve: Any) -> None:
+    from gstream import wskeepalive
+
+    conns: list[gstream.WebSocket] = []
+
+    def handler(ws: gstream.WebSocket) -> None:
+        conns.append(ws)
+        ws.closed.wait(5)
+
+    srv = serve(websocket_app(handler, WSConfig(read_idle_timeout=0.05, pong_timeout=0.5)))
+    socks = [wsraw.handshake(srv.port)[0] for _ in range(3)]
+    assert wait_until(lambda: len(conns) == 3, 2)
+    sweeps = wskeepalive._sweeps.get(gevent.get_hub(), {})
+    assert list(sweeps) == [(0.05, 0.5)]  # one timer for all three connections
+    assert sweeps[(0.05, 0.5)].members == set(conns)
+    for ws in conns:
+        ws.close()
+    for s in socks:
+        s.close()
+    assert wait_until(lambda: all(ws.closed.is_set() for ws in conns), 3)
+    assert (0.05, 0.5) not in wskeepalive._sweeps.get(gevent.get_hub(), {})
