@@ -47,21 +47,20 @@ import gevent
 from gevent.pywsgi import Input, WSGIHandler
 from gevent.socket import socket as GeventSocket
 
-from .hijack import drain_buffered
+from .hijack import _CLOSED_READER, drain_buffered
 from .tlsio import is_tls
 
 __all__ = ["GStreamHandler"]
 
 log = logging.getLogger("gstream.handler")
 
-_CLOSED_READER = io.BytesIO()
-_CLOSED_READER.close()
 # Put in place of the reader of a hijacked connection; ``rfile is
 # _HIJACKED_READER`` is how the handler knows (one attribute less, see below).
 _HIJACKED_READER = io.BytesIO()
 _HIJACKED_READER.close()
-# One shared, empty request body for every stream whose reader was released
-# (content length 0: reads return b"" and pywsgi's discard reads nothing).
+# One shared, empty request body for every connection whose reader was
+# released (content length 0: reads return b"" without touching the reader,
+# pywsgi's discard reads nothing), also left in the environ a WebSocket keeps.
 _EMPTY_INPUT = Input(_CLOSED_READER, 0)
 # Above this, a first body chunk is sent on its own rather than copied after
 # the headers (the copy would cost more than the saved syscall).

@@ -49,19 +49,6 @@ _CLOSED_READER = io.BytesIO()
 _CLOSED_READER.close()
 
 
-_EMPTY_INPUT: Any = None
-
-
-def _empty_input() -> Any:
-    """A shared request body of length 0 (gevent's ``Input``, made on first use)."""
-    global _EMPTY_INPUT
-    if _EMPTY_INPUT is None:
-        from gevent.pywsgi import Input
-
-        _EMPTY_INPUT = Input(_CLOSED_READER, 0)
-    return _EMPTY_INPUT
-
-
 class Unsupported(Exception):
     """The WSGI server does not expose its socket in a way gstream knows."""
 
@@ -173,12 +160,14 @@ def _release_handler(handler: WSGIHandler, environ: Any) -> None:
     # it and drops the real reader (and its 8 KiB buffer) once environ does.
     handler.rfile = _CLOSED_READER
     # pywsgi discards the request body after the app returns; give it an
-    # empty one so it never touches the socket again. One shared instance:
-    # with a length of 0 it reads b"" without touching its reader (and the
-    # environ, which a WebSocket keeps, holds no object of its own for it).
+    # empty one so it never touches the socket again. (Imported here: the
+    # handler module imports gevent.pywsgi, hence ssl, which `import
+    # gstream` must not.)
+    from .handler import _EMPTY_INPUT
+
     if isinstance(environ, dict):
-        environ["wsgi.input"] = _empty_input()
-    handler.wsgi_input = _empty_input()
+        environ["wsgi.input"] = _EMPTY_INPUT
+    handler.wsgi_input = _EMPTY_INPUT
 
 
 def take(environ: Any, start_response: Any, server: str) -> Hijack:

@@ -491,22 +491,9 @@ class WebSocket(OutboundQueue, CallbackSession):
         self._ping_sent_at = now
         # Encoded here, not by websockets' send_ping: the same frame, with
         # less work per heartbeat (10,000 idle connections ping every interval).
-        frame = encode_frame(PING, self._ping_nonce)
-        if self._out or self._writer is not None or self._flush_scheduled or self._tls:
-            self._queue_control(frame)
-            return
-        # Idle and nothing queued: write it now. The sweep sends all due
-        # pings in this one loop iteration anyway, so there is nothing to
-        # batch, and a flush callback per ping is pure overhead.
-        try:
-            n = self._raw.send(frame)
-        except (BlockingIOError, InterruptedError):
-            n = 0
-        except OSError:
-            self._finalize(1006, "connection lost")
-            return
-        if n < len(frame):
-            self._queue_control(frame[n:])
+        # The sweep sends every due ping in this one loop iteration anyway:
+        # nothing to batch, so no flush callback per ping.
+        self._queue_control(encode_frame(PING, self._ping_nonce), now=True)
 
     def _update_close_info(self) -> None:
         if self.close_code is not None:

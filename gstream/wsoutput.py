@@ -152,8 +152,10 @@ class OutboundQueue:
         after ``timeout`` seconds. Raises :class:`gstream.Closed` once closing.
         """
         if self._out_msgs >= self.config.send_buffer:
-            self._wait_space(timeout)
-        self._queue_message(message)  # checks the connection is open
+            self._wait_space(timeout)  # checks the connection is open, also after waiting
+        else:
+            self._check_open()
+        self._queue_message(message)
 
     def try_send(self, message: Message) -> bool:
         """Queue ``message`` without blocking; False if the send buffer is full."""
@@ -238,8 +240,8 @@ class OutboundQueue:
                 raise TimeoutError("send buffer full")
             self._check_open()
 
+    # The callers have checked that the connection is open (once each).
     def _queue_message(self, message: Message) -> None:
-        self._check_open()
         if isinstance(message, str):
             self._queue_payload(message.encode("utf-8"), True, None)
         elif isinstance(message, (bytes, bytearray, memoryview)):
@@ -248,7 +250,6 @@ class OutboundQueue:
             raise TypeError(f"send() takes str or bytes, not {type(message).__name__}")
 
     def _queue_prepared(self, prepared: PreparedMessage) -> None:
-        self._check_open()
         self._queue_payload(prepared.payload, prepared.is_text, prepared.frame)
 
     def _queue_payload(self, payload: bytes, is_text: bool, frame: bytes | None) -> None:
@@ -295,14 +296,22 @@ class OutboundQueue:
         self._out_msgs += 1
         self._schedule_flush()
 
-    def _queue_control(self, frame: bytes) -> None:
-        """Queue an encoded control frame (not counted against ``send_buffer``)."""
+    def _queue_control(self, frame: bytes, now: bool = False) -> None:
+        """Queue an encoded control frame (not counted against ``send_buffer``).
+
+        With ``now``, an idle connection writes it at once; otherwise (and
+        behind queued frames or a writer) it leaves with the next flush.
+        """
         self._out.append(_Control(frame))
         self._out_bytes += len(frame)
-        self._schedule_flush()
+        if now:
+            self._flush_pending()
+        else:
+            self._schedule_flush()
 
     def _flush_pending(self) -> None:
-        """Send what :meth:`_push_shared` queued, now, from the calling greenlet."""
+        """Send what is queued, now, from the calling greenlet, unless a flush
+        is already due or a writer owns the connection (they will send it)."""
         if self._out and self._writer is None and not self._flush_scheduled and not self._finalized:
             self._guard(self._flush_now)
 

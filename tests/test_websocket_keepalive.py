@@ -16,38 +16,46 @@ from tests import wsraw
 from tests.helpers import live_greenlets, wait_until
 
 
-def test_idle_connection_gets_pinged_and_survives_with_pongs(serve: Any) -> None:
-    conns: list[gstream.WebSocket] = []
-
-    def handler(ws: gstream.WebSocket) -> None:  # push-only: never calls receive()
-        conns.append(ws)
-        ws.closed.wait(5)
-
-    srv = serve(websocket_app(handler, WSConfig(read_idle_timeout=0.1, pong_timeout=0.2)))
-    sock, _, _, rest = wsraw.handshake(srv.port)
-    r = wsraw.Reader(sock, rest)
-    pings = 0
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < 0.8:
-        op, payload, _ = r.next(timeout=1)  # type: ignore[misc]
-        assert op == 0x9 and len(payload) == 4  # a nonce, to measure latency
-        pings += 1
-        sock.sendall(wsraw.frame(0xA, payload))
-    assert pings >= 3
-    assert conns[0].open and conns[0].latency is not None
-    conns[0].close()
-    sock.close()
-
-
-def test_peer_that_never_pongs_is_closed_after_pong_timeout(serve: Any) -> None:
+def _parked_app(config: WSConfig) -> tuple[Any, list[gstream.WebSocket]]:
+    """An app whose sessions only wait to be closed (never call receive()),
+    and the list their connections are appended to."""
     conns: list[gstream.WebSocket] = []
 
     def handler(ws: gstream.WebSocket) -> None:
         conns.append(ws)
         ws.closed.wait(5)
 
-    srv = serve(websocket_app(handler, WSConfig(read_idle_timeout=0.1, pong_timeout=0.15,
-                                                close_timeout=0.2)))
+    return websocket_app(handler, config), conns
+
+
+def _answer_pings(sock: socket.socket, rest: bytes, seconds: float) -> int:
+    """Pong every ping (4-byte nonce) the server sends for ``seconds``; count them."""
+    r = wsraw.Reader(sock, rest)
+    pings = 0
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        op, payload, _ = r.next(timeout=1)  # type: ignore[misc]
+        assert op == 0x9 and len(payload) == 4  # a nonce, to measure latency
+        pings += 1
+        sock.sendall(wsraw.frame(0xA, payload))
+    return pings
+
+
+
+def test_idle_connection_gets_pinged_and_survives_with_pongs(serve: Any) -> None:
+    app, conns = _parked_app(WSConfig(read_idle_timeout=0.1, pong_timeout=0.2))
+    srv = serve(app)
+    sock, _, _, rest = wsraw.handshake(srv.port)
+    assert _answer_pings(sock, rest, 0.8) >= 3
+    assert conns[0].open and conns[0].latency is not None
+    conns[0].close()
+    sock.close()
+
+
+def test_peer_that_never_pongs_is_closed_after_pong_timeout(serve: Any) -> None:
+    app, conns = _parked_app(WSConfig(read_idle_timeout=0.1, pong_timeout=0.15,
+                                      close_timeout=0.2))
+    srv = serve(app)
     sock, _, _, rest = wsraw.handshake(srv.port)
     r = wsraw.Reader(sock, rest)
     t0 = time.monotonic()
@@ -176,17 +184,10 @@ def test_pings_keep_the_idle_pace_when_the_pong_wait_is_longer(serve: Any) -> No
     # read_idle_timeout is the heartbeat; pong_timeout only bounds the wait
     # for an answer. (The next ping used to wait for pong_timeout to run out:
     # one ping per 10 s instead of per 2 s with a 2 s heartbeat.)
-    srv = serve(websocket_app(lambda ws: ws.closed.wait(5),
-                              WSConfig(read_idle_timeout=0.1, pong_timeout=5.0)))
+    app, _ = _parked_app(WSConfig(read_idle_timeout=0.1, pong_timeout=5.0))
+    srv = serve(app)
     sock, _, _, rest = wsraw.handshake(srv.port)
-    r = wsraw.Reader(sock, rest)
-    pings = 0
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < 0.8:
-        op, payload, _ = r.next(timeout=1)  # type: ignore[misc]
-        assert op == 0x9
-        pings += 1
-        sock.sendall(wsraw.frame(0xA, payload))
+    pings = _answer_pings(sock, rest, 0.8)
     assert pings >= 5, pings  # one per ~0.1 s of silence
     sock.close()
 
@@ -194,13 +195,8 @@ def test_pings_keep_the_idle_pace_when_the_pong_wait_is_longer(serve: Any) -> No
 def test_keepalive_sweep_is_shared_and_goes_away_with_its_last_connection(serve: Any) -> None:
     from gstream import wskeepalive
 
-    conns: list[gstream.WebSocket] = []
-
-    def handler(ws: gstream.WebSocket) -> None:
-        conns.append(ws)
-        ws.closed.wait(5)
-
-    srv = serve(websocket_app(handler, WSConfig(read_idle_timeout=0.05, pong_timeout=0.5)))
+    app, conns = _parked_app(WSConfig(read_idle_timeout=0.05, pong_timeout=0.5))
+    srv = serve(app)
     socks = [wsraw.handshake(srv.port)[0] for _ in range(3)]
     assert wait_until(lambda: len(conns) == 3, 2)
     sweeps = wskeepalive._sweeps.get(gevent.get_hub(), {})
