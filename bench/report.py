@@ -67,7 +67,8 @@ def fmt(v: float, digits: int) -> str:
 
 
 def render_tables(runs: list[dict], caps: dict, labels: dict, servers: list[str],
-                  not_peers: set[str]) -> tuple[str, dict]:
+                  not_peers: set[str], expected_reps: dict[str, int] | None = None,
+                  ) -> tuple[str, dict]:
     summary = summarize(runs)
     errors: dict[tuple, str] = {}
     for r in runs:
@@ -117,6 +118,9 @@ def render_tables(runs: list[dict], caps: dict, labels: dict, servers: list[str]
                         txt += f" ({cell[metric] / best[s]:.2f}x)"
                     if cell.get("failed"):
                         txt += f" !{cell['failed']}/{cell['n']}"
+                    want = (expected_reps or {}).get(sc, 0)
+                    if cell["n"] < want:
+                        txt += f" [{cell['n']} of {want} reps]"
                     if metric in ("deliveries_per_s", "round_trips_per_s") and \
                             cell.get("loadgen_cpu_pct", 0) > 90:
                         txt += " LG-bound?"
@@ -125,7 +129,8 @@ def render_tables(runs: list[dict], caps: dict, labels: dict, servers: list[str]
             lines.append("")
     lines.append("Cells are medians over repetitions; (Nx) = cell / best Python peer in the column "
                  "(raw epoll and gstream excluded from 'peer'). '!a/b' = a of b runs had losses, "
-                 "errors or too few connections. 'LG-bound?' = a loadgen worker was above 90% CPU.")
+                 "errors or too few connections. 'LG-bound?' = a loadgen worker was above 90% CPU. "
+                 "'[a of b reps]' = only a of the b repetitions ran (time budget).")
     unavailable = {k: v.get("unavailable") or v.get("error") for k, v in caps.items()
                    if "unavailable" in v or "error" in v}
     if unavailable:
