@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 from typing import Any
 
 import gevent
@@ -18,7 +19,7 @@ from gstream import Closed, WSConfig, websocket_app
 from gstream.handler import GStreamHandler
 from gstream.lifecycle import lifecycle
 from tests import wsraw
-from tests.helpers import wait_until
+from tests.helpers import read_response_head, wait_until
 
 
 def echo(ws: gstream.WebSocket) -> None:
@@ -151,6 +152,28 @@ def test_refused_handshakes(serve: Any, headers: dict[str, Any], method: str, st
     with connect(f"ws://127.0.0.1:{srv.port}/") as c:  # still healthy
         c.send("ok")
         assert c.recv(timeout=2) == "ok"
+
+
+def test_http10_upgrade_refused(serve: Any) -> None:
+    # RFC 6455 4.1: the opening handshake is an HTTP/1.1 request.
+    srv = serve(websocket_app(echo), handler_class=GStreamHandler)
+    sock, got, hdrs, rest = wsraw.handshake(srv.port, protocol="HTTP/1.0")
+    assert got == 400
+    body = rest + sock.recv(4096) if len(rest) < int(hdrs.get("content-length", 0)) else rest
+    assert "http/1.1" in body.decode().lower()
+    sock.close()
+
+
+def test_duplicate_key_header_refused(serve: Any) -> None:
+    # The server joins repeated headers with ", ": two keys are no valid key.
+    srv = serve(websocket_app(echo), handler_class=GStreamHandler)
+    req = (f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{srv.port}\r\nUpgrade: websocket\r\n"
+           f"Connection: Upgrade\r\nSec-WebSocket-Key: {wsraw.KEY}\r\n"
+           f"Sec-WebSocket-Key: {wsraw.KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as sock:
+        sock.sendall(req.encode())
+        status, _, _ = read_response_head(sock)
+    assert status == 400
 
 
 @pytest.mark.parametrize("origin,check,ok", [

@@ -20,14 +20,14 @@ KEY = base64.b64encode(b"0123456789abcdef").decode()
 
 def handshake(port: int, path: str = "/", headers: dict[str, str] | None = None,
               extra: bytes = b"", timeout: float = 5.0, method: str = "GET",
-              source: str | None = None,
+              source: str | None = None, protocol: str = "HTTP/1.1",
               ) -> tuple[socket.socket, int, dict[str, str], bytes]:
     """Send an upgrade request (plus ``extra`` bytes in the same write),
     from the loopback address ``source`` if given."""
     h = {"Host": f"127.0.0.1:{port}", "Upgrade": "websocket", "Connection": "Upgrade",
          "Sec-WebSocket-Key": KEY, "Sec-WebSocket-Version": "13"}
     h.update(headers or {})
-    req = f"{method} {path} HTTP/1.1\r\n" + "".join(
+    req = f"{method} {path} {protocol}\r\n" + "".join(
         f"{k}: {v}\r\n" for k, v in h.items() if v is not None) + "\r\n"
     s = socket.create_connection(("127.0.0.1", port), timeout=timeout,
                                  source_address=(source, 0) if source else None)
