@@ -20,6 +20,7 @@ from urllib.parse import quote
 
 import gevent
 from websockets.datastructures import Headers
+from websockets.exceptions import InvalidHeaderValue
 from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
 from websockets.http11 import Request
 from websockets.protocol import OPEN
@@ -50,7 +51,8 @@ def _request(environ: dict[str, Any]) -> Request:
     second time (the server has parsed the head already): ~35-70 us less per
     connection, which adds up when 10,000 clients reconnect after a restart.
     Header values come from the server's parser and go into no byte stream,
-    so nothing here can inject a header.
+    so nothing here can inject a header. Raises :class:`HandshakeError` (400)
+    for a value websockets will not hold (control characters).
     """
     path = environ.get("RAW_URI") or environ.get("REQUEST_URI")
     if not path:
@@ -61,7 +63,14 @@ def _request(environ: dict[str, Any]) -> Request:
     headers = Headers()
     for key, value in environ.items():
         if key.startswith("HTTP_") and isinstance(value, str):
-            headers[key[5:].replace("_", "-")] = value
+            name = key[5:].replace("_", "-")
+            try:
+                headers[name] = value
+            except InvalidHeaderValue:
+                # websockets >= 14 refuses control characters in a value; the
+                # server's parser may have let them through. Older versions
+                # store it and their header parsers in accept() refuse it.
+                raise _refuse(400, f"invalid {name.title()} header") from None
     return Request(path, headers)
 
 

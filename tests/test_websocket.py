@@ -164,6 +164,20 @@ def test_http10_upgrade_refused(serve: Any) -> None:
     sock.close()
 
 
+@pytest.mark.parametrize("name", ["Sec-WebSocket-Protocol", "X-Junk"])
+def test_control_character_in_header_refused(serve: Any, name: str) -> None:
+    # Found by fuzz/fuzz_websocket.py: websockets' Headers refuses such a
+    # value, which must be a 400 with its reason, not an internal error.
+    srv = serve(websocket_app(echo), handler_class=GStreamHandler)
+    value = "chat\x01" if name == "Sec-WebSocket-Protocol" else "a\x00b"
+    sock, got, hdrs, rest = wsraw.handshake(srv.port, headers={name: value})
+    assert got == 400
+    sock.close()
+    with connect(f"ws://127.0.0.1:{srv.port}/") as c:  # still healthy
+        c.send("ok")
+        assert c.recv(timeout=2) == "ok"
+
+
 def test_duplicate_key_header_refused(serve: Any) -> None:
     # The server joins repeated headers with ", ": two keys are no valid key.
     srv = serve(websocket_app(echo), handler_class=GStreamHandler)
