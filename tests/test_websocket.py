@@ -136,6 +136,10 @@ def test_pre_read_bytes_after_handshake_are_kept(serve: Any) -> None:
     ({"Sec-WebSocket-Key": None}, "GET", 400, "Key"),
     ({"Connection": "keep-alive"}, "GET", 400, "Connection"),
     ({"Origin": "http://evil.example"}, "GET", 403, "origin"),
+    # Found by fuzz/fuzz_websocket.py: a control character in a value is a
+    # 400 naming the header, not an internal error, on websockets 13 and 17.
+    ({"Sec-WebSocket-Protocol": "chat\x01"}, "GET", 400, "Sec-Websocket-Protocol"),
+    ({"X-Junk": "a\x00b"}, "GET", 400, "X-Junk"),
 ])
 def test_refused_handshakes(serve: Any, headers: dict[str, Any], method: str, status: int,
                             needle: str) -> None:
@@ -162,20 +166,6 @@ def test_http10_upgrade_refused(serve: Any) -> None:
     body = rest + sock.recv(4096) if len(rest) < int(hdrs.get("content-length", 0)) else rest
     assert "http/1.1" in body.decode().lower()
     sock.close()
-
-
-@pytest.mark.parametrize("name", ["Sec-WebSocket-Protocol", "X-Junk"])
-def test_control_character_in_header_refused(serve: Any, name: str) -> None:
-    # Found by fuzz/fuzz_websocket.py: websockets' Headers refuses such a
-    # value, which must be a 400 with its reason, not an internal error.
-    srv = serve(websocket_app(echo), handler_class=GStreamHandler)
-    value = "chat\x01" if name == "Sec-WebSocket-Protocol" else "a\x00b"
-    sock, got, hdrs, rest = wsraw.handshake(srv.port, headers={name: value})
-    assert got == 400
-    sock.close()
-    with connect(f"ws://127.0.0.1:{srv.port}/") as c:  # still healthy
-        c.send("ok")
-        assert c.recv(timeout=2) == "ok"
 
 
 def test_duplicate_key_header_refused(serve: Any) -> None:
