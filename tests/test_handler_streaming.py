@@ -186,3 +186,49 @@ def test_open_websocket_keeps_no_parsed_handshake(serve) -> None:  # type: ignor
         assert handlers and all("headers" not in vars(h) for h in handlers)
     finally:
         sock.close()
+
+
+@pytest.mark.parametrize("server", ["pywsgi", "gstream"])
+def test_keepalive_client_with_requests_ready_does_not_starve_others(serve, gserver, server) -> None:  # type: ignore[no-untyped-def]
+    # Client A pipelines 100 requests; while its first is being served, client
+    # B's request arrives. A greenlet only yields when a read would block, and
+    # A's are all buffered: without a pass through the loop between requests,
+    # B waits for all 100 of A's.
+    order: list[str] = []
+    clients: dict[str, socket.socket] = {}
+
+    def app(environ, start_response):  # type: ignore[no-untyped-def]
+        path = environ["PATH_INFO"]
+        order.append(path)
+        if path == "/a1":
+            clients["b"].sendall(b"GET /b1 HTTP/1.1\r\nHost: x\r\n\r\n")
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
+        return [b"ok"]
+
+    if server == "pywsgi":
+        port = serve(app, WSGIServer, handler_class=GStreamHandler).port
+    else:
+        port = gserver(app).port
+    n = 100
+    with gevent.Timeout(10):
+        for name in ("a", "b"):
+            # One request each first: both handlers now wait between keep-alive requests.
+            clients[name] = raw_http(port, b"GET /%s0 HTTP/1.1\r\nHost: x\r\n\r\n" % name.encode())
+            _read_until(clients[name], 1)
+        order.clear()
+        clients["a"].sendall(b"".join(b"GET /a%d HTTP/1.1\r\nHost: x\r\n\r\n" % i
+                                      for i in range(1, n + 1)))
+        _read_until(clients["a"], n)
+        _read_until(clients["b"], 1)
+    for s in clients.values():
+        s.close()
+    assert len(order) == n + 1
+    assert order.index("/b1") <= 3, order[:10]
+
+
+def _read_until(sock: socket.socket, responses: int) -> None:
+    buf = b""
+    while buf.count(b"HTTP/1.1 200 OK") < responses or not buf.endswith(b"ok"):
+        data = sock.recv(65536)
+        assert data, "connection closed early"
+        buf += data
