@@ -11,6 +11,12 @@ clients one quick reconnect::
 
     gunicorn -k gstream.contrib.gunicorn.GeventWorker -w 4 myapp:app
     gunicorn -k gstream.contrib.gunicorn.GeventPyWSGIWorker -w 4 myapp:app
+
+They also keep keep-alive connections fair, as ``GStreamHandler`` does: gunicorn's
+loops read a connection's next request without going back to the event loop
+when it has already arrived, so one fast or pipelining client could hold the
+worker while every other connection waited. Between two requests on one
+connection these workers let the loop run once (~6 us).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from typing import Any
 import gevent
 from gunicorn.workers import ggevent
 
+from ..handler import _yield_to_ready_io
 from ..lifecycle import lifecycle
 
 __all__ = ["GeventWorker", "GeventPyWSGIWorker"]
@@ -50,8 +57,26 @@ class _Draining:
 
 
 class GeventWorker(_Draining, ggevent.GeventWorker):
-    """``-k gevent`` plus a graceful end of SSE streams and WebSockets on SIGTERM."""
+    """``-k gevent`` plus a graceful end of SSE streams and WebSockets on SIGTERM,
+    and fair keep-alive connections."""
+
+    def handle_request(self, listener_name: Any, req: Any, sock: Any, addr: Any) -> Any:
+        result = super().handle_request(listener_name, req, sock, addr)
+        # The connection stays open (gunicorn raises StopIteration to close
+        # it): let the others' ready requests run before reading its next.
+        _yield_to_ready_io()
+        return result
+
+
+class _FairPyWSGIHandler(ggevent.PyWSGIHandler):
+    def handle_one_request(self) -> Any:
+        if self.status is not None:  # a keep-alive connection's next request
+            _yield_to_ready_io()
+        return super().handle_one_request()
 
 
 class GeventPyWSGIWorker(_Draining, ggevent.GeventPyWSGIWorker):
-    """``-k gevent_pywsgi`` plus a graceful end of SSE streams and WebSockets on SIGTERM."""
+    """``-k gevent_pywsgi`` plus a graceful end of SSE streams and WebSockets on SIGTERM,
+    and fair keep-alive connections."""
+
+    wsgi_handler = _FairPyWSGIHandler
