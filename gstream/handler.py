@@ -52,6 +52,7 @@ import gevent
 from gevent.pywsgi import Input, WSGIHandler
 from gevent.socket import socket as GeventSocket
 
+from .fairness import yield_to_ready_io
 from .hijack import _CLOSED_READER, drain_buffered
 from .tlsio import is_tls
 
@@ -121,7 +122,7 @@ class GStreamHandler(WSGIHandler):
         if self.status is not None:
             # The next request on a keep-alive connection (pywsgi's status
             # stays set until then): let every other ready connection go first.
-            _yield_to_ready_io()
+            yield_to_ready_io()
         if self.request_head_timeout is not None:
             self._head_timer = gevent.Timeout.start_new(
                 self.request_head_timeout, _HeadTimeout("request head timeout"))
@@ -336,36 +337,6 @@ class GStreamHandler(WSGIHandler):
             self.close_connection = True
             return
         super()._send_error_response_if_possible(error_code)
-
-
-def _noop() -> None:
-    pass
-
-
-def _yield_to_ready_io() -> None:
-    """Return after the event loop has polled once and run the I/O that was ready.
-
-    Why: a greenlet only gives up the loop when a read or write would block.
-    A keep-alive client whose next request is already there when its
-    response has gone (a fast client, or a pipelining one) is served again
-    at once, and every other connection waits; measured on 2 keep-alive
-    connections to a Flask view, p99 5-9 ms and stalls of 25-150 ms, where
-    plain pywsgi (slower, two sends per response) had ~1-2 ms. One loop
-    pass per request costs ~6 us. ``gevent.sleep(0)`` would not do: it can
-    resume this greenlet before the loop polls. The check watcher fires just
-    after a poll; the idle watcher keeps that poll from blocking when nothing
-    is ready (the next request may already sit in this handler's buffer).
-    """
-    hub = gevent.get_hub()
-    loop = hub.loop
-    idle = loop.idle()
-    check = loop.check()
-    idle.start(_noop)
-    try:
-        hub.wait(check)
-    finally:
-        idle.close()
-        check.close()
 
 
 def _has_buffered(rfile: Any, sock: Any) -> bool:

@@ -26,7 +26,7 @@ from typing import Any
 import gevent
 from gunicorn.workers import ggevent
 
-from ..handler import _yield_to_ready_io
+from ..fairness import yield_to_ready_io
 from ..lifecycle import lifecycle
 
 __all__ = ["GeventWorker", "GeventPyWSGIWorker"]
@@ -64,14 +64,14 @@ class GeventWorker(_Draining, ggevent.GeventWorker):
         result = super().handle_request(listener_name, req, sock, addr)
         # The connection stays open (gunicorn raises StopIteration to close
         # it): let the others' ready requests run before reading its next.
-        _yield_to_ready_io()
+        yield_to_ready_io()
         return result
 
 
 class _FairPyWSGIHandler(ggevent.PyWSGIHandler):
     def handle_one_request(self) -> Any:
         if self.status is not None:  # a keep-alive connection's next request
-            _yield_to_ready_io()
+            yield_to_ready_io()
         return super().handle_one_request()
 
 
