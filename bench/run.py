@@ -433,10 +433,9 @@ class Bench:
         srv, lg = self.start(name, 0, m)
         try:
             secs = self.cfg["view_secs"]
-            lg.ask([{"cmd": "connect", "kind": "view", "n": 2, "timeout": 10}]
-                   + [None] * (len(lg.procs) - 1), 20)
-            base = lg.ask([{"cmd": "view", "seconds": secs}] + [None] * (len(lg.procs) - 1),
-                          secs + 15)[0]
+            rest = [None] * (len(lg.procs) - 1)  # commands for the first worker only
+            lg.ask([{"cmd": "connect", "kind": "view", "n": 2, "timeout": 10}] + rest, 20)
+            base = lg.ask([{"cmd": "view", "seconds": secs}] + rest, secs + 15)[0]
             c = lg.split(kind, m, self.connect_timeout(m))
             n_events = int(LEGACY_RATE * (secs + 15))
             self.run_id += 1
@@ -446,14 +445,12 @@ class Bench:
             # A server may close a keep-alive connection left idle through the
             # connect phase (uvicorn's timeout_keep_alive is 5 s): replace it,
             # so that every server is measured on two live connections.
-            rest = [None] * (len(lg.procs) - 1)
             open_views = lg.ask([{"cmd": "stats"}] + rest, 10)[0]["open"].get("view", 0)
             if open_views < 2:
                 lg.ask([{"cmd": "connect", "kind": "view", "n": 2 - open_views, "timeout": 10}]
                        + rest, 20)
             win = CpuWindow(srv, lg)
-            loaded = lg.ask([{"cmd": "view", "seconds": secs}] + [None] * (len(lg.procs) - 1),
-                            secs + 15)[0]
+            loaded = lg.ask([{"cmd": "view", "seconds": secs}] + rest, secs + 15)[0]
             cpu = win.done()
             b = [s / 1000 for s in base["samples_us"]]
             lo = [s / 1000 for s in loaded["samples_us"]]

@@ -5,7 +5,8 @@ A keep-alive client whose next request has already arrived when its response
 has gone (a fast client, or a pipelining one) is therefore served again at
 once, and every other connection waits. pywsgi's and gunicorn's request loops
 both read the next request straight away; gstream's handler and its gunicorn
-workers call :func:`yield_to_ready_io` first.
+workers call :func:`yield_to_ready_io` first (pywsgi handlers through
+:class:`FairKeepAlive`).
 
 Measured on 2 keep-alive connections to a Flask view (docs/performance.md,
 fifth round): p99 6-11 ms with stalls up to ~100 ms before, ~2 ms after, at
@@ -14,9 +15,11 @@ fifth round): p99 6-11 ms with stalls up to ~100 ms before, ~2 ms after, at
 
 from __future__ import annotations
 
+from typing import Any
+
 import gevent
 
-__all__ = ["yield_to_ready_io"]
+__all__ = ["FairKeepAlive", "yield_to_ready_io"]
 
 
 def _noop() -> None:
@@ -41,3 +44,18 @@ def yield_to_ready_io() -> None:
     finally:
         idle.close()
         check.close()
+
+
+class FairKeepAlive:
+    """Mixin for a ``gevent.pywsgi.WSGIHandler`` subclass (put it first among the bases).
+
+    Before each request after the first on a connection (pywsgi keeps the
+    previous response's ``status`` until then), lets the loop run once.
+    """
+
+    status: Any
+
+    def handle_one_request(self) -> Any:
+        if self.status is not None:
+            yield_to_ready_io()
+        return super().handle_one_request()  # type: ignore[misc]

@@ -52,7 +52,7 @@ import gevent
 from gevent.pywsgi import Input, WSGIHandler
 from gevent.socket import socket as GeventSocket
 
-from .fairness import yield_to_ready_io
+from .fairness import FairKeepAlive
 from .hijack import _CLOSED_READER, drain_buffered
 from .tlsio import is_tls
 
@@ -101,7 +101,7 @@ class _HeadTimeout(socket.timeout):
     request-line reader treats it as a dead connection)."""
 
 
-class GStreamHandler(WSGIHandler):
+class GStreamHandler(FairKeepAlive, WSGIHandler):
     """A pywsgi handler that supports a clean hijack (see module docstring)."""
 
     #: Seconds a client may take to send a complete request line and headers
@@ -119,10 +119,6 @@ class GStreamHandler(WSGIHandler):
         return self.rfile is _HIJACKED_READER
 
     def handle_one_request(self) -> Any:
-        if self.status is not None:
-            # The next request on a keep-alive connection (pywsgi's status
-            # stays set until then): let every other ready connection go first.
-            yield_to_ready_io()
         if self.request_head_timeout is not None:
             self._head_timer = gevent.Timeout.start_new(
                 self.request_head_timeout, _HeadTimeout("request head timeout"))

@@ -37,6 +37,31 @@ def raw_http(port: int, request: bytes, *, timeout: float = 5.0) -> socket.socke
     return s
 
 
+def response_bodies(buf: bytes) -> list[bytes]:
+    """Bodies of the complete ``Content-Length`` responses at the start of ``buf``."""
+    bodies = []
+    while True:
+        head, sep, rest = buf.partition(b"\r\n\r\n")
+        if not sep:
+            return bodies
+        assert head.startswith(b"HTTP/1.1 200 "), head[:40]
+        fields = head.lower().split(b"\r\n")[1:]
+        length = next(int(f.split(b":", 1)[1]) for f in fields if f.startswith(b"content-length:"))
+        if len(rest) < length:
+            return bodies
+        bodies.append(rest[:length])
+        buf = rest[length:]
+
+
+def read_responses(sock: socket.socket, count: int, buf: bytes = b"") -> bytes:
+    """Read from ``sock`` until ``buf`` holds ``count`` complete responses; return it."""
+    while len(response_bodies(buf)) < count:
+        data = sock.recv(65536)
+        assert data, "connection closed early"
+        buf += data
+    return buf
+
+
 def read_response_head(sock: socket.socket, limit: int = 65536) -> tuple[int, dict[str, str], bytes]:
     """Read an HTTP response head; return (status, headers, bytes after head)."""
     buf = b""

@@ -16,29 +16,16 @@ import gevent
 import pytest
 
 from tests import examples_support as ex
+from tests.helpers import read_responses, response_bodies
 
 pytest.importorskip("gunicorn")
 
 BURST = 100
 
 
-def _responses(buf: bytes) -> list[int]:
-    """Order numbers of the complete responses in ``buf``."""
-    out = []
-    for part in buf.split(b"HTTP/1.1 200 OK")[1:]:
-        head, sep, body = part.partition(b"\r\n\r\n")
-        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-        if sep and len(body) >= length:
-            out.append(int(body[:length]))
-    return out
-
-
-def _read_until(sock: socket.socket, buf: bytes, count: int) -> bytes:
-    while len(_responses(buf)) < count:
-        data = sock.recv(65536)
-        assert data, "connection closed early"
-        buf += data
-    return buf
+def _order(buf: bytes) -> list[int]:
+    """The serving order numbers in the complete responses of ``buf``."""
+    return [int(body) for body in response_bodies(buf)]
 
 
 @pytest.mark.parametrize("worker", ["GeventWorker", "GeventPyWSGIWorker"])
@@ -51,17 +38,17 @@ def test_pipelining_client_does_not_starve_another(tmp_path: Path, worker: str) 
             b = socket.create_connection(("127.0.0.1", srv.port))
             for s in (a, b):  # both connections now wait between keep-alive requests
                 s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-                _read_until(s, b"", 1)
+                read_responses(s, 1)
             a.sendall(b"GET /?ms=2 HTTP/1.1\r\nHost: x\r\n\r\n" * BURST)
-            got_a = _read_until(a, b"", 1)
-            first_a = _responses(got_a)[0]
+            got_a = read_responses(a, 1)
+            first_a = _order(got_a)[0]
             b.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-            served_b = _responses(_read_until(b, b"", 1))[0]
-            got_a = _read_until(a, got_a, BURST)
+            served_b = _order(read_responses(b, 1))[0]
+            got_a = read_responses(a, BURST, got_a)
             a.close()
             b.close()
     finally:
         srv.stop()
-    last_a = max(_responses(got_a))
+    last_a = max(_order(got_a))
     # Without the pass through the loop B comes after all of A's (last_a + 1).
     assert served_b - first_a <= BURST // 2, (first_a, served_b, last_a)

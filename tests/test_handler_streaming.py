@@ -14,7 +14,7 @@ from gevent.pywsgi import WSGIServer
 from gstream.broker import SSEBroker
 from gstream.handler import GStreamHandler
 from gstream.server import Server
-from tests.helpers import ChunkedReader, raw_http, wait_until
+from tests.helpers import ChunkedReader, raw_http, read_responses, response_bodies, wait_until
 
 
 def _streaming_app(seen: list[dict[str, object]]):  # type: ignore[no-untyped-def]
@@ -214,21 +214,14 @@ def test_keepalive_client_with_requests_ready_does_not_starve_others(serve, gser
         for name in ("a", "b"):
             # One request each first: both handlers now wait between keep-alive requests.
             clients[name] = raw_http(port, b"GET /%s0 HTTP/1.1\r\nHost: x\r\n\r\n" % name.encode())
-            _read_until(clients[name], 1)
+            read_responses(clients[name], 1)
         order.clear()
         clients["a"].sendall(b"".join(b"GET /a%d HTTP/1.1\r\nHost: x\r\n\r\n" % i
                                       for i in range(1, n + 1)))
-        _read_until(clients["a"], n)
-        _read_until(clients["b"], 1)
+        assert response_bodies(read_responses(clients["a"], n)) == [b"ok"] * n
+        assert response_bodies(read_responses(clients["b"], 1)) == [b"ok"]
     for s in clients.values():
         s.close()
     assert len(order) == n + 1
     assert order.index("/b1") <= 3, order[:10]
 
-
-def _read_until(sock: socket.socket, responses: int) -> None:
-    buf = b""
-    while buf.count(b"HTTP/1.1 200 OK") < responses or not buf.endswith(b"ok"):
-        data = sock.recv(65536)
-        assert data, "connection closed early"
-        buf += data

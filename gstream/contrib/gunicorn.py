@@ -26,7 +26,7 @@ from typing import Any
 import gevent
 from gunicorn.workers import ggevent
 
-from ..fairness import yield_to_ready_io
+from ..fairness import FairKeepAlive, yield_to_ready_io
 from ..lifecycle import lifecycle
 
 __all__ = ["GeventWorker", "GeventPyWSGIWorker"]
@@ -68,11 +68,8 @@ class GeventWorker(_Draining, ggevent.GeventWorker):
         return result
 
 
-class _FairPyWSGIHandler(ggevent.PyWSGIHandler):
-    def handle_one_request(self) -> Any:
-        if self.status is not None:  # a keep-alive connection's next request
-            yield_to_ready_io()
-        return super().handle_one_request()
+class _FairPyWSGIHandler(FairKeepAlive, ggevent.PyWSGIHandler):
+    pass
 
 
 class GeventPyWSGIWorker(_Draining, ggevent.GeventPyWSGIWorker):
