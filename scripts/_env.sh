@@ -16,8 +16,10 @@ apt_install() {
     local sudo=""
     [ "$(id -u)" -ne 0 ] && sudo="sudo"
     echo ">> apt-get install ${missing[*]}"
-    $sudo apt-get update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    # Wait for another apt (a parallel job) instead of failing on its lock.
+    $sudo apt-get -o DPkg::Lock::Timeout=300 update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get -o DPkg::Lock::Timeout=300 install -y -qq \
+        --no-install-recommends "${missing[@]}" >/dev/null
 }
 
 ensure_venv() {
