@@ -393,8 +393,8 @@ def test_scaleout_example_under_gunicorn_with_two_gevent_workers(
             def booted() -> bool:
                 return gunicorn_log().count("Booting worker") >= 2
 
-            assert wait_until(booted, timeout=20, interval=0.05)
-            assert wait_until(up, timeout=20, interval=0.1)
+            assert wait_until(booted, timeout=60, interval=0.05)
+            assert wait_until(up, timeout=60, interval=0.1)
             # Connections land on either worker (both accept on the shared
             # socket): keep opening until both serve one.
             by_pid: dict[str, SSEStream] = {}
