@@ -1,10 +1,11 @@
-"""gstream behind a real nginx (Debian's) terminating TLS, with the guide's configuration.
+"""gstream behind a real nginx (and Caddy) terminating TLS, with the guide's configurations.
 
 nginx runs in the foreground with its own prefix and temp dirs on a free
 127.0.0.1 port, with a throwaway self-signed certificate, and the very file
 docs/deploy.md shows (examples/deploy/nginx.conf; only addresses, paths and
-the read timeout are substituted). Behind it: ``gstream serve`` and gstream's
-gunicorn workers, as subprocesses, serving tests/apps/proxied.py.
+the read timeout are substituted); Caddy likewise (examples/deploy/Caddyfile).
+Behind them: ``gstream serve`` and gstream's gunicorn workers, as
+subprocesses, serving tests/apps/proxied.py.
 """
 
 from __future__ import annotations
@@ -33,11 +34,11 @@ from tests.tlsutil import client_context, make_cert
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "examples" / "deploy" / "nginx.conf"
+CADDYFILE = ROOT / "examples" / "deploy" / "Caddyfile"
 GUIDE = ROOT / "docs" / "deploy.md"
 DRIVER = ROOT / "tests" / "proxy_browser_driver.py"
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
-
-pytestmark = pytest.mark.skipif(not os.path.exists(NGINX), reason="needs nginx (Debian's)")
+CADDY = shutil.which("caddy") or "/usr/bin/caddy"
 
 BACKENDS = {
     "gstream": None,
@@ -54,7 +55,7 @@ def _free_port() -> int:
 
 def _substitute(text: str, changes: dict[str, str]) -> str:
     for old, new in changes.items():
-        assert text.count(old) == 1, f"{old!r} is not in {CONF} exactly once"
+        assert text.count(old) == 1, f"{old!r} is not in the configuration exactly once"
         text = text.replace(old, new)
     return text
 
@@ -128,6 +129,49 @@ http {{
                 self.p.wait(5)
 
 
+class Caddy(Nginx):
+    """Caddy in the foreground (no admin endpoint), proxying https://127.0.0.1:port."""
+
+    def __init__(self, workdir: Path, upstream_port: int, read_timeout: str = "") -> None:
+        self.dir = workdir / "caddy"
+        self.dir.mkdir()
+        cert, key = make_cert(str(self.dir))
+        self.cert = cert
+        self.port = _free_port()
+        self.url = f"https://127.0.0.1:{self.port}"
+        site = _substitute(CADDYFILE.read_text(), {
+            "example.com {": f"{self.url} {{",
+            "# tls /etc/ssl/certs/example.com.pem /etc/ssl/private/example.com.key":
+                f"tls {cert} {key}",
+            "reverse_proxy 127.0.0.1:8000 {": f"reverse_proxy 127.0.0.1:{upstream_port} {{",
+        })
+        # Global options of the test only: no admin port, no certificate
+        # management or :80 redirects, nothing written outside the test's dir.
+        config = self.dir / "Caddyfile"
+        config.write_text("{\n\tadmin off\n\tauto_https off\n"
+                          f"\tstorage file_system {self.dir}/data\n}}\n\n" + site)
+        self.log_path = self.dir / "caddy.log"
+        env = dict(os.environ, HOME=str(self.dir), XDG_DATA_HOME=str(self.dir / "data"),
+                   XDG_CONFIG_HOME=str(self.dir / "config"))
+        with open(self.log_path, "w") as log:
+            self.p = subprocess.Popen([CADDY, "run", "--config", str(config), "--adapter", "caddyfile"],
+                                      stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.dir)
+        with gevent.Timeout(15, AssertionError(f"caddy did not start: {self.errors()}")):
+            while True:
+                assert self.p.poll() is None, self.errors()
+                try:
+                    socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                    break
+                except OSError:
+                    gevent.sleep(0.05)
+
+    def errors(self) -> str:
+        return self.log_path.read_text()[-3000:] if self.log_path.exists() else ""
+
+    def access_log(self) -> str:
+        return ""  # the guide's Caddyfile has no access log
+
+
 def _backend(kind: str, tmp_path: Path, env: dict[str, str] | None = None) -> ex.ExampleServer:
     worker = BACKENDS[kind]
     if worker is None:
@@ -135,14 +179,22 @@ def _backend(kind: str, tmp_path: Path, env: dict[str, str] | None = None) -> ex
     return ex.ExampleServer("gunicorn", "tests.apps.proxied:app", env or {}, tmp_path, worker=worker)
 
 
+PROXIES = {"nginx": Nginx, "caddy": Caddy}
+# (proxy, backend): nginx in front of every backend; Caddy in front of gstream serve.
+STACKS = [("nginx", k) for k in BACKENDS] + [("caddy", "gstream")]
+STACK_IDS = [f"{p}-{b}" for p, b in STACKS]
+
+
 @pytest.fixture
 def stack(request: Any, tmp_path: Path) -> Iterator[tuple[ex.ExampleServer, Nginx]]:
-    kind, read_timeout = request.param
+    proxy, kind, read_timeout = request.param
+    if not os.path.exists(NGINX if proxy == "nginx" else CADDY):
+        pytest.skip(f"needs {proxy} (Debian's)")
     ex.raise_fd_limit()
     backend = _backend(kind, tmp_path)
     nginx = None
     try:
-        nginx = Nginx(tmp_path, backend.port, read_timeout)
+        nginx = PROXIES[proxy](tmp_path, backend.port, read_timeout)
         yield backend, nginx
     finally:
         if nginx is not None:
@@ -150,15 +202,17 @@ def stack(request: Any, tmp_path: Path) -> Iterator[tuple[ex.ExampleServer, Ngin
         backend.stop()
 
 
-def test_guide_shows_the_tested_configuration() -> None:
+def test_guide_shows_the_tested_configurations() -> None:
     guide = GUIDE.read_text()
-    blocks = re.findall(r"```nginx\n(.*?)```", guide, re.S)
-    assert CONF.read_text() in blocks, "docs/deploy.md must show examples/deploy/nginx.conf verbatim"
+    assert CONF.read_text() in re.findall(r"```nginx\n(.*?)```", guide, re.S), (
+        "docs/deploy.md must show examples/deploy/nginx.conf verbatim")
+    assert CADDYFILE.read_text() in re.findall(r"```caddyfile\n(.*?)```", guide, re.S), (
+        "docs/deploy.md must show examples/deploy/Caddyfile verbatim")
 
 
 @pytest.mark.browser
 @pytest.mark.skipif(not os.path.exists("/usr/bin/chromium"), reason="needs /usr/bin/chromium")
-@pytest.mark.parametrize("stack", [(k, "90s") for k in BACKENDS], indirect=True, ids=list(BACKENDS))
+@pytest.mark.parametrize("stack", [(p, b, "90s") for p, b in STACKS], indirect=True, ids=STACK_IDS)
 def test_browser_over_https_and_wss(stack: tuple[ex.ExampleServer, Nginx], tmp_path: Path) -> None:
     backend, nginx = stack
     # The other origin: the backend itself, over plain http on its own port.
@@ -187,6 +241,8 @@ def test_browser_over_https_and_wss(stack: tuple[ex.ExampleServer, Nginx], tmp_p
     assert seen["other_origin"] == backend.url
     other = seen["other_origin_ws"]
     assert not other["opened"] and other["messages"] == [] and other["code"] == 1006, other
+    if isinstance(nginx, Caddy):
+        return
     log = nginx.access_log()
     assert re.search(r'"GET /echo HTTP/1\.1" 403 ', log), log[-2000:]
     assert re.search(r'"GET /echo HTTP/1\.1" 101 ', log), log[-2000:]
@@ -203,7 +259,7 @@ def _reader(client: SSEClient, out: list[Any]) -> gevent.Greenlet:
     return gevent.spawn(read)
 
 
-@pytest.mark.parametrize("stack", [("gstream", "2s")], indirect=True, ids=["gstream"])
+@pytest.mark.parametrize("stack", [("nginx", "gstream", "2s")], indirect=True, ids=["nginx-gstream"])
 def test_heartbeats_outlive_proxy_read_timeout(stack: tuple[ex.ExampleServer, Nginx]) -> None:
     """nginx cuts an upstream silent for proxy_read_timeout (2 s here); the app's
     heartbeats (1 s: SSE comments, WebSocket pings) keep idle streams open."""
@@ -242,7 +298,7 @@ def test_heartbeats_outlive_proxy_read_timeout(stack: tuple[ex.ExampleServer, Ng
         gevent.killall(readers, timeout=2)
 
 
-@pytest.mark.parametrize("stack", [(k, "90s") for k in BACKENDS], indirect=True, ids=list(BACKENDS))
+@pytest.mark.parametrize("stack", [(p, b, "90s") for p, b in STACKS], indirect=True, ids=STACK_IDS)
 def test_sigterm_behind_nginx_ends_streams_politely(stack: tuple[ex.ExampleServer, Nginx]) -> None:
     backend, nginx = stack
     ctx = nginx.ssl()
