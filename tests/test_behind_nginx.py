@@ -143,7 +143,7 @@ class Caddy(Nginx):
             "example.com {": f"{self.url} {{",
             "# tls /etc/ssl/certs/example.com.pem /etc/ssl/private/example.com.key":
                 f"tls {cert} {key}",
-            "reverse_proxy 127.0.0.1:8000 {": f"reverse_proxy 127.0.0.1:{upstream_port} {{",
+            "reverse_proxy 127.0.0.1:8000": f"reverse_proxy 127.0.0.1:{upstream_port}",
         })
         # Global options of the test only: no admin port, no certificate
         # management or :80 redirects, nothing written outside the test's dir.
