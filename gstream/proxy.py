@@ -173,11 +173,13 @@ class ProxyHeaders:
         present, ``Forwarded`` is ignored (one proxy, one convention).
         Returns True when something changed.
         """
-        if not self.trusts(environ.get("REMOTE_ADDR")):
-            return False
         xff = environ.get("HTTP_X_FORWARDED_FOR")
         xproto = environ.get("HTTP_X_FORWARDED_PROTO")
         xhost = environ.get("HTTP_X_FORWARDED_HOST")
+        forwarded = environ.get("HTTP_FORWARDED")
+        # Most requests carry none: skip parsing the peer's address for them.
+        if not (xff or xproto or xhost or forwarded) or not self.trusts(environ.get("REMOTE_ADDR")):
+            return False
         client: str | None
         proto: str | None
         host: str | None
@@ -185,10 +187,7 @@ class ProxyHeaders:
             client = self._client(xff.split(",")) if xff else None
             proto, host = _last(xproto), _last(xhost)
         else:
-            forwarded = environ.get("HTTP_FORWARDED")
-            if not forwarded:
-                return False
-            elements = parse_forwarded(forwarded)
+            elements = parse_forwarded(str(forwarded))
             if not elements:
                 log.info("ignoring a malformed Forwarded header from %s: %.100r",
                          environ.get("REMOTE_ADDR") or "unix socket", forwarded)
