@@ -302,6 +302,11 @@ def test_heartbeats_outlive_proxy_read_timeout(stack: tuple[ex.ExampleServer, Ng
 def test_sigterm_behind_nginx_ends_streams_politely(stack: tuple[ex.ExampleServer, Nginx]) -> None:
     backend, nginx = stack
     ctx = nginx.ssl()
+    # First, a client's own proxy headers do not get through the proxy.
+    spoof = {"X-Forwarded-For": "6.6.6.6", "X-Forwarded-Proto": "http",
+             "Forwarded": "for=6.6.6.6;proto=http"}
+    seen = requests.get(nginx.url + "/whoami", headers=spoof, verify=nginx.cert, timeout=5).json()
+    assert (seen["scheme"], seen["remote_addr"]) == ("https", "127.0.0.1"), seen
     clients = [SSEClient(nginx.url + "/events", reconnect=False, ssl_context=ctx) for _ in range(2)]
     outs: list[list[Any]] = [[] for _ in clients]
     readers = [_reader(c, out) for c, out in zip(clients, outs, strict=True)]
