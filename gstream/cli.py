@@ -47,6 +47,16 @@ def load_app(spec: str) -> Any:
     return obj
 
 
+def _allow_ips(value: str) -> str:
+    from .proxy import ProxyHeaders  # stdlib only: safe before monkey-patching
+
+    try:
+        ProxyHeaders(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
 def _add_server_options(p: argparse.ArgumentParser, default_port: int) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=default_port, help="port (0 picks a free one)")
@@ -61,6 +71,11 @@ def _add_server_options(p: argparse.ArgumentParser, default_port: int) -> None:
                    help="seconds a graceful shutdown may take (default 10)")
     p.add_argument("--header-timeout", type=float, default=10.0,
                    help="seconds a client has to send a request head (0 disables)")
+    p.add_argument("--forwarded-allow-ips", type=_allow_ips,
+                   default=os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1,::1"),
+                   help="comma-separated proxy addresses/networks whose X-Forwarded-* and "
+                        "Forwarded headers are trusted ('*': any; default: $FORWARDED_ALLOW_IPS "
+                        "or 127.0.0.1,::1, as in gunicorn)")
     p.add_argument("--log-level", default="info",
                    choices=("debug", "info", "warning", "error"))
 
@@ -73,6 +88,7 @@ def _run(app: Any, args: argparse.Namespace, banner: str) -> int:
         max_connections=args.max_connections, overflow=args.overflow,
         certfile=args.certfile, keyfile=args.keyfile, access_log=args.access_log,
         shutdown_timeout=args.shutdown_timeout, header_timeout=args.header_timeout or None,
+        forwarded_allow_ips=args.forwarded_allow_ips,
     )
     bind = getattr(app, "bind_server", None)
     if callable(bind):  # e.g. the demo, for its "connections" statistic

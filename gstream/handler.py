@@ -36,7 +36,9 @@ opens a connection and dribbles (or never sends) the headers is answered with
 408 or disconnected instead of pinning a greenlet forever.
 
 Use it with ``gevent.pywsgi.WSGIServer(addr, app, handler_class=GStreamHandler)``;
-gstream's own server uses it by default.
+gstream's own server uses it by default. Behind a reverse proxy, a subclass
+with ``proxy_headers = ProxyHeaders()`` (:mod:`gstream.proxy`) honours the
+proxy's ``X-Forwarded-*`` headers (gstream's server does it itself).
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from gevent.socket import socket as GeventSocket
 
 from .fairness import FairKeepAlive
 from .hijack import _CLOSED_READER, drain_buffered
+from .proxy import ProxyHeaders
 from .tlsio import is_tls
 
 __all__ = ["GStreamHandler"]
@@ -108,6 +111,10 @@ class GStreamHandler(FairKeepAlive, WSGIHandler):
     #: (also the keep-alive idle limit between requests). None disables.
     request_head_timeout: float | None = 30.0
 
+    #: Honour proxy headers from these peers (see :mod:`gstream.proxy`);
+    #: None (the default) ignores them. A class attribute: set it on a subclass.
+    proxy_headers: ProxyHeaders | None = None
+
     _head_timer: gevent.Timeout | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -137,6 +144,8 @@ class GStreamHandler(FairKeepAlive, WSGIHandler):
         self._cancel_head_timer()
         env: dict[str, Any] = super().get_environ()
         env["gstream.hijack"] = self._hijack
+        if self.proxy_headers is not None:
+            self.proxy_headers.apply(env)
         return env
 
     def _handle_client_error(self, ex: BaseException) -> Any:

@@ -26,7 +26,7 @@ import http.client
 import logging
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import gevent
@@ -38,6 +38,7 @@ from gevent.pool import Pool
 from .handler import GStreamHandler as _DefaultHandler
 from .lifecycle import Lifecycle
 from .lifecycle import lifecycle as default_lifecycle
+from .proxy import DEFAULT_FORWARDED_ALLOW_IPS, ProxyHeaders
 
 __all__ = ["Server", "serve"]
 
@@ -147,7 +148,11 @@ def _managed_handler(base: Any) -> Any:
                 self._gs_timer = None  # a long stream need not keep it
             self.server.controller._idle.discard(self)
             self.server.controller._keepalive.discard(self)
-            return super().get_environ()
+            env = super().get_environ()
+            proxy = self.server.controller.proxy_headers
+            if proxy is not None:  # behind a reverse proxy: the client's view
+                proxy.apply(env)
+            return env
 
         def start_response(self, status: str, headers: Any, exc_info: Any = None) -> Any:
             if self.server.controller.draining and not status.startswith("101"):
@@ -270,6 +275,11 @@ class Server:
         backlog: the listen backlog (where queued connections wait).
         lifecycle: the stream registry to drain (default: the process-wide one).
         shutdown_reason: the reason given to streams when shutting down.
+        forwarded_allow_ips: the peers (addresses, networks, or ``"*"``)
+            whose ``X-Forwarded-For``/``-Proto``/``-Host`` and ``Forwarded``
+            headers set ``REMOTE_ADDR``, ``wsgi.url_scheme`` and ``HTTP_HOST``
+            (see :class:`gstream.proxy.ProxyHeaders` and docs/deploy.md).
+            Default: loopback only, like gunicorn. None ignores them.
     """
 
     def __init__(
@@ -290,6 +300,7 @@ class Server:
         backlog: int | None = None,
         lifecycle: Lifecycle | None = None,
         shutdown_reason: str = "server shutting down",
+        forwarded_allow_ips: str | Iterable[str] | None = DEFAULT_FORWARDED_ALLOW_IPS,
     ) -> None:
         if overflow not in ("queue", "reject"):
             raise ValueError("overflow must be 'queue' or 'reject'")
@@ -305,6 +316,9 @@ class Server:
         self.max_header_bytes = max_header_bytes or 0
         self.lifecycle = lifecycle if lifecycle is not None else default_lifecycle
         self.shutdown_reason = shutdown_reason
+        self.proxy_headers = (None if forwarded_allow_ips is None
+                              else ProxyHeaders(forwarded_allow_ips))
+        """Whose proxy headers are honoured (None: nobody's)."""
         self.secure = bool(certfile)
         self.draining = False
         """True once a graceful shutdown has begun."""

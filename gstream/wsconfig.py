@@ -75,8 +75,9 @@ def same_origin(origin: str | None, environ: Mapping[str, Any]) -> bool:
     Origin's scheme, host and port must equal the request's
     (``wsgi.url_scheme`` and ``Host``), with default ports normalised, so
     ``https://h`` matches ``Host: h:443``. ``null`` and unparseable origins
-    are refused. Behind a TLS-terminating proxy, make sure
-    ``wsgi.url_scheme`` is ``https`` (e.g. ProxyFix) or pass an allow-list.
+    are refused. Behind a TLS-terminating proxy, ``wsgi.url_scheme`` must be
+    ``https``: gstream's server and gunicorn do it from a trusted proxy's
+    ``X-Forwarded-Proto`` (``forwarded_allow_ips``, docs/deploy.md).
     """
     if origin is None or origin == "":
         return True

@@ -17,6 +17,14 @@ loops read a connection's next request without going back to the event loop
 when it has already arrived, so one fast or pipelining client could hold the
 worker while every other connection waited. Between two requests on one
 connection these workers let the loop run once (~6 us).
+
+Behind a reverse proxy both follow gunicorn's ``--forwarded-allow-ips``
+(default ``127.0.0.1,::1``, or ``$FORWARDED_ALLOW_IPS``) and
+``secure_scheme_headers``: from a trusted peer, ``X-Forwarded-Proto: https``
+makes ``wsgi.url_scheme`` ``https``, so the WebSocket same-origin check
+accepts ``wss://`` pages. ``-k gevent`` does this in gunicorn's own parser;
+gunicorn's ``gevent_pywsgi`` handler does not, so ``GeventPyWSGIWorker``
+does it here, with the same rule (contradicting scheme headers get 400).
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from gunicorn.workers import ggevent
 
 from ..fairness import FairKeepAlive, yield_to_ready_io
 from ..lifecycle import lifecycle
+from ..proxy import ProxyHeaders
 
 __all__ = ["GeventWorker", "GeventPyWSGIWorker"]
 
@@ -69,7 +78,40 @@ class GeventWorker(_Draining, ggevent.GeventWorker):
 
 
 class _FairPyWSGIHandler(FairKeepAlive, ggevent.PyWSGIHandler):
-    pass
+    # Set per worker from gunicorn's configuration (GeventPyWSGIWorker.init_process).
+    trusted_proxies: ProxyHeaders | None = None
+    secure_scheme_headers: dict[str, str] = {}
+
+    def _forwarded_scheme(self) -> str | None:
+        """gunicorn's rule: each secure-scheme header a trusted peer sent says
+        https (its expected value) or http (anything else); they must agree."""
+        trusted = self.trusted_proxies
+        address = self.client_address
+        peer = str(address[0]) if isinstance(address, tuple) else ""  # "": a Unix socket
+        if trusted is None or not trusted.trusts(peer):
+            return None
+        scheme = None
+        for name, expected in self.secure_scheme_headers.items():
+            for value in self.headers.get_all(name) or ():
+                this = "https" if value.strip() == expected else "http"
+                if scheme is not None and this != scheme:
+                    # As gunicorn's parser: pywsgi answers a ValueError with 400.
+                    raise ValueError("Contradictory scheme headers")
+                scheme = this
+        return scheme
+
+    def read_request(self, raw_requestline: str) -> Any:
+        result = super().read_request(raw_requestline)
+        if result:
+            self._forwarded_scheme()  # refuse contradicting headers before the app runs
+        return result
+
+    def get_environ(self) -> Any:
+        env = super().get_environ()
+        scheme = self._forwarded_scheme()
+        if scheme is not None:
+            env["wsgi.url_scheme"] = scheme
+        return env
 
 
 class GeventPyWSGIWorker(_Draining, ggevent.GeventPyWSGIWorker):
@@ -77,3 +119,14 @@ class GeventPyWSGIWorker(_Draining, ggevent.GeventPyWSGIWorker):
     and fair keep-alive connections."""
 
     wsgi_handler = _FairPyWSGIHandler
+
+    def init_process(self) -> None:
+        # The handler learns gunicorn's proxy settings before run() builds the servers.
+        cfg = self.cfg
+
+        class PyWSGIHandler(_FairPyWSGIHandler):
+            trusted_proxies = ProxyHeaders(cfg.forwarded_allow_ips)
+            secure_scheme_headers = dict(cfg.secure_scheme_headers)
+
+        self.wsgi_handler = PyWSGIHandler
+        super().init_process()
