@@ -212,7 +212,6 @@ class DepartureWatching:
     no next request was read ahead. Adds no instance attribute.
     """
 
-    headers_sent: bool
     result: Any
     provided_content_length: Any
     wsgi_input: Any
@@ -222,11 +221,20 @@ class DepartureWatching:
     client_address: Any
     close_connection: bool
 
-    def write(self, data: bytes) -> None:
-        started = self.headers_sent
-        super().write(data)  # type: ignore[misc]
-        if (not started and self.headers_sent and self.provided_content_length is None
-                and not hasattr(self.result, "__len__") and self._request_done()):
+    def _write_with_headers(self, data: bytes) -> None:
+        # pywsgi's once-per-response hook (the head goes out here), rather
+        # than ``write``: no extra call on every chunk of a stream.
+        super()._write_with_headers(data)  # type: ignore[misc]
+        self.watch_departure()
+
+    def watch_departure(self) -> None:
+        """Start the watch if the response whose head just went out is a stream.
+
+        Called once the head is out (a handler that replaces
+        ``_write_with_headers`` calls it itself, as GStreamHandler does).
+        """
+        if (self.provided_content_length is None and not hasattr(self.result, "__len__")
+                and self._request_done()):
             watch(self.socket)
 
     def _request_done(self) -> bool:

@@ -328,9 +328,10 @@ class GStreamHandler(FairKeepAlive, DepartureWatching, WSGIHandler):
             else:
                 parts.append(data)
             self._sendall(b"".join(parts))
-            return
-        self._sendall(b"".join(parts))
-        self._write(data)
+        else:
+            self._sendall(b"".join(parts))
+            self._write(data)
+        self.watch_departure()  # DepartureWatching's hook: the head is out
 
     def _send_error_response_if_possible(self, error_code: int) -> None:
         if self._hijacked:
