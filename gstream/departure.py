@@ -144,9 +144,10 @@ def _on_readable(w: _Watch) -> None:
     if state is Peer.QUIET:
         return  # a spurious wake-up
     if state is Peer.SENDING:
-        if not is_tls(w.sock):
+        if not is_tls(w.sock) or _TCP_INFO is None:
             # A pipelined request: it is read after this response ends, as
             # before; a departure is then noticed at the next write only.
+            # (Over TLS without TCP_INFO a close_notify cannot be told apart.)
             _stop(w)
             return
         if not _tcp_gone(w.sock):
