@@ -10,6 +10,7 @@ Servers: gstream's ``Server``, ``GStreamHandler`` on plain
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import struct
 import time
@@ -86,7 +87,8 @@ def served(request: Any, gserver: Any) -> Iterator[Callable[..., _InProcess]]:
         stop()
 
 
-def test_hundred_departed_subscribers_leave_within_a_second(served: Any) -> None:
+def test_hundred_departed_subscribers_leave_within_a_second(served: Any, caplog: Any) -> None:
+    caplog.set_level(logging.DEBUG, logger="gstream")
     app = DepartureApp()
     assert app.broker.config.heartbeat_interval == 30.0  # the default
     srv = served(app)
@@ -100,6 +102,12 @@ def test_hundred_departed_subscribers_leave_within_a_second(served: Any) -> None
         took = time.monotonic() - left
     assert freed, (app.broker.subscriber_count, srv.connections(), took)
     assert app.broker.stats()["delivered"] == 0  # nothing was written to find out
+    # One debug line per departure, no error, no traceback.
+    gone = [r for r in caplog.records if r.name == "gstream.departure"]
+    assert len(gone) == 100, [r.getMessage() for r in gone][:3]
+    assert {r.levelno for r in gone} == {logging.DEBUG}
+    assert sum("closed the connection" in r.getMessage() for r in gone) == 50
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
 
 
 @pytest.mark.parametrize("path", ["/chunked", "/chunked-writer", "/writer"])
