@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from greenlet import GreenletExit
+
 __all__ = ["GStreamError", "Closed", "BrokerClosed", "HandshakeError", "SubscriberLimit",
-           "BackplaneUnavailable"]
+           "BackplaneUnavailable", "ClientDeparted"]
 
 
 class GStreamError(Exception):
@@ -56,4 +58,17 @@ class BackplaneUnavailable(GStreamError):
     Nothing was delivered, in any process. The caller may retry (a web
     endpoint would typically answer 503). Raised instead of buffering so that
     an accepted publish always has its final, globally ordered id.
+    """
+
+
+class ClientDeparted(GreenletExit):
+    """The client of a streaming response closed (FIN) or reset (RST) its connection.
+
+    Raised by gstream's servers inside the greenlet serving the response,
+    wherever it waits (an idle SSE stream, a generator's sleep), so the
+    application's ``finally`` blocks run at once instead of at the next
+    write. Like :class:`gevent.GreenletExit` (its base) it is not an
+    ``Exception``: an ``except Exception`` in the application does not
+    swallow it. The server catches it and closes the connection quietly.
+    See docs/server.md ("Departed clients").
     """

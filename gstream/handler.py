@@ -35,6 +35,9 @@ It also bounds how long a client may take to send a request head
 opens a connection and dribbles (or never sends) the headers is answered with
 408 or disconnected instead of pinning a greenlet forever.
 
+And it ends a streaming response whose client has left (FIN or RST) while it
+is idle, instead of at its next write (:class:`~gstream.departure.DepartureWatching`).
+
 Use it with ``gevent.pywsgi.WSGIServer(addr, app, handler_class=GStreamHandler)``;
 gstream's own server uses it by default. Behind a reverse proxy, a subclass
 with ``proxy_headers = ProxyHeaders()`` (:mod:`gstream.proxy`) honours the
@@ -54,6 +57,7 @@ import gevent
 from gevent.pywsgi import Input, WSGIHandler
 from gevent.socket import socket as GeventSocket
 
+from .departure import DepartureWatching, has_buffered
 from .fairness import FairKeepAlive
 from .hijack import _CLOSED_READER, drain_buffered
 from .proxy import ProxyHeaders
@@ -104,7 +108,7 @@ class _HeadTimeout(socket.timeout):
     request-line reader treats it as a dead connection)."""
 
 
-class GStreamHandler(FairKeepAlive, WSGIHandler):
+class GStreamHandler(FairKeepAlive, DepartureWatching, WSGIHandler):
     """A pywsgi handler that supports a clean hijack (see module docstring)."""
 
     #: Seconds a client may take to send a complete request line and headers
@@ -260,7 +264,7 @@ class GStreamHandler(FairKeepAlive, WSGIHandler):
         rfile = self.rfile
         if rfile is _CLOSED_READER or getattr(rfile, "closed", True):
             return False
-        if _has_buffered(rfile, self.socket):
+        if has_buffered(rfile, self.socket):
             return False
         self.rfile = _CLOSED_READER
         self.wsgi_input = _EMPTY_INPUT
@@ -333,36 +337,16 @@ class GStreamHandler(FairKeepAlive, WSGIHandler):
             else:
                 parts.append(data)
             self._sendall(b"".join(parts))
-            return
-        self._sendall(b"".join(parts))
-        self._write(data)
+        else:
+            self._sendall(b"".join(parts))
+            self._write(data)
+        self.watch_departure()  # DepartureWatching's hook: the head is out
 
     def _send_error_response_if_possible(self, error_code: int) -> None:
         if self._hijacked:
             self.close_connection = True
             return
         super()._send_error_response_if_possible(error_code)
-
-
-def _has_buffered(rfile: Any, sock: Any) -> bool:
-    """True if ``rfile`` holds (or the kernel has) bytes of a next request.
-
-    ``peek`` returns the buffer when it is not empty and otherwise does one
-    raw read; with the socket's timeout at 0 that read cannot block.
-    """
-    peek = getattr(rfile, "peek", None)
-    if peek is None or sock is None:
-        return True  # unknown reader: keep it
-    previous = sock.gettimeout()
-    sock.settimeout(0.0)
-    try:
-        return bool(peek(1))
-    except (TimeoutError, BlockingIOError):
-        return False
-    except OSError:
-        return True  # let the normal path see the error
-    finally:
-        sock.settimeout(previous)
 
 
 def _drop_attribute(obj: Any, name: str) -> None:

@@ -25,15 +25,23 @@ makes ``wsgi.url_scheme`` ``https``, so the WebSocket same-origin check
 accepts ``wss://`` pages. ``-k gevent`` does this in gunicorn's own parser;
 gunicorn's ``gevent_pywsgi`` handler does not, so ``GeventPyWSGIWorker``
 does it here, with the same rule (contradicting scheme headers get 400).
+
+They also end a streaming response (SSE, chunked) whose client has left (FIN
+or RST) while it is idle, at once instead of at its next write, so the
+stream's seat (a broker subscriber, a worker connection) is freed within a
+second (gstream.departure; gunicorn's own ``-k gevent`` cannot).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import gevent
 from gunicorn.workers import ggevent
 
+from .. import departure
+from ..errors import ClientDeparted
 from ..fairness import FairKeepAlive, yield_to_ready_io
 from ..lifecycle import lifecycle
 from ..proxy import ProxyHeaders
@@ -69,15 +77,81 @@ class GeventWorker(_Draining, ggevent.GeventWorker):
     """``-k gevent`` plus a graceful end of SSE streams and WebSockets on SIGTERM,
     and fair keep-alive connections."""
 
+    wsgi: Any
+
+    def load_wsgi(self) -> None:
+        super().load_wsgi()
+        self.wsgi = _WatchStreams(self.wsgi)
+
     def handle_request(self, listener_name: Any, req: Any, sock: Any, addr: Any) -> Any:
-        result = super().handle_request(listener_name, req, sock, addr)
+        if _request_done(req):
+            departure.prepare(sock)  # armed by _WatchStreams once a stream starts
+        try:
+            result = super().handle_request(listener_name, req, sock, addr)
+        except ClientDeparted as exc:
+            # gunicorn's way to close the connection; it logs one debug line.
+            raise StopIteration(f"{exc} during {req.method} {req.path}") from None
+        finally:
+            departure.unwatch()
         # The connection stays open (gunicorn raises StopIteration to close
         # it): let the others' ready requests run before reading its next.
         yield_to_ready_io()
         return result
 
 
-class _FairPyWSGIHandler(FairKeepAlive, ggevent.PyWSGIHandler):
+def _request_done(req: Any) -> bool:
+    """True if nothing of ``req``'s connection is read until its response ends:
+    no body, and no next request already in gunicorn's read-ahead buffer."""
+    for name, value in req.headers:
+        if name == "TRANSFER-ENCODING" or (name == "CONTENT-LENGTH" and value.strip() != "0"):
+            return False
+    return not departure.read_ahead(getattr(getattr(req, "unreader", None), "buf", None))
+
+
+class _WatchStreams:
+    """The worker's WSGI app, wrapped: arms the departure watch of a streaming response.
+
+    A response is a stream when it sets no ``Content-Length`` and its body
+    has no ``len`` (iterator form: armed when the application returns it) or
+    it is written through ``write`` (armed after the first write).
+    """
+
+    __slots__ = ("app",)
+
+    def __init__(self, app: Callable[..., Any]) -> None:
+        self.app = app
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        starter = _StartResponse(start_response)
+        result = self.app(environ, starter)
+        if (not starter.sized and not hasattr(result, "__len__")
+                and not isinstance(result, environ.get("wsgi.file_wrapper", ()))):
+            departure.arm()
+        return result
+
+
+class _StartResponse:
+    """``start_response`` noting whether the response is sized; its ``write`` arms the watch."""
+
+    __slots__ = ("start_response", "sized", "_write")
+
+    def __init__(self, start_response: Callable[..., Any]) -> None:
+        self.start_response = start_response
+        self.sized = False
+
+    def __call__(self, status: str, headers: Any, exc_info: Any = None) -> Callable[[bytes], Any]:
+        self.sized = any(name.lower() == "content-length" for name, _ in headers)
+        self._write = self.start_response(status, headers, exc_info)
+        return self.write
+
+    def write(self, data: bytes) -> None:
+        """The WSGI ``write`` callable: gunicorn's, then the watch is armed."""
+        self._write(data)
+        if not self.sized:
+            departure.arm()
+
+
+class _FairPyWSGIHandler(FairKeepAlive, departure.DepartureWatching, ggevent.PyWSGIHandler):
     # Set per worker from gunicorn's configuration (GeventPyWSGIWorker.init_process).
     trusted_proxies: ProxyHeaders | None = None
     secure_scheme_headers: dict[str, str] = {}
