@@ -22,6 +22,7 @@ from gevent.lock import Semaphore
 
 from .errors import Closed
 from .events import Event, EventType, encode, encode_comment, encode_retry, truncate_field
+from .types import Environ, StartResponse
 
 __all__ = [
     "SSE_HEADERS",
@@ -42,9 +43,6 @@ SSE_HEADERS: list[tuple[str, str]] = [
 
 #: Longest ``Last-Event-ID`` kept; longer values are cut (never an error).
 MAX_LAST_EVENT_ID = 1024
-
-StartResponse = Callable[..., Callable[[bytes], Any]]
-Environ = dict[str, Any]
 
 
 def query_param(environ: Environ, name: str) -> str | None:

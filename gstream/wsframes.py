@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import struct
 
+from .types import Message
+
 __all__ = ["Message", "PreparedMessage", "encode_frame", "prepare"]
 
-Message = str | bytes
 
 TEXT = 0x1
 BINARY = 0x2

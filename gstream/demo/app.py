@@ -19,7 +19,8 @@ import gevent
 from ..broker import SSEBroker
 from ..errors import BackplaneUnavailable
 from ..events import Event
-from ..sse import Environ, StartResponse, query_param
+from ..sse import query_param
+from ..types import Environ, StartResponse
 from ..websocket import WebSocket
 from ..wsconfig import WSConfig
 from ..wsupgrade import websocket_app
