@@ -13,7 +13,6 @@ from .errors import (
     Closed,
     GStreamError,
     HandshakeError,
-    SubscriberLimit,
 )
 from .events import Event, EventType, encode, encode_comment, encode_retry, json_event
 from .hub import Hub, HubConfig
@@ -63,7 +62,6 @@ __all__ = [
     "SSEWriter",
     "SSE_HEADERS",
     "Server",
-    "SubscriberLimit",
     "WSConfig",
     "WebSocket",
     "close_all",

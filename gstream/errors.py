@@ -1,11 +1,17 @@
-"""Exceptions raised by gstream, all in one place."""
+"""Exceptions raised by gstream, all in one place.
+
+Every exception gstream raises on purpose derives from :class:`GStreamError`,
+except :class:`ClientDeparted`, which must not be an ``Exception`` (see its
+docstring). Other modules re-export the ones their users expect there.
+"""
 
 from __future__ import annotations
 
 from greenlet import GreenletExit
 
-__all__ = ["GStreamError", "Closed", "BrokerClosed", "HandshakeError", "SubscriberLimit",
-           "BackplaneUnavailable", "ClientDeparted"]
+__all__ = ["GStreamError", "Closed", "BrokerClosed", "HandshakeError", "BackplaneUnavailable",
+           "ClientDeparted", "Unsupported", "HTTPError", "SSEError",
+           "MissedEvents", "DuplicateEvent", "Disconnected"]
 
 
 class GStreamError(Exception):
@@ -48,10 +54,6 @@ class HandshakeError(GStreamError):
         self.reason = reason
 
 
-class SubscriberLimit(GStreamError):
-    """A broker or hub reached its configured maximum number of members."""
-
-
 class BackplaneUnavailable(GStreamError):
     """A cross-process backplane (Redis) did not accept a publish or broadcast.
 
@@ -72,3 +74,63 @@ class ClientDeparted(GreenletExit):
     swallow it. The server catches it and closes the connection quietly.
     See docs/server.md ("Departed clients").
     """
+
+
+class Unsupported(GStreamError):
+    """The WSGI server does not expose its socket in a way gstream knows how to take."""
+
+
+# -- clients (gstream.client) ----------------------------------------------
+
+
+class HTTPError(GStreamError, OSError):
+    """The server answered with a response a gstream client cannot use.
+
+    Also an :class:`OSError`, so code that retries on connection errors
+    treats a malformed response the same way.
+
+    Attributes:
+        status: the HTTP status (0 when the response was malformed).
+        reason: a short explanation.
+        headers: the response headers, when there were any.
+    """
+
+    def __init__(self, status: int, reason: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(f"HTTP {status} {reason}".rstrip())
+        self.status = status
+        self.reason = reason
+        self.headers = headers or {}
+
+
+class SSEError(GStreamError):
+    """The server refused the event stream for good (EventSource "fail the connection").
+
+    Raised by :class:`gstream.client.SSEClient` for a status other than 200,
+    204, a redirect or ``5xx``, for a ``200`` whose ``Content-Type`` is not
+    ``text/event-stream``, and for a line longer than ``max_line``.
+
+    Attributes:
+        status: the HTTP status (0 when the failure is not an HTTP status).
+        reason: a short explanation.
+    """
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(f"{status} {reason}" if status else reason)
+        self.status = status
+        self.reason = reason
+
+
+# -- load testing (gstream.contrib.locust) ---------------------------------
+# Never raised: reported to Locust as the exception of a failed pseudo-request.
+
+
+class MissedEvents(GStreamError):
+    """Reported (as the failure of ``missed``) when event ids skip numbers."""
+
+
+class DuplicateEvent(GStreamError):
+    """Reported (as the failure of ``duplicate``) when an event id repeats or goes back."""
+
+
+class Disconnected(GStreamError):
+    """Reported (as the failure of ``disconnect``) when an open connection breaks."""

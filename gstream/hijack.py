@@ -36,21 +36,18 @@ from typing import TYPE_CHECKING, Any
 
 import gevent.socket
 
+from .errors import Unsupported
 from .tlsio import tls_would_block
 
 if TYPE_CHECKING:
     from gevent.pywsgi import WSGIHandler
 
-__all__ = ["Hijack", "find_server", "take"]
+__all__ = ["Hijack", "Unsupported", "find_server", "take"]
 
 #: A shared, closed, empty reader: put in place of a handler's rfile so the
 #: keep-alive loop ends and the real 8 KiB read buffer can be freed.
 _CLOSED_READER = io.BytesIO()
 _CLOSED_READER.close()
-
-
-class Unsupported(Exception):
-    """The WSGI server does not expose its socket in a way gstream knows."""
 
 
 @dataclass

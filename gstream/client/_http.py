@@ -13,20 +13,12 @@ from urllib.parse import urlsplit
 
 from gevent import socket as gsocket
 
+from ..errors import HTTPError
+
 #: Longest response head (status line plus headers) a client accepts.
 MAX_HEAD = 64 * 1024
 #: Longest chunk-size line accepted in a chunked body.
 MAX_CHUNK_LINE = 1024
-
-
-class HTTPError(OSError):
-    """The server answered with a response the client cannot use."""
-
-    def __init__(self, status: int, reason: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(f"HTTP {status} {reason}".rstrip())
-        self.status = status
-        self.reason = reason
-        self.headers = headers or {}
 
 
 def split_url(url: str, secure_schemes: tuple[str, ...], plain_schemes: tuple[str, ...]

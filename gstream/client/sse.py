@@ -26,33 +26,15 @@ from typing import Any
 
 import gevent.event
 
-from ..errors import GStreamError
+from ..errors import HTTPError, SSEError
 from ..sseparse import EventStreamParser, ParsedEvent
-from ._http import ChunkedDecoder, HTTPError, open_socket, read_head, split_url
+from ._http import ChunkedDecoder, open_socket, read_head, split_url
 
 __all__ = ["SSEClient", "SSEError"]
 
 log = logging.getLogger("gstream.client.sse")
 
 _MAX_REDIRECTS = 5
-
-
-class SSEError(GStreamError):
-    """The server refused the event stream for good (EventSource "fail the connection").
-
-    Raised for a status other than 200, 204, a redirect or ``5xx``, for a
-    ``200`` whose ``Content-Type`` is not ``text/event-stream``, and for a
-    line longer than ``max_line``.
-
-    Attributes:
-        status: the HTTP status (0 when the failure is not an HTTP status).
-        reason: a short explanation.
-    """
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(f"{status} {reason}" if status else reason)
-        self.status = status
-        self.reason = reason
 
 
 class _Retryable(Exception):
