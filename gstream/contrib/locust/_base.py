@@ -1,6 +1,6 @@
-"""Shared parts of :mod:`gstream.locust`: accounting, reporting, owned greenlets.
+"""Shared parts of :mod:`gstream.contrib.locust`: accounting, reporting, owned greenlets.
 
-Private: import the public names from :mod:`gstream.locust`.
+Private to the package: import the public names from :mod:`gstream.contrib.locust`.
 """
 
 from __future__ import annotations
@@ -19,18 +19,6 @@ from locust.exception import StopUser
 from locust.user.task import LOCUST_STATE_RUNNING, LOCUST_STATE_STOPPING, LOCUST_STATE_WAITING
 
 log = logging.getLogger("gstream.locust")
-
-
-class MissedEvents(Exception):
-    """Reported (as the failure of ``missed``) when event ids skip numbers."""
-
-
-class DuplicateEvent(Exception):
-    """Reported (as the failure of ``duplicate``) when an event id repeats or goes back."""
-
-
-class Disconnected(Exception):
-    """Reported (as the failure of ``disconnect``) when an open connection breaks."""
 
 
 # -- process-wide accounting ----------------------------------------------
@@ -149,7 +137,7 @@ def _hold(user: Any) -> None:
 _hold._gstream_hold = True  # type: ignore[attr-defined]
 
 
-class _StreamingUser(User):
+class StreamingUser(User):
     """What SSEUser and WebSocketUser share: reporting, owned greenlets, the hold task."""
 
     abstract = True

@@ -1,4 +1,4 @@
-"""The WebSocket user of :mod:`gstream.locust` (private: import it from there)."""
+"""The WebSocket user of :mod:`gstream.contrib.locust` (import it from there)."""
 
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ from typing import Any
 import gevent
 import gevent.event
 
-from ._locust_base import Disconnected, _StreamingUser
-from .client.websocket import WebSocketClient, connect
-from .errors import Closed
+from ...client.websocket import WebSocketClient, connect
+from ...errors import Closed, Disconnected
+from ._base import StreamingUser
 
 __all__ = ["WebSocketUser"]
 
 
-class WebSocketUser(_StreamingUser):
+class WebSocketUser(StreamingUser):
     """A Locust user with one WebSocket connection, read by a greenlet it owns.
 
     The connection opens on start (``connect``) and, when ``reconnect``, again
