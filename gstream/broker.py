@@ -25,9 +25,10 @@ from .backplane import Backplane, DurableBackplane, LocalBackplane
 from .errors import BackplaneUnavailable, BrokerClosed
 from .events import Event, EventType, encode, encode_comment, encode_retry, truncate_field
 from .lifecycle import lifecycle
-from .replay import History
-from .sse import SSE_HEADERS, Environ, StartResponse, last_event_id
+from .replay import History, ReplayStatus
+from .sse import SSE_HEADERS, last_event_id
 from .threadsafe import LoopBinding
+from .types import Environ, StartResponse
 
 __all__ = [
     "BrokerConfig",
@@ -592,24 +593,27 @@ class SSEBroker:
     def _replay(self, last_id: str, sub: _Subscriber) -> list[bytes] | None:
         names = sub.names
         accept = None if names is None else names.__contains__
-        status, frames = self._history.since(last_id, accept)
+        result = self._history.since(last_id, accept)
+        status: str = result.status
+        frames = result.frames
         latest = self._history.last_id
-        if status in ("unknown", "expired") and self._durable is not None:
+        if status in (ReplayStatus.UNKNOWN, ReplayStatus.EXPIRED) and self._durable is not None:
             # Not in this process's window: the shared log may have it. The
             # backplane reads its bound synchronously (we are registered and
             # have not yielded since), so replay + live queue have no gap.
             durable = self._durable.history_since(self.config.topic, last_id, accept)
             status, frames = durable.status, durable.frames
             latest = durable.latest_id or latest
-        if status == "fresh":
+        # A backplane answers a ReplayStatus or its plain string: they compare equal.
+        if status == ReplayStatus.FRESH:
             return []
-        if status == "ok":
+        if status == ReplayStatus.OK:
             self._stats["replayed"] += len(frames)
             return frames
-        if status == "unavailable":
+        if status == ReplayStatus.UNAVAILABLE:
             return None
         self._stats["resets"] += 1
-        data = json.dumps({"last_event_id": last_id[:256], "reason": status,
+        data = json.dumps({"last_event_id": last_id[:256], "reason": str(status),
                            "latest_id": latest}, separators=(",", ":"))
         return [encode(Event(data=data, name=RESET_EVENT, id=latest))]
 

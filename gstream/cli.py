@@ -14,6 +14,8 @@ import os
 import sys
 from typing import Any
 
+from .policies import Overflow
+
 __all__ = ["main", "load_app"]
 
 
@@ -62,7 +64,7 @@ def _add_server_options(p: argparse.ArgumentParser, default_port: int) -> None:
     p.add_argument("--port", type=int, default=default_port, help="port (0 picks a free one)")
     p.add_argument("--max-connections", type=int, default=10_000,
                    help="most connections handled at once (default 10000)")
-    p.add_argument("--overflow", choices=("queue", "reject"), default="queue",
+    p.add_argument("--overflow", choices=[o.value for o in Overflow], default=Overflow.QUEUE.value,
                    help="past the cap: queue in the listen backlog, or reject with 503")
     p.add_argument("--certfile", help="TLS certificate (PEM); serves HTTPS with --keyfile")
     p.add_argument("--keyfile", help="TLS private key (PEM)")

@@ -24,21 +24,23 @@ import gevent
 import gevent.event
 
 from .errors import BackplaneUnavailable, Closed
+from .policies import SlowPolicy
 from .threadsafe import LoopBinding, allocate_lock
+from .types import Message
 from .websocket import WebSocket, prepare
 
-__all__ = ["Hub", "HubConfig", "HubBackplane", "MemoryBackplane", "SLOW_POLICIES"]
+__all__ = ["Hub", "HubConfig", "HubBackplane", "MemoryBackplane", "SlowPolicy", "SLOW_POLICIES"]
 
 log = logging.getLogger("gstream.hub")
 
-SLOW_POLICIES = ("drop_oldest", "drop_newest", "close")
+#: The values :attr:`HubConfig.slow_policy` accepts (kept for existing callers).
+SLOW_POLICIES = tuple(p.value for p in SlowPolicy)
 _BATCH_MESSAGES = 64  # messages queued to members before they are flushed (one send each)
 _BATCH_SECONDS = 0.05  # ...or this much fan-out work: bounds the first message's wait
 _YIELD_DELIVERIES = 16384  # frames queued between two yields inside one huge fan-out
 _FLUSH_YIELD = 2048  # members flushed between two yields
 _THREAD_CALL_TIMEOUT = 10.0  # a native thread waits this long at most for the hub's thread
 
-Message = str | bytes
 Where = Callable[..., bool]
 # (message, excluded connections, where, where's arity, forward to the backplane)
 _Item = tuple[Message, "frozenset[WebSocket] | None", "Where | None", int, bool]
@@ -51,11 +53,12 @@ class HubConfig:
     broadcast_buffer: int = 1024
     """Broadcasts waiting for the hub greenlet; :meth:`Hub.broadcast` drops (and
     counts) beyond this, :meth:`Hub.broadcast_wait` waits."""
-    slow_policy: str = "drop_oldest"
+    slow_policy: SlowPolicy | str = SlowPolicy.DROP_OLDEST
     """What a member whose send buffer is full gets: ``"drop_oldest"`` (its
     oldest queued messages make room; deflate members drop the new one
     instead), ``"drop_newest"`` (it misses the new message) or ``"close"``
-    (closed with :attr:`close_code`)."""
+    (closed with :attr:`close_code`). A :class:`~gstream.policies.SlowPolicy`
+    or its value; normalised to the member."""
     close_code: int = 1013
     """Close code of the ``"close"`` policy: 1013 (try again later), 1008
     (policy violation) or an application code 4000-4999."""
@@ -67,8 +70,7 @@ class HubConfig:
     def __post_init__(self) -> None:
         if self.broadcast_buffer < 1:
             raise ValueError("broadcast_buffer must be >= 1")
-        if self.slow_policy not in SLOW_POLICIES:
-            raise ValueError(f"slow_policy must be one of {SLOW_POLICIES}")
+        self.slow_policy = SlowPolicy.parse(self.slow_policy, "slow_policy")
         if self.close_code not in (1008, 1013) and not 4000 <= self.close_code <= 4999:
             raise ValueError("close_code must be 1008, 1013 or 4000-4999")
         if len(self.close_reason.encode("utf-8")) > 123:
@@ -342,14 +344,14 @@ class Hub:
         """Apply the slow-member policy; return 1 if the message was queued."""
         policy = self.config.slow_policy
         ws = m.ws
-        if policy == "drop_oldest" and ws.shares_frames:
+        if policy == SlowPolicy.DROP_OLDEST and ws.shares_frames:
             lost = ws.send_prepared_drop_oldest(pm)
             m.drops += lost
             self._stats["member_drops"] += lost
             return 1
         m.drops += 1
         self._stats["member_drops"] += 1
-        if policy == "close":
+        if policy == SlowPolicy.CLOSE:
             self._stats["closed_slow"] += 1
             self._remove(ws)
             log.info("hub %r: closing slow member %r with %s", self.name, ws, self.config.close_code)

@@ -24,7 +24,24 @@ from collections.abc import Callable
 from itertools import islice
 from typing import NamedTuple
 
-__all__ = ["Entry", "History", "ReplayResult"]
+from .types import StrEnum
+
+__all__ = ["Entry", "History", "ReplayResult", "ReplayStatus"]
+
+
+class ReplayStatus(StrEnum):
+    """How a resume by ``Last-Event-ID`` went (equal to its string value)."""
+
+    FRESH = "fresh"
+    """No Last-Event-ID was given: nothing to replay."""
+    OK = "ok"
+    """Every event after the client's id is available (possibly none)."""
+    UNKNOWN = "unknown"
+    """The id was never seen (the client gets ``gstream.reset``)."""
+    EXPIRED = "expired"
+    """The id was seen but fell out of the bounded window (``gstream.reset``)."""
+    UNAVAILABLE = "unavailable"
+    """A durable backplane's log could not be read (the broker answers 503)."""
 
 
 class Entry(NamedTuple):
@@ -40,13 +57,12 @@ class Entry(NamedTuple):
 class ReplayResult(NamedTuple):
     """What a resuming client should receive.
 
-    ``status`` is ``"fresh"`` (no Last-Event-ID given), ``"ok"`` (``frames``
-    holds everything after the client's id, possibly nothing),
-    ``"unknown"`` (the id was never seen by this broker) or ``"expired"``
-    (the id was seen but fell out of the bounded window).
+    ``status`` is :attr:`ReplayStatus.FRESH`, :attr:`~ReplayStatus.OK`
+    (``frames`` holds everything after the client's id, possibly nothing),
+    :attr:`~ReplayStatus.UNKNOWN` or :attr:`~ReplayStatus.EXPIRED`.
     """
 
-    status: str
+    status: ReplayStatus
     frames: list[bytes]
 
 
@@ -123,15 +139,15 @@ class History:
         ``accept(name)`` filters by event name (the subscriber's filter).
         """
         if not last_id:
-            return ReplayResult("fresh", [])
+            return ReplayResult(ReplayStatus.FRESH, [])
         if last_id == self.last_id:
             # Nothing was published after the client's id, even if the
             # window itself has expired: no gap, nothing to send.
-            return ReplayResult("ok", [])
+            return ReplayResult(ReplayStatus.OK, [])
         self._expire(self._clock())
         seq = self._index.get(last_id)
         if seq is None or not self._entries:
-            status = "expired" if last_id in self._evicted_set else "unknown"
+            status = ReplayStatus.EXPIRED if last_id in self._evicted_set else ReplayStatus.UNKNOWN
             return ReplayResult(status, [])
         start = seq - self._entries[0].seq + 1
         frames = [
@@ -139,4 +155,4 @@ class History:
             for e in islice(self._entries, start, None)
             if accept is None or accept(e.name)
         ]
-        return ReplayResult("ok", frames)
+        return ReplayResult(ReplayStatus.OK, frames)

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from .policies import InboundOverflow
+
 __all__ = ["WSConfig", "same_origin", "OriginPolicy", "INBOUND_POLICIES"]
 
 log = logging.getLogger("gstream.websocket")
@@ -34,7 +36,7 @@ OriginPolicy = Callable[[str | None, Mapping[str, Any]], bool]
 #: - ``"drop"``: keep reading (so pings, pongs and close frames are still
 #:   processed) and drop the new message; ``WebSocket.dropped_inbound`` counts.
 #: - ``"close"``: close the connection with 1008 (policy violation).
-INBOUND_POLICIES = ("pause", "drop", "close")
+INBOUND_POLICIES = tuple(p.value for p in InboundOverflow)
 
 _DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 # An Origin of ws/wss is not something a browser sends, but normalise it as
@@ -137,8 +139,8 @@ class WSConfig:
     """Negotiate permessage-deflate (window bits 12, memLevel 5; ~50-64 KiB per connection)."""
     max_queue: int = 16
     """Complete incoming messages buffered for ``receive()``."""
-    inbound_overflow: str = "pause"
-    """Policy when ``max_queue`` is reached: one of :data:`INBOUND_POLICIES`."""
+    inbound_overflow: InboundOverflow | str = InboundOverflow.PAUSE
+    """Policy when ``max_queue`` is reached: an :class:`~gstream.policies.InboundOverflow`."""
     _origin_check: OriginPolicy = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -156,8 +158,7 @@ class WSConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"{name} must be > 0, got {value!r}")
-        if self.inbound_overflow not in INBOUND_POLICIES:
-            raise ValueError(f"inbound_overflow must be one of {INBOUND_POLICIES}, got {self.inbound_overflow!r}")
+        self.inbound_overflow = InboundOverflow.parse(self.inbound_overflow, "inbound_overflow")
         if isinstance(self.subprotocols, str):
             raise ValueError("subprotocols must be a list of names, not a string")
         self.subprotocols = tuple(self.subprotocols)
