@@ -18,11 +18,13 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from typing import Any
 
 import gevent
 import gevent.event
 
+from .backplane import HubBackplane
+from .backplane.memory import MemoryBackplane
 from .errors import BackplaneUnavailable, Closed
 from .policies import SlowPolicy
 from .threadsafe import LoopBinding, allocate_lock
@@ -76,60 +78,6 @@ class HubConfig:
         if len(self.close_reason.encode("utf-8")) > 123:
             raise ValueError("close_reason longer than 123 bytes")
         self.max_members = max(0, int(self.max_members))
-
-
-class HubBackplane(Protocol):
-    """Carries a hub's broadcasts to the hubs of the same channel in other processes.
-
-    The hub calls :meth:`broadcast` from its own greenlet for every message
-    it fans out locally (except ``where``-filtered ones: a predicate cannot
-    travel). The backplane delivers it elsewhere by calling the remote hubs'
-    ``deliver(payload)``, never back to the hub that broadcast it (that hub
-    already delivered locally, honouring ``exclude``). ``deliver`` may be
-    called from any greenlet or thread, never blocks, and returns False when
-    that hub's channel was full (the drop is counted there).
-    """
-
-    def attach(self, channel: str, deliver: Callable[[Message], bool]) -> None:
-        """Start routing messages of ``channel`` from other processes to ``deliver``."""
-
-    def broadcast(self, channel: str, payload: Message) -> None:
-        """Send ``payload`` (``str``: text, ``bytes``: binary) to the other processes."""
-
-    def close(self) -> None:
-        """Stop routing; idempotent."""
-
-
-class MemoryBackplane:
-    """An in-process backplane: hubs whose backplanes share one ``bus`` exchange broadcasts.
-
-    Stands in for a cross-process one (Redis) in tests and examples: each
-    hub plays a process. ``MemoryBackplane(bus)`` with the same ``bus`` dict
-    for every hub of the "cluster".
-    """
-
-    def __init__(self, bus: dict[str, list[MemoryBackplane]] | None = None) -> None:
-        self.bus: dict[str, list[MemoryBackplane]] = bus if bus is not None else {}
-        self._channel: str | None = None
-        self._deliver: Callable[[Message], bool] | None = None
-
-    def attach(self, channel: str, deliver: Callable[[Message], bool]) -> None:
-        """Join ``channel`` on the bus."""
-        self._channel, self._deliver = channel, deliver
-        self.bus.setdefault(channel, []).append(self)
-
-    def broadcast(self, channel: str, payload: Message) -> None:
-        """Hand ``payload`` to every other hub of ``channel`` on the bus."""
-        for peer in tuple(self.bus.get(channel, ())):
-            if peer is not self and peer._deliver is not None:
-                peer._deliver(payload)
-
-    def close(self) -> None:
-        """Leave the bus."""
-        peers = self.bus.get(self._channel or "", [])
-        if self in peers:
-            peers.remove(self)
-        self._deliver = None
 
 
 class _Member:

@@ -14,10 +14,10 @@ A :class:`DurableBackplane` additionally assigns the event ids itself and
 keeps a shared history, so a client can resume (``Last-Event-ID``) on any
 process: :class:`~gstream.backplane.redis.RedisBackplane` (Redis Streams).
 
-The in-memory default :class:`LocalBackplane` delivers synchronously in the
-caller's greenlet: today's single-process behaviour (a hub without a
-backplane is local only; ``gstream.hub.MemoryBackplane`` links hubs of one
-process for tests). The Redis implementations live in :mod:`gstream.backplane.redis`
+The in-memory ones live in :mod:`gstream.backplane.memory`: the default
+:class:`LocalBackplane` delivers synchronously in the caller's greenlet
+(single-process behaviour), :class:`MemoryBackplane` links hubs of one
+process (tests, examples; a hub without a backplane is local only). The Redis implementations live in :mod:`gstream.backplane.redis`
 and need the ``gstream[redis]`` extra; they are importable from here
 lazily, so importing this package never imports ``redis``.
 """
@@ -28,7 +28,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
 
 from ..events import Event
-from .memory import LocalBackplane
+from .memory import LocalBackplane, MemoryBackplane
 
 if TYPE_CHECKING:  # pragma: no cover
     from .redis import HubLink, RedisBackplane, RedisHubBackplane
@@ -41,6 +41,7 @@ __all__ = [
     "HubLink",
     "HubSink",
     "LocalBackplane",
+    "MemoryBackplane",
     "ResumeResult",
     "RedisBackplane",
     "RedisHubBackplane",
@@ -140,10 +141,12 @@ HubSink = Callable[[str | bytes], bool]
 class HubBackplane(Protocol):
     """Carries a hub's broadcasts to the hubs of the same channel elsewhere.
 
-    Same shape as the protocol in gstream/hub.py (the hub is its consumer):
-    one backplane per hub. The hub fans out locally itself and calls
-    :meth:`broadcast` for what should reach the other hubs; the backplane
-    calls their ``deliver(payload)``, never the broadcasting hub's.
+    One backplane per hub. The hub fans out locally itself and calls
+    :meth:`broadcast` from its own greenlet for every message that should
+    reach the other hubs (not ``where``-filtered ones: a predicate cannot
+    travel); the backplane calls their ``deliver(payload)``, never the
+    broadcasting hub's. ``deliver`` may be called from any greenlet or
+    thread, never blocks, and returns False when that hub's channel was full.
     """
 
     def attach(self, channel: str, deliver: HubSink) -> None:

@@ -1,16 +1,19 @@
-"""The in-memory broker backplane: the single-process default.
+"""The in-memory backplanes: one process, no transport.
 
-Delivery happens synchronously, in the publisher's greenlet: exactly the
-behaviour of a broker or hub without any backplane.
+:class:`LocalBackplane` is the broker's default (delivery in the publisher's
+greenlet); :class:`MemoryBackplane` links hubs of one process, standing in
+for a cross-process backplane in tests and examples.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from ..events import Event
+from ..types import Message
 
-__all__ = ["LocalBackplane"]
+__all__ = ["LocalBackplane", "MemoryBackplane"]
 
 
 class LocalBackplane:
@@ -41,3 +44,34 @@ class LocalBackplane:
     def close(self) -> None:
         """Forget every sink."""
         self._sinks.clear()
+
+
+class MemoryBackplane:
+    """A hub backplane in one process: hubs whose backplanes share one ``bus`` exchange broadcasts.
+
+    Each hub plays a process: ``MemoryBackplane(bus)`` with the same ``bus``
+    dict for every hub of the "cluster".
+    """
+
+    def __init__(self, bus: dict[str, list[MemoryBackplane]] | None = None) -> None:
+        self.bus: dict[str, list[MemoryBackplane]] = bus if bus is not None else {}
+        self._channel: str | None = None
+        self._deliver: Callable[[Message], bool] | None = None
+
+    def attach(self, channel: str, deliver: Callable[[Message], bool]) -> None:
+        """Join ``channel`` on the bus."""
+        self._channel, self._deliver = channel, deliver
+        self.bus.setdefault(channel, []).append(self)
+
+    def broadcast(self, channel: str, payload: Message) -> None:
+        """Hand ``payload`` to every other hub of ``channel`` on the bus."""
+        for peer in tuple(self.bus.get(channel, ())):
+            if peer is not self and peer._deliver is not None:
+                peer._deliver(payload)
+
+    def close(self) -> None:
+        """Leave the bus."""
+        peers = self.bus.get(self._channel or "", [])
+        if self in peers:
+            peers.remove(self)
+        self._deliver = None
