@@ -14,7 +14,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypedDict, cast
 from urllib.parse import parse_qsl
 
 import gevent
@@ -32,6 +32,8 @@ from .types import Environ, StartResponse
 
 __all__ = [
     "BrokerConfig",
+    "BrokerCounters",
+    "BrokerStats",
     "SSEBroker",
     "MISSED_EVENT",
     "RESET_EVENT",
@@ -119,6 +121,48 @@ class BrokerConfig:
         self.history_size = max(0, int(self.history_size))
         self.max_subscriber_id = max(1, int(self.max_subscriber_id))
         self.foreign_queue = max(1, int(self.foreign_queue))
+
+
+class BrokerCounters(TypedDict):
+    """The counters of :meth:`SSEBroker.stats`, totals since the broker started."""
+
+    published: int
+    """Events accepted by :meth:`SSEBroker.publish` (and its thread-safe form)."""
+    enqueued: int
+    """Frames queued to subscribers."""
+    delivered: int
+    """Frames written to subscribers' streams."""
+    dropped: int
+    """Frames drop-oldest subscribers lost (each learns it from ``gstream.missed``)."""
+    cut: int
+    """Block-mode subscribers cut loose after ``block_timeout``."""
+    evicted: int
+    """Streams replaced by a newer one with the same subscriber id."""
+    rejected: int
+    """Subscribes refused at ``max_subscribers``."""
+    resets: int
+    """Resumes answered with ``gstream.reset`` (id unknown or expired)."""
+    replayed: int
+    """Frames replayed to resuming clients."""
+    foreign: int
+    """Publishes from other threads, delivered."""
+    foreign_dropped: int
+    """Publishes from other threads dropped (``foreign_queue`` full)."""
+    foreign_failed: int
+    """Publishes from other threads that raised."""
+
+
+class BrokerStats(BrokerCounters):
+    """What :meth:`SSEBroker.stats` returns: the counters and the broker's state now."""
+
+    topic: str
+    subscribers: int
+    """Open streams now."""
+    history: int
+    """Events in the replay window now."""
+    last_id: str | None
+    """Id of the latest event."""
+    closed: bool
 
 
 class _Subscriber:
@@ -252,10 +296,7 @@ class SSEBroker:
         self._next_id = cfg.first_id if cfg.first_id is not None else time.time_ns() // 1000
         self._seq = 0
         self._closed = False
-        self._stats = dict.fromkeys(
-            ("published", "enqueued", "delivered", "dropped", "cut", "evicted",
-             "rejected", "resets", "replayed", "foreign", "foreign_dropped",
-             "foreign_failed"), 0)
+        self._stats = cast(BrokerCounters, dict.fromkeys(BrokerCounters.__annotations__, 0))
         self._foreign: deque[Event] = deque()
         self._pump: Any = None
         self._binding = LoopBinding()
@@ -724,10 +765,8 @@ class SSEBroker:
         """Per-subscriber details: id, mode, buffer, queue depth, drops, deliveries."""
         return [sub.info() for sub in self._subs.values()]
 
-    def stats(self) -> dict[str, Any]:
-        """Totals since start: published, enqueued, delivered, dropped, and more."""
-        out: dict[str, Any] = dict(self._stats)
-        out.update(topic=self.config.topic, subscribers=len(self._subs),
-                   history=len(self._history), last_id=self._history.last_id,
-                   closed=self._closed)
-        return out
+    def stats(self) -> BrokerStats:
+        """Totals since start (:class:`BrokerCounters`) and the state now; a plain dict."""
+        return BrokerStats(**self._stats, topic=self.config.topic, subscribers=len(self._subs),
+                           history=len(self._history), last_id=self._history.last_id,
+                           closed=self._closed)

@@ -38,16 +38,30 @@ import gevent.socket
 
 from .errors import Unsupported
 from .tlsio import tls_would_block
+from .types import StrEnum
 
 if TYPE_CHECKING:
     from gevent.pywsgi import WSGIHandler
 
-__all__ = ["Hijack", "Unsupported", "find_server", "take"]
+__all__ = ["Hijack", "ServerKind", "Unsupported", "find_server", "take"]
 
 #: A shared, closed, empty reader: put in place of a handler's rfile so the
 #: keep-alive loop ends and the real 8 KiB read buffer can be freed.
 _CLOSED_READER = io.BytesIO()
 _CLOSED_READER.close()
+
+
+class ServerKind(StrEnum):
+    """The servers whose connection gstream knows how to take (see the module docstring)."""
+
+    GSTREAM = "gstream"
+    """gstream's own :class:`~gstream.handler.GStreamHandler` (``environ["gstream.hijack"]``)."""
+    PYWSGI = "pywsgi"
+    """gevent's ``WSGIHandler``, reached through ``start_response``."""
+    PYWSGI_INPUT = "pywsgi-input"
+    """gevent's pywsgi when a framework hides ``start_response``: through ``wsgi.input``."""
+    GUNICORN = "gunicorn"
+    """gunicorn's async ``gevent`` worker (``environ["gunicorn.socket"]``)."""
 
 
 @dataclass
@@ -56,7 +70,7 @@ class Hijack:
 
     sock: gevent.socket.socket
     pre_read: bytes
-    server: str
+    server: ServerKind
     handler: WSGIHandler | None = None
     detacher: Callable[[], tuple[gevent.socket.socket, Callable[[], None]] | None] | None = None
     """gstream's server only: lets the session outlive the request greenlet
@@ -69,7 +83,7 @@ class Hijack:
         that is how gunicorn is told the response was handled (its worker
         catches it, logs at debug level and closes the connection).
         """
-        if self.server == "gunicorn":
+        if self.server == ServerKind.GUNICORN:
             raise StopIteration("websocket session ended")
         return []
 
@@ -84,23 +98,23 @@ def _handler_of(start_response: Any) -> WSGIHandler | None:
     return owner if isinstance(owner, pywsgi.WSGIHandler) else None
 
 
-def find_server(environ: Mapping[str, Any], start_response: Any) -> str:
+def find_server(environ: Mapping[str, Any], start_response: Any) -> ServerKind:
     """Name the server behind this request, or raise :class:`Unsupported`.
 
     Side-effect free, so the upgrade can be refused with a normal HTTP
     response before anything is taken.
     """
     if callable(environ.get("gstream.hijack")):
-        return "gstream"
+        return ServerKind.GSTREAM
     if "gunicorn.socket" in environ:
         if not isinstance(environ["gunicorn.socket"], gevent.socket.socket):
             raise Unsupported("gunicorn worker is not gevent-based; use -k gevent")
-        return "gunicorn"
+        return ServerKind.GUNICORN
     if _handler_of(start_response) is not None:
-        return "pywsgi"
+        return ServerKind.PYWSGI
     raw = _raw_socket_from_input(environ)
     if raw is not None:
-        return "pywsgi-input"
+        return ServerKind.PYWSGI_INPUT
     raise Unsupported("this WSGI server does not expose its connection")
 
 
@@ -167,14 +181,19 @@ def _release_handler(handler: WSGIHandler, environ: Any) -> None:
     handler.wsgi_input = _EMPTY_INPUT
 
 
-def take(environ: Any, start_response: Any, server: str) -> Hijack:
-    """Take the connection from ``server`` (as named by :func:`find_server`)."""
-    if server == "gstream":
+def take(environ: Any, start_response: Any, server: ServerKind | str) -> Hijack:
+    """Take the connection from ``server`` (as named by :func:`find_server`).
+
+    Raises:
+        ValueError: ``server`` names no :class:`ServerKind`.
+    """
+    server = ServerKind.parse(server, "server")
+    if server == ServerKind.GSTREAM:
         hijack = environ["gstream.hijack"]
         sock, pre = hijack()
         detacher = getattr(getattr(hijack, "__self__", None), "_detach", None)
         return Hijack(sock, pre, server, detacher=detacher)
-    if server == "gunicorn":
+    if server == ServerKind.GUNICORN:
         sock = environ["gunicorn.socket"]
         pre = b""
         body = environ.get("wsgi.input")
@@ -188,19 +207,18 @@ def take(environ: Any, start_response: Any, server: str) -> Hijack:
                 unreader.buf = io.BytesIO()
         sock.setblocking(True)
         return Hijack(sock, pre, server)
-    if server == "pywsgi":
+    if server == ServerKind.PYWSGI:
         handler = _handler_of(start_response)
         assert handler is not None
         sock = handler.socket
         pre = drain_buffered(handler.rfile, sock)
         _release_handler(handler, environ)
         return Hijack(sock, pre, server, handler)
-    if server == "pywsgi-input":
-        found = _raw_socket_from_input(environ)
-        if found is None:
-            raise Unsupported("pywsgi reader vanished")
-        rfile, sock = found
-        pre = drain_buffered(rfile, sock)
-        rfile.close()  # ends pywsgi's keep-alive loop (it checks rfile.closed)
-        return Hijack(sock, pre, server)
-    raise Unsupported(server)
+    # ServerKind.PYWSGI_INPUT, the one left
+    found = _raw_socket_from_input(environ)
+    if found is None:
+        raise Unsupported("pywsgi reader vanished")
+    rfile, sock = found
+    pre = drain_buffered(rfile, sock)
+    rfile.close()  # ends pywsgi's keep-alive loop (it checks rfile.closed)
+    return Hijack(sock, pre, server)

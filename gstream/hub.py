@@ -18,7 +18,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypedDict, cast
 
 import gevent
 import gevent.event
@@ -31,7 +31,8 @@ from .threadsafe import LoopBinding, allocate_lock
 from .types import Message
 from .websocket import WebSocket, prepare
 
-__all__ = ["Hub", "HubConfig", "HubBackplane", "MemoryBackplane", "SlowPolicy", "SLOW_POLICIES"]
+__all__ = ["Hub", "HubConfig", "HubCounters", "HubStats", "HubBackplane", "MemoryBackplane",
+           "SlowPolicy", "SLOW_POLICIES"]
 
 log = logging.getLogger("gstream.hub")
 
@@ -78,6 +79,44 @@ class HubConfig:
         if len(self.close_reason.encode("utf-8")) > 123:
             raise ValueError("close_reason longer than 123 bytes")
         self.max_members = max(0, int(self.max_members))
+
+
+class HubCounters(TypedDict):
+    """The counters of :meth:`Hub.stats`, since the hub was created."""
+
+    broadcasts: int
+    """Broadcasts accepted into the channel."""
+    fanned_out: int
+    """Messages the hub greenlet processed."""
+    deliveries: int
+    """Frames queued to members."""
+    drops: int
+    """Broadcasts refused, channel full."""
+    member_drops: int
+    """Messages slow members lost."""
+    closed_slow: int
+    """Members closed by the ``close`` slow policy."""
+    rejected: int
+    """Registers refused at ``max_members``."""
+    remote: int
+    """Messages from the backplane."""
+    discarded: int
+    """Messages still in the channel at stop."""
+    registered: int
+    unregistered: int
+    backplane_failures: int
+    """Broadcasts the backplane refused (delivered locally only)."""
+
+
+class HubStats(HubCounters):
+    """What :meth:`Hub.stats` returns: the counters and the hub's state now."""
+
+    name: str
+    members: int
+    queued: int
+    """Messages in the channel now."""
+    running: bool
+    stopped: bool
 
 
 class _Member:
@@ -152,9 +191,7 @@ class Hub:
         self._started: gevent.Greenlet | None = None
         self._done = gevent.event.Event()
         self._binding = LoopBinding()
-        self._stats = dict.fromkeys(
-            ("broadcasts", "fanned_out", "deliveries", "drops", "member_drops", "closed_slow",
-             "rejected", "remote", "discarded", "registered", "unregistered"), 0)
+        self._stats = cast(HubCounters, dict.fromkeys(HubCounters.__annotations__, 0))
         self._backplane = backplane
         if backplane is not None:
             backplane.attach(name, self._deliver_remote)
@@ -220,7 +257,7 @@ class Hub:
             except BackplaneUnavailable as exc:
                 # An outage is expected and already logged by the backplane on
                 # each state change: count it, don't dump a traceback per message.
-                self._stats["backplane_failures"] = self._stats.get("backplane_failures", 0) + 1
+                self._stats["backplane_failures"] += 1
                 log.debug("hub %r: backplane unavailable: %s", self.name, exc)
             except Exception:
                 log.exception("hub %r: backplane broadcast failed", self.name)
@@ -538,21 +575,10 @@ class Hub:
         m = self._members.get(ws)
         return 0 if m is None else m.drops
 
-    def stats(self) -> dict[str, Any]:
-        """Counters since creation.
-
-        ``members``; ``broadcasts`` (accepted into the channel); ``fanned_out``
-        (messages the hub greenlet processed); ``deliveries`` (frames queued
-        to members); ``drops`` (broadcasts refused, channel full);
-        ``member_drops`` (messages slow members lost); ``closed_slow``;
-        ``rejected`` (registers refused at ``max_members``); ``remote``
-        (messages from the backplane); ``discarded`` (in the channel at
-        stop); ``queued`` (in the channel now); ``registered``/``unregistered``.
-        """
-        out: dict[str, Any] = dict(self._stats)
-        out.update(name=self.name, members=len(self._members), queued=len(self._channel),
-                   running=self.running, stopped=self._stopped)
-        return out
+    def stats(self) -> HubStats:
+        """Counters since creation (:class:`HubCounters`) and the state now; a plain dict."""
+        return HubStats(**self._stats, name=self.name, members=len(self._members),
+                        queued=len(self._channel), running=self.running, stopped=self._stopped)
 
     def __repr__(self) -> str:
         return f"<Hub {self.name!r} members={len(self._members)} stopped={self._stopped}>"

@@ -200,14 +200,14 @@ class DemoApp:
         chat = self.chat.hub.stats()
         return {
             "published": feed["published"],
-            "delivered": feed["delivered"] + chat.get("deliveries", 0),
-            "chat": chat.get("broadcasts", 0),
+            "delivered": feed["delivered"] + chat["deliveries"],
+            "chat": chat["broadcasts"],
         }
 
     def stats(self) -> dict[str, Any]:
         """The ``/stats`` document (docs/demo-contract.md, plus details)."""
         feed = self.feed.stats()
-        chat = dict(self.chat.hub.stats())
+        chat = self.chat.hub.stats()
         members = self.chat.members
         sse = self.feed.subscriber_count
         if self.server is not None:
@@ -219,8 +219,8 @@ class DemoApp:
             "sse_subscribers": sse,
             "ws_members": members,
             "published": feed["published"],
-            "delivered": feed["delivered"] + chat.get("deliveries", 0),
-            "dropped": feed["dropped"] + chat.get("drops", 0) + chat.get("member_drops", 0),
+            "delivered": feed["delivered"] + chat["deliveries"],
+            "dropped": feed["dropped"] + chat["drops"] + chat["member_drops"],
             "events_per_second": rates.get("published", 0.0),
             "connections": connections,
             "uptime": round(time.time() - self.started_at, 1),
