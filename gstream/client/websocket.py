@@ -113,6 +113,16 @@ class WebSocketClient:
             return None
         return self._protocol.close_reason
 
+    @property
+    def sent_close_code(self) -> int | None:
+        """The code of the close frame this client sent, or None if it sent none.
+
+        Tells a close the client started itself (1009 for a message too big,
+        1007 for bad UTF-8) from one the server started.
+        """
+        sent = getattr(self._protocol, "close_sent", None)
+        return None if sent is None else sent.code
+
     def _closed_error(self) -> Closed:
         code = self._protocol.close_code
         return Closed(self._protocol.close_reason or "connection closed", code)

@@ -147,10 +147,10 @@ class WebSocketUser(StreamingUser):
         if code in (1000, 1001) or self._stopping:
             return None
         # A stable text per code keeps Locust's failure table grouped by cause.
-        sent = getattr(ws._protocol, "close_sent", None)
-        if code == 1006 and sent is not None and sent.code not in (1000, 1001):
+        sent = ws.sent_close_code
+        if code == 1006 and sent is not None and sent not in (1000, 1001):
             # The client failed the connection itself (1009 too big, 1007 bad UTF-8).
-            return Disconnected(f"closed with code {sent.code} by the client")
+            return Disconnected(f"closed with code {sent} by the client")
         return Disconnected(f"closed with code {code}")
 
     def _dispatch(self, message: str | bytes, received: float) -> None:
