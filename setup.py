@@ -39,6 +39,8 @@ setup(
         "gunicorn": ["gunicorn>=21"],
         "browser": ["playwright>=1.40"],
         "demo": [],
+        # The API reference (docs/api/, built by scripts/docs.sh).
+        "docs": ["sphinx>=7"],
         "bench": [
             "gevent-websocket>=0.10",
             "flask>=2.2",

@@ -1,18 +1,8 @@
-"""The Server-Sent Events wire format: events and their encoding.
+"""The Server-Sent Events wire format: events and their encoding (WHATWG "event stream").
 
-This module is pure: it performs no I/O and imports nothing from gevent, so
-it can be used (and fuzzed) anywhere. It follows the WHATWG HTML
-"event stream" rules. Every frame is encoded to ``bytes`` once, ready to be
-written to any number of sockets.
-
-Injection rules (why they are what they are):
-
-* ``id`` values, event names and comments are *truncated* at the first CR, LF
-  or NUL rather than scrubbed: deleting only the control character would let
-  the surrounding text recombine into a forged field
-  (``"X\\r\\nSet-Cookie: a"`` would become ``"XSet-Cookie: a"``).
-* ``data`` is scrubbed of CR and NUL and split on LF; every piece is
-  re-prefixed with ``data: ``, so no piece can become another field.
+Pure: no I/O, nothing from gevent, so it can be used and fuzzed anywhere. Every
+frame is encoded to ``bytes`` once, for any number of sockets. The injection
+rules (truncate single-line fields, scrub and split data) are in docs/design.md.
 """
 
 from __future__ import annotations

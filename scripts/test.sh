@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run the whole gstream test suite: lint (ruff), types (mypy), then pytest.
+# Run the whole gstream test suite: lint (ruff), types (mypy), pytest, the API reference.
 # Installs everything it needs itself (virtualenv, packages, Debian packages).
 # Extra arguments go to pytest, e.g. bash scripts/test.sh -k broker
 source "$(dirname "$0")/_env.sh"
@@ -22,6 +22,7 @@ if [ $rc -eq 5 ]; then
     exit 1
 fi
 [ $rc -eq 0 ] || exit $rc
+bash "$ROOT/scripts/docs.sh"  # the API reference, warnings as errors
 
 # gstream declares websockets>=13 so Python 3.10 users are served: run the
 # WebSocket suites again on the oldest supported release.
