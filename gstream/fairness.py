@@ -1,16 +1,8 @@
 """Keep-alive fairness: one pass through the event loop between two requests.
 
-A greenlet only gives up the gevent loop when a read or write would block.
-A keep-alive client whose next request has already arrived when its response
-has gone (a fast client, or a pipelining one) is therefore served again at
-once, and every other connection waits. pywsgi's and gunicorn's request loops
-both read the next request straight away; gstream's handler and its gunicorn
-workers call :func:`yield_to_ready_io` first (pywsgi handlers through
-:class:`FairKeepAlive`).
-
-Measured on 2 keep-alive connections to a Flask view (docs/performance.md,
-fifth round): p99 6-11 ms with stalls up to ~100 ms before, ~2 ms after, at
-~6 us (one ``epoll_wait``) per request.
+Used by gstream's handler and gunicorn workers so that a client whose next
+request has already arrived cannot hold the loop (docs/design.md, "A keep-alive
+connection gives the loop back between requests"; figures in docs/performance.md).
 """
 
 from __future__ import annotations

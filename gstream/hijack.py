@@ -1,29 +1,10 @@
 """Taking the raw socket away from a WSGI server, one server at a time.
 
 WSGI has no standard way to take over a connection, so each supported server
-is detected explicitly (never "try this, then that") and handled the way its
-source code allows:
-
-``gstream``
-    :class:`gstream.handler.GStreamHandler` puts a ``gstream.hijack``
-    callable in the environ. The handler then knows the connection is gone:
-    it writes nothing after the 101, logs it as a 101, and frees its buffers.
-``pywsgi``
-    gevent's default ``WSGIHandler`` (also gunicorn's ``gevent_pywsgi``
-    worker). ``start_response`` is a bound method of the handler, which gives
-    us the socket and the buffered reader (whose read-ahead bytes we keep);
-    we mark the handler as "101 sent, close after" so it writes nothing more.
-``gunicorn``
-    gunicorn's own async ``gevent`` worker: ``environ['gunicorn.socket']``;
-    bytes gunicorn's parser read ahead live in the body reader's unreader.
-    The WSGI app must end by raising ``StopIteration`` (gunicorn's async
-    worker logs "Closing connection" and closes the socket), which
-    :meth:`Hijack.wsgi_result` does.
-
-After the session, gstream shuts the socket down in both directions but
-leaves closing the file descriptor to the server that owns it, so any stray
-write by a server or framework fails quietly with EPIPE rather than reaching
-the peer or a reused descriptor.
+(:class:`ServerKind`: gstream's own, gevent's pywsgi, gunicorn's gevent worker) is
+detected explicitly and handled the way its source allows (docs/websocket.md,
+"Hijack"). After the session gstream shuts the socket down but leaves closing the
+descriptor to the server that owns it.
 """
 
 from __future__ import annotations

@@ -1,13 +1,8 @@
 """Hub: broadcast WebSocket messages to a set of connections (a room).
 
-One greenlet (:meth:`Hub.run`) drains a bounded broadcast channel and fans
-each message out. A message is framed once (:func:`gstream.prepare`) and the
-same bytes object is queued to every plain member; members with
-permessage-deflate re-encode for themselves. Queuing never blocks: a member
-whose send buffer is full (it stopped reading) gets the slow-member policy,
-so one stalled peer costs only its own messages. Membership changes and
-broadcasts are accepted from any greenlet and from native OS threads. See
-docs/hub.md.
+One greenlet drains a bounded channel and fans each message out, framed once;
+a member whose send buffer is full gets the slow-member policy, so one stalled
+peer costs only its own messages. Design: docs/hub.md.
 """
 
 from __future__ import annotations

@@ -1,13 +1,8 @@
 """Graceful shutdown: a registry of live streams a server can end cleanly.
 
-Every long-lived stream (a broker's SSE subscriber, a WebSocket connection)
-registers itself here while it is open. On SIGTERM the server stops
-accepting, then calls :meth:`Lifecycle.shutdown_all`, which asks each stream
-to end politely (SSE: a final event with a ``retry:`` hint; WebSocket: close
-1001 "going away"), and waits for them up to a deadline.
-
-Streams are held weakly so that a stream that forgets to unregister cannot
-leak through this registry.
+On SIGTERM the server calls :meth:`Lifecycle.shutdown_all`, which asks each
+registered stream (SSE subscriber, WebSocket) to end politely and waits up to a
+deadline. Streams are held weakly, so one that forgets to unregister cannot leak here.
 """
 
 from __future__ import annotations

@@ -96,8 +96,8 @@ def _split_node(node: str) -> tuple[str, str | None]:
 def _ip(text: str | None) -> _IP | None:
     """(version, integer, canonical text) of an IP literal; None if it is not one.
 
-    inet_pton (C) rather than :mod:`ipaddress` (pure Python, ~3 us per IPv4
-    address): it runs for every proxied request. A conversion, no socket.
+    inet_pton (C) rather than :mod:`ipaddress` (pure Python, several times
+    slower; docs/performance.md): it runs for every proxied request. A conversion, no socket.
     """
     if not text:
         return None

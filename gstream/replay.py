@@ -1,19 +1,8 @@
 """Replay history for the SSE broker: a bounded, ordered log of recent frames.
 
-Every event the broker delivers is appended with a local sequence number
-(``seq``, contiguous and strictly increasing), its wire id, its event name
-and its already-encoded frame. A client that reconnects with
-``Last-Event-ID`` gets every later entry, in order; if its id is unknown or
-has fallen out of the window, the broker tells it so (``gstream.reset``)
-instead of silently skipping events.
-
-Why a sequence number besides the wire id: publishers may supply their own
-ids (any string), so ordering cannot be read from the id itself. The id is
-only a lookup key into ``seq``; it is never parsed, so a hostile,
-non-numeric, huge or "future" id can only miss the index.
-
-This module does no I/O and never yields, which is what lets the broker
-register a subscriber and take a history snapshot atomically.
+Entries carry a local sequence number besides the wire id, which is only a
+lookup key (never parsed: hostile ids just miss). No I/O and no yields, so the
+broker registers a subscriber and snapshots the history atomically (docs/broker.md, "Replay").
 """
 
 from __future__ import annotations

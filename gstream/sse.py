@@ -1,15 +1,9 @@
 """Server-Sent Events and chunked streaming for WSGI applications.
 
-Two shapes are offered because WSGI apps come in two shapes:
-
-* the *write-based* form, :class:`SSEWriter`, for raw WSGI code that wants to
-  push events imperatively (it uses the ``write`` callable returned by
-  ``start_response``, which gevent's pywsgi and gunicorn send at once);
-* the *iterator-based* form, :func:`stream_events`, for frameworks (Flask,
-  Django) whose views return a streaming body.
-
-Both encode with :func:`gstream.events.encode`, so there is one set of
-framing rules in the library.
+Two shapes, because WSGI apps come in two: :class:`SSEWriter` pushes events
+through ``start_response``'s ``write``; :func:`stream_events` returns an iterable
+body for frameworks (Flask, Django). Both encode with :func:`gstream.events.encode`
+(docs/design.md, "WSGI shapes").
 """
 
 from __future__ import annotations

@@ -1,14 +1,9 @@
 """A WHATWG-conformant ``text/event-stream`` parser (pure, no I/O).
 
-It follows the "interpreting an event stream" algorithm of the HTML
-standard: lines end at CRLF, LF or CR (and nothing else, not U+2028); a
-leading BOM is skipped once; ``data`` lines accumulate with LF; ``id`` values
-containing NUL are ignored; ``retry`` accepts ASCII digits only; an event is
-dispatched at a blank line, and never when its data buffer is empty.
-
-Feed it bytes as they arrive with :meth:`EventStreamParser.feed`; it returns
-the events completed by those bytes. Used by :mod:`gstream.client` and by the
-tests, so the library is checked against the standard, not against itself.
+It follows the HTML standard's "interpreting an event stream" algorithm (line
+ends, BOM, ``data`` accumulation, ``id`` with NUL ignored, digits-only ``retry``).
+Used by :mod:`gstream.client` and by the tests, so the library is checked against
+the standard, not against itself.
 """
 
 from __future__ import annotations

@@ -1,14 +1,8 @@
 """Non-blocking reads and writes on a TLS socket with plain-socket semantics.
 
-A WebSocket connection reads from a libev watcher callback and writes with
-non-blocking sends (see docs/websocket.md). On plain TCP that is the OS
-socket itself; over TLS (``Server(certfile=...)``, wss://) it must be the TLS
-layer, with two differences handled here: a read that finds only part of a
-record raises ``SSLWantReadError`` (we say ``BlockingIOError``, as a plain
-socket would), and decrypted bytes can stay buffered inside the TLS object
-where the descriptor's readiness never reports them, so every read drains
-them too (a record larger than one read, or OpenSSL read-ahead). Writes are never joined by the caller over TLS, so a write that
-could not complete is retried with the very same buffer, as OpenSSL requires.
+The WebSocket I/O model (read from a libev callback, non-blocking sends) over
+TLS: partial records read as ``BlockingIOError``, buffered decrypted bytes are
+drained, an incomplete write is retried with the same buffer (docs/websocket.md, "TLS").
 """
 
 from __future__ import annotations

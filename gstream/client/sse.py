@@ -1,17 +1,8 @@
 """A gevent-native Server-Sent Events client with EventSource semantics.
 
-It speaks HTTP/1.1 over a raw :mod:`gevent.socket` (TLS for ``https``),
-parses the stream with the WHATWG parser :class:`gstream.sseparse.EventStreamParser`,
-and reconnects the way a browser's ``EventSource`` does: after the stream
-ends or the connection fails it waits ``retry`` milliseconds (as last sent by
-the server) and reconnects with ``Last-Event-ID``, so a server that keeps a
-replay buffer can resume where the client left off.
-
-Differences from a browser, on purpose: ``5xx`` answers are retried (a
-server at capacity answers ``503``), honouring ``Retry-After``; consecutive
-failures back off exponentially up to ``max_retry_ms``.
-
-Example::
+HTTP/1.1 over :mod:`gevent.socket`, parsed by :class:`gstream.sseparse.EventStreamParser`,
+reconnecting with ``Last-Event-ID`` as a browser does (plus ``5xx`` retries and
+exponential back-off: docs/server.md, "gstream.client.SSEClient"). Example::
 
     client = SSEClient("http://127.0.0.1:8000/events")
     for event in client:

@@ -1,17 +1,8 @@
 """A gevent-native WebSocket client over the ``websockets`` Sans-I/O protocol.
 
-``websockets.client.ClientProtocol`` does the RFC 6455 work (handshake,
-framing, masking, ping answers, close echo, size limits while parsing and
-inflating); this module owns the socket and the greenlets:
-
-* one reader greenlet per connection feeds received bytes to the protocol,
-  reassembles fragmented messages into a bounded queue, resolves pings, and
-  flushes what the protocol wants to send (pongs, the close echo);
-* every write (``send``, ``ping``, ``close`` and the reader's flushes) runs
-  under one per-connection lock, so frames from different greenlets never
-  interleave.
-
-Works with websockets 13.x to 17.x. Example::
+``websockets``' ``ClientProtocol`` does RFC 6455; this module owns the socket, one
+reader greenlet per connection and a per-connection write lock (docs/server.md,
+"gstream.client.connect"). Example::
 
     with connect("ws://127.0.0.1:8000/chat") as ws:
         ws.send("hello")

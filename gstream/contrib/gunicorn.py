@@ -1,35 +1,12 @@
-"""gunicorn's gevent workers with gstream's graceful shutdown.
-
-gstream's SSE streams and WebSockets work under gunicorn's own gevent
-workers as they are (``gunicorn -k gevent``). What those workers cannot do
-is end them politely on ``SIGTERM``: they stop accepting and wait up to
-``--graceful-timeout`` for connections to finish, which long-lived streams
-never do, and then kill them. These workers also ask every live gstream
-stream to end when ``SIGTERM`` arrives (SSE: a final event and a
-``retry:`` hint; WebSocket: close 1001), so a rolling restart costs
-clients one quick reconnect::
+"""gunicorn's gevent workers with gstream's graceful shutdown, fair keep-alive and departure watch::
 
     gunicorn -k gstream.contrib.gunicorn.GeventWorker -w 4 myapp:app
     gunicorn -k gstream.contrib.gunicorn.GeventPyWSGIWorker -w 4 myapp:app
 
-They also keep keep-alive connections fair, as ``GStreamHandler`` does: gunicorn's
-loops read a connection's next request without going back to the event loop
-when it has already arrived, so one fast or pipelining client could hold the
-worker while every other connection waited. Between two requests on one
-connection these workers let the loop run once (~6 us).
-
-Behind a reverse proxy both follow gunicorn's ``--forwarded-allow-ips``
-(default ``127.0.0.1,::1``, or ``$FORWARDED_ALLOW_IPS``) and
-``secure_scheme_headers``: from a trusted peer, ``X-Forwarded-Proto: https``
-makes ``wsgi.url_scheme`` ``https``, so the WebSocket same-origin check
-accepts ``wss://`` pages. ``-k gevent`` does this in gunicorn's own parser;
-gunicorn's ``gevent_pywsgi`` handler does not, so ``GeventPyWSGIWorker``
-does it here, with the same rule (contradicting scheme headers get 400).
-
-They also end a streaming response (SSE, chunked) whose client has left (FIN
-or RST) while it is idle, at once instead of at its next write, so the
-stream's seat (a broker subscriber, a worker connection) is freed within a
-second (gstream.departure; gunicorn's own ``-k gevent`` cannot).
+On SIGTERM they end live streams politely (SSE: a final event and ``retry:``;
+WebSocket: 1001) instead of letting gunicorn kill them at ``--graceful-timeout``.
+Why and how (fairness, proxy headers, departed clients): docs/demo.md ("gunicorn")
+and docs/deploy.md.
 """
 
 from __future__ import annotations
