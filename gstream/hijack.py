@@ -33,7 +33,7 @@ _CLOSED_READER.close()
 
 
 class ServerKind(StrEnum):
-    """The servers whose connection gstream knows how to take (see the module docstring)."""
+    """The servers whose connection gstream knows how to take (docs/websocket.md, "Hijack")."""
 
     GSTREAM = "gstream"
     """gstream's own :class:`~gstream.handler.GStreamHandler` (``environ["gstream.hijack"]``)."""
