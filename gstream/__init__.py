@@ -1,7 +1,8 @@
 """gstream: Server-Sent Events and WebSockets for gevent and WSGI.
 
-Public names are re-exported here; the modules behind them are private
-details of layout. See README.md for a tour.
+The names most applications need are re-exported here. Modules without a
+leading underscore are public too (docs/api/ documents them); underscored
+ones are private. See README.md for a tour.
 """
 
 from __future__ import annotations
