@@ -35,6 +35,11 @@ It also bounds how long a client may take to send a request head
 opens a connection and dribbles (or never sends) the headers is answered with
 408 or disconnected instead of pinning a greenlet forever.
 
+It refuses request heads that RFC 9112 says to refuse (a control character
+in the request line, obs-fold, two Hosts, an ambiguous body length, ...) with
+400/431/501/505 and one log line, before the application sees them
+(:class:`gstream.strict.StrictRequests`; the rules are in docs/security.md).
+
 Use it with ``gevent.pywsgi.WSGIServer(addr, app, handler_class=GStreamHandler)``;
 gstream's own server uses it by default.
 """
@@ -54,6 +59,7 @@ from gevent.socket import socket as GeventSocket
 
 from .fairness import FairKeepAlive
 from .hijack import _CLOSED_READER, drain_buffered
+from .strict import StrictRequests
 from .tlsio import is_tls
 
 __all__ = ["GStreamHandler"]
@@ -101,7 +107,7 @@ class _HeadTimeout(socket.timeout):
     request-line reader treats it as a dead connection)."""
 
 
-class GStreamHandler(FairKeepAlive, WSGIHandler):
+class GStreamHandler(FairKeepAlive, StrictRequests, WSGIHandler):
     """A pywsgi handler that supports a clean hijack (see module docstring)."""
 
     #: Seconds a client may take to send a complete request line and headers

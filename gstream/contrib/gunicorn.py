@@ -12,6 +12,10 @@ clients one quick reconnect::
     gunicorn -k gstream.contrib.gunicorn.GeventWorker -w 4 myapp:app
     gunicorn -k gstream.contrib.gunicorn.GeventPyWSGIWorker -w 4 myapp:app
 
+Both refuse malformed request heads as gstream's server does (RFC 9112;
+docs/security.md): ``GeventPyWSGIWorker`` through :mod:`gstream.strict`,
+``GeventWorker`` by checking what gunicorn's own parser lets through.
+
 They also keep keep-alive connections fair, as ``GStreamHandler`` does: gunicorn's
 loops read a connection's next request without going back to the event loop
 when it has already arrived, so one fast or pipelining client could hold the
@@ -26,8 +30,11 @@ from typing import Any
 import gevent
 from gunicorn.workers import ggevent
 
+from .. import httpcheck
+from ..errors import InvalidRequest
 from ..fairness import FairKeepAlive, yield_to_ready_io
 from ..lifecycle import lifecycle
+from ..strict import StrictRequests, refuse
 
 __all__ = ["GeventWorker", "GeventPyWSGIWorker"]
 
@@ -61,6 +68,14 @@ class GeventWorker(_Draining, ggevent.GeventWorker):
     and fair keep-alive connections."""
 
     def handle_request(self, listener_name: Any, req: Any, sock: Any, addr: Any) -> Any:
+        # gunicorn's parser has checked the grammar; what it lets through
+        # (no Host, a coding before chunked) httpcheck refuses here.
+        fields = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in req.headers]
+        try:
+            httpcheck.check_fields(fields, req.version)
+        except InvalidRequest as exc:
+            refuse(sock, addr, exc)
+            raise StopIteration from None  # gunicorn's way to close the connection
         result = super().handle_request(listener_name, req, sock, addr)
         # The connection stays open (gunicorn raises StopIteration to close
         # it): let the others' ready requests run before reading its next.
@@ -68,7 +83,7 @@ class GeventWorker(_Draining, ggevent.GeventWorker):
         return result
 
 
-class _FairPyWSGIHandler(FairKeepAlive, ggevent.PyWSGIHandler):
+class _FairPyWSGIHandler(FairKeepAlive, StrictRequests, ggevent.PyWSGIHandler):
     pass
 
 
