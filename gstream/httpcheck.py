@@ -33,14 +33,19 @@ _TOKEN_RE = re.compile(_TOKEN)
 # is what request smuggling feeds on). The target is visible ASCII only.
 _REQUEST_LINE_RE = re.compile(
     rb"(?P<method>" + _TOKEN + rb") (?P<target>[\x21-\x7e]+) HTTP/(?P<major>[0-9])\.(?P<minor>[0-9])")
-# RFC 9112 5 and RFC 9110 5.5, as h11 reads them: a field value is any bytes
-# but NUL and whitespace, single spaces or tabs between them, trimmed. Other
-# control characters stay for robustness (h11 issue 57: real cookies carry
-# \x01), as RFC 9110 5.5 allows; CR, LF and NUL never do.
-_FIELD_VCHAR = rb"[^\x00\s]"
-_FIELD_RE = re.compile(
-    rb"(?P<name>" + _TOKEN + rb"):[ \t]*"
-    rb"(?P<value>(?:" + _FIELD_VCHAR + rb"+(?:[ \t]+" + _FIELD_VCHAR + rb"+)*)?)[ \t]*")
+# RFC 9112 5 and RFC 9110 5.5, as h11 reads them: field-vchar is any byte but
+# NUL and whitespace (so other control characters stay, for robustness: h11
+# issue 57, real cookies carry \x01, as RFC 9110 5.5 allows), with SP/HTAB
+# between and around. Every byte of OWS field-value OWS is then SP, HTAB or a
+# field-vchar, so the same language is "any byte but NUL, CR, LF, VT, FF": one
+# negated class, which sre matches several times faster than h11's pattern.
+_FIELD_LINE = _TOKEN + rb":[^\x00\r\n\x0b\x0c]*\r?\n"
+_FIELD_LINE_RE = re.compile(_FIELD_LINE)
+# A whole head (the lines after the request line) in one match: the fast path.
+_HEAD_RE = re.compile(rb"(?:" + _FIELD_LINE + rb")*\r?\n")
+# The fields the framing rules read, from b"\n" + the lowercased head (a
+# literal first byte lets sre skip ahead; ^ with re.M tries every position).
+_FRAMING_FIELD_RE = re.compile(rb"\n(host|content-length|transfer-encoding):([^\r\n]*)")
 _CONTROL_RE = re.compile(rb"[\x00-\x1f\x7f]")
 _DIGITS_RE = re.compile(rb"[0-9]{1,20}")  # h11's bound: 20 digits
 
@@ -129,24 +134,30 @@ def check_headers(lines: Sequence[bytes], version: tuple[int, int]) -> Framing:
     colon, no NUL or CR in the value), then :func:`check_fields` applies.
     Raises :class:`~gstream.errors.InvalidRequest` (400, 431 or 501).
     """
-    if not lines or _strip_eol(lines[-1]) != b"":
-        raise _refuse("incomplete request head", "RFC 9112 2.2")
     if len(lines) - 1 > MAX_FIELDS:
         raise head_too_large(f"more than {MAX_FIELDS} header lines")
-    fields = []
+    head = b"".join(lines)
+    if _HEAD_RE.fullmatch(head) is None:
+        raise _head_error(lines)
+    # Values' case does not matter to the framing rules; names' never does.
+    return check_fields(_FRAMING_FIELD_RE.findall(b"\n" + head.lower()), version)
+
+
+def _head_error(lines: Sequence[bytes]) -> InvalidRequest:
+    """Why a head failed :data:`_HEAD_RE`: the first bad line's reason."""
+    if not lines or _strip_eol(lines[-1]) != b"":
+        return _refuse("incomplete request head", "RFC 9112 2.2")
     for line in lines[:-1]:
-        body = _strip_eol(line)
-        if body is None:
-            raise _refuse("incomplete request head", "RFC 9112 2.2")
-        match = _FIELD_RE.fullmatch(body)
-        if match is None:
-            raise _field_error(body)
-        fields.append((match["name"], match["value"]))
-    return check_fields(fields, version)
+        if _FIELD_LINE_RE.fullmatch(line) is None:
+            body = _strip_eol(line)
+            if body is None:
+                return _refuse("incomplete request head", "RFC 9112 2.2")
+            return _field_error(body)
+    return _refuse("malformed request head", "RFC 9112 5")
 
 
 def check_fields(fields: Iterable[tuple[bytes, bytes]], version: tuple[int, int]) -> Framing:
-    """Check the parsed header fields (name, trimmed value) of a request.
+    """Check the parsed header fields (name, value) of a request.
 
     The rules about what the fields say together: one Host (none only
     before HTTP/1.1), one plain decimal Content-Length, no transfer coding
@@ -157,8 +168,9 @@ def check_fields(fields: Iterable[tuple[bytes, bytes]], version: tuple[int, int]
     hosts = 0
     lengths: list[bytes] = []
     codings: list[bytes] = []
-    for raw_name, value in fields:
+    for raw_name, raw_value in fields:
         name = raw_name.lower()
+        value = raw_value.strip(b" \t")
         if name == b"host":
             hosts += 1
         elif name == b"content-length":
