@@ -23,7 +23,11 @@ from typing import Any
 
 import pytest
 from gevent.pywsgi import WSGIServer
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from gstream import httpcheck
+from gstream.errors import InvalidRequest
 from gstream.handler import GStreamHandler
 from gstream.server import Server
 from tests import examples_support as ex
@@ -130,7 +134,7 @@ def target(request: Any, tmp_path_factory: Any) -> Iterator[Target]:
         assert "Traceback" not in sub.log_path.read_text()
 
 
-def exchange(port: int, request: bytes) -> tuple[int, bytes, bool, int]:
+def exchange(port: int, request: bytes, wait_close: bool = True) -> tuple[int, bytes, bool, int]:
     """Send ``request`` on a new connection; return (status, body, closed, client port)."""
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
         client_port = s.getsockname()[1]
@@ -146,6 +150,8 @@ def exchange(port: int, request: bytes) -> tuple[int, bytes, bool, int]:
             if not data:
                 break
             body += data
+        if not wait_close:
+            return status, body[:length], False, client_port
         s.settimeout(2)
         try:
             closed = s.recv(1) == b""
@@ -204,3 +210,71 @@ def test_keep_alive_request_after_a_body_still_served(target: Target) -> None:
             while len(body) < int(headers["content-length"]):
                 body += s.recv(4096)
             assert body.endswith(b"\n\nhi")
+
+
+# Differential: random heads built from tricky pieces, sent to GStreamHandler
+# on pywsgi. The server must refuse exactly what httpcheck refuses, with the
+# same status, and for what it accepts, pywsgi must read the body the way
+# httpcheck's Framing says (the request-smuggling property: one reading).
+REQUEST_LINES = [b"POST /p HTTP/1.1", b"POST /p HTTP/1.0", b"GET /p HTTP/1.1",
+                 b"POST /p\x00 HTTP/1.1", b"POST  /p HTTP/1.1", b"POST /p HTTP/3.0"]
+FRAMING = [
+    b"Content-Length: 5", b"Content-Length: 05", b"Content-Length: 3", b"Content-Length: 0",
+    b"Content-Length: +5", b"Content-Length:  5 ", b"Content-Length: 5, 5", b"Content-Length: -5",
+    b"Content-Length: 5 5", b"Transfer-Encoding: chunked", b"Transfer-Encoding: Chunked ",
+    b"Transfer-Encoding: chunked,", b"Transfer-Encoding: identity",
+    b"Transfer-Encoding: gzip, chunked", b"transfer-encoding:chunked",
+]
+BENIGN = [b"X-A: a\tb", b"X-A: \xe9\xff", b"X-A: a\x01b", b"Connection: close", b"Host:"]
+HOSTILE = [b"Host: y", b"X-A: a\x00b", b"X-A: a\rb", b"X-A: a\x0bb", b" folded", b"\tfolded",
+           b"X-A : b", b"X A: b", b": b", b"X-A"]
+EOL = st.sampled_from([b"\r\n", b"\n"])
+# Mostly plausible heads (a Host, at most two framing fields, a few odd but
+# valid fields, in any order), so that accepted heads are well explored too,
+# and heads with anything at all among the pieces.
+PLAUSIBLE = st.tuples(
+    st.sampled_from(REQUEST_LINES[:3]),
+    st.tuples(st.sampled_from([[b"Host: x"], [b"Host: x"], [b"Host: x"], []]),
+              st.one_of(st.sampled_from(FRAMING).map(lambda f: [f]),
+                        st.lists(st.sampled_from(FRAMING), max_size=2)),
+              st.lists(st.sampled_from(BENIGN), max_size=2))
+    .map(lambda parts: parts[0] + parts[1] + parts[2]).flatmap(st.permutations)
+    .flatmap(lambda names: st.tuples(*[st.tuples(st.just(n), EOL) for n in names])).map(list))
+ANY = st.tuples(st.sampled_from(REQUEST_LINES),
+                st.lists(st.tuples(st.sampled_from([b"Host: x"] + FRAMING + BENIGN + HOSTILE), EOL),
+                         max_size=6))
+HEADS = st.one_of(PLAUSIBLE, PLAUSIBLE, ANY)
+
+
+def test_random_heads_refused_or_framed_as_httpcheck_says(serve: Any) -> None:
+    srv = serve(http_echo.app, handler_class=GStreamHandler)
+
+    @settings(max_examples=300, deadline=None, derandomize=True)
+    @given(HEADS)
+    def check(head: tuple[bytes, list[tuple[bytes, bytes]]]) -> None:
+        line, fields = head
+        lines = [name + eol for name, eol in fields] + [b"\r\n"]
+        try:
+            framing: httpcheck.Framing | None = httpcheck.check_headers(
+                lines, httpcheck.check_request_line(line + b"\r\n").version)
+            expected = 200
+        except InvalidRequest as exc:
+            framing, expected = None, exc.status
+        chunked_sent = any(b"transfer-encoding" in name.lower() for name, _ in fields)
+        body = b"5\r\nhello\r\n0\r\n\r\n" if chunked_sent else b"hello"
+        calls = http_echo.CALLS[0]
+        got, echoed, _, _ = exchange(srv.port, line + b"\r\n" + b"".join(lines) + body,
+                                     wait_close=False)
+        assert got == expected, (head, echoed)
+        if framing is None:
+            assert http_echo.CALLS[0] == calls
+            return
+        if framing.chunked:
+            want = b"hello"
+        elif framing.content_length is not None:
+            want = b"hello"[:framing.content_length]
+        else:
+            want = b""
+        assert echoed.partition(b"\n\n")[2] == want, (head, echoed)
+
+    check()
