@@ -78,6 +78,9 @@ BAD = [
                      b"0\r\n\r\n"), 501, id="rfc9112-6.1-te-identity"),
     pytest.param(req(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked",
                      b"0\r\n\r\n"), 501, id="rfc9112-6.1-te-unknown-coding"),
+    # RFC 9112 6.3: chunked not the final coding (gzip is not implemented anyway).
+    pytest.param(req(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, gzip",
+                     b"0\r\n\r\n"), 501, id="rfc9112-6.3-chunked-not-last"),
     pytest.param(req(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, chunked",
                      b"0\r\n\r\n"), 400, id="rfc9112-6.1-chunked-twice"),
     pytest.param(req(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
