@@ -36,7 +36,10 @@ setup(
         "locust": ["locust>=2.20"],
         "flask": ["flask>=2.2"],
         "django": ["django>=4.2"],
-        "gunicorn": ["gunicorn>=21"],
+        # gunicorn's gevent worker imports packaging without declaring it,
+        # and (from gunicorn 24) refuses a gevent older than 24.10.1.
+        # scripts/check_extras.sh installs each extra alone to catch this.
+        "gunicorn": ["gunicorn>=21", "packaging", "gevent>=24.10.1"],
         "browser": ["playwright>=1.40"],
         "demo": [],
         # The API reference (docs/api/, built by scripts/docs.sh).

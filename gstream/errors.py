@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from greenlet import GreenletExit
 
-__all__ = ["GStreamError", "Closed", "BrokerClosed", "HandshakeError", "BackplaneUnavailable",
+__all__ = ["GStreamError", "Closed", "BrokerClosed", "HandshakeError", "InvalidRequest", "BackplaneUnavailable",
            "ClientDeparted", "Unsupported", "HTTPError", "SSEError",
            "MissedEvents", "DuplicateEvent", "Disconnected"]
 
@@ -52,6 +52,26 @@ class HandshakeError(GStreamError):
         super().__init__(f"{status} {reason}")
         self.status = status
         self.reason = reason
+
+
+class InvalidRequest(GStreamError, ValueError):
+    """An HTTP/1.1 request head that gstream's servers refuse (see gstream.httpcheck).
+
+    A ``ValueError`` too, so a plain pywsgi handler that meets one treats it
+    as bad client input (a 400 without a traceback).
+
+    Attributes:
+        status: the HTTP status code to answer with (400, 431, 501 or 505).
+        reason: a short explanation, also sent as the response body. It
+            names a header only once the name has been checked to be a token.
+        rule: the section of RFC 9112 or RFC 9110 that the request breaks.
+    """
+
+    def __init__(self, status: int, reason: str, rule: str) -> None:
+        super().__init__(f"{status} {reason} ({rule})")
+        self.status = status
+        self.reason = reason
+        self.rule = rule
 
 
 class BackplaneUnavailable(GStreamError):

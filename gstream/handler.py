@@ -38,6 +38,11 @@ opens a connection and dribbles (or never sends) the headers is answered with
 And it ends a streaming response whose client has left (FIN or RST) while it
 is idle, instead of at its next write (:class:`~gstream.departure.DepartureWatching`).
 
+It refuses request heads that RFC 9112 says to refuse (a control character
+in the request line, obs-fold, two Hosts, an ambiguous body length, ...) with
+400/431/501/505 and one log line, before the application sees them
+(:class:`gstream.strict.StrictRequests`; the rules are in docs/security.md).
+
 Use it with ``gevent.pywsgi.WSGIServer(addr, app, handler_class=GStreamHandler)``;
 gstream's own server uses it by default. Behind a reverse proxy, a subclass
 with ``proxy_headers = ProxyHeaders()`` (:mod:`gstream.proxy`) honours the
@@ -61,6 +66,7 @@ from .departure import DepartureWatching, has_buffered
 from .fairness import FairKeepAlive
 from .hijack import _CLOSED_READER, drain_buffered
 from .proxy import ProxyHeaders
+from .strict import StrictRequests
 from .tlsio import is_tls
 
 __all__ = ["GStreamHandler"]
@@ -108,7 +114,7 @@ class _HeadTimeout(socket.timeout):
     request-line reader treats it as a dead connection)."""
 
 
-class GStreamHandler(FairKeepAlive, DepartureWatching, WSGIHandler):
+class GStreamHandler(FairKeepAlive, StrictRequests, DepartureWatching, WSGIHandler):
     """A pywsgi handler that supports a clean hijack (see module docstring)."""
 
     #: Seconds a client may take to send a complete request line and headers

@@ -39,6 +39,7 @@ from .handler import GStreamHandler as _DefaultHandler
 from .lifecycle import Lifecycle
 from .lifecycle import lifecycle as default_lifecycle
 from .proxy import DEFAULT_FORWARDED_ALLOW_IPS, ProxyHeaders
+from .strict import StrictRequests
 
 __all__ = ["Server", "serve"]
 
@@ -58,7 +59,7 @@ _MAX_REJECTING = 256
 
 
 class _HeadReader:
-    """Reads header lines for pywsgi, failing once the head exceeds ``limit`` bytes.
+    """Reads header lines for pywsgi, failing once the head exceeds ``limit`` bytes (431).
 
     http.client bounds each line (64 KiB) and the number of lines (100), so a
     head could still be ~6.5 MB per connection; this bounds the total.
@@ -80,9 +81,11 @@ class _HeadReader:
 
 
 def _managed_handler(base: Any) -> Any:
-    """Subclass ``base`` (a pywsgi handler) with gstream's server bookkeeping."""
+    """Subclass ``base`` (a pywsgi handler) with gstream's server bookkeeping
+    and, if ``base`` lacks it, strict request parsing (gstream.strict)."""
+    bases = (base,) if issubclass(base, StrictRequests) else (StrictRequests, base)
 
-    class Managed(base):
+    class Managed(*bases):  # type: ignore[misc]
         # Instance attributes are few on purpose (see _HIJACKED in handler.py):
         # past ~29 per instance CPython gives every handler a full dict.
         _gs_timer: Any = None
@@ -123,14 +126,9 @@ def _managed_handler(base: Any) -> Any:
             return result
 
         def MessageClass(self, fp: Any, *args: Any) -> Any:  # noqa: N802 (pywsgi's name)
+            # StrictRequests (below in the MRO) answers 431 past the limit.
             limit = self.server.controller.max_header_bytes
-            try:
-                return super().MessageClass(_HeadReader(fp, limit) if limit else fp, *args)
-            except http.client.HTTPException as exc:
-                # "got more than 100 headers": a client error. As a ValueError
-                # pywsgi answers 400 and logs one line, instead of printing a
-                # traceback per hostile request.
-                raise ValueError(str(exc)) from None
+            return super().MessageClass(_HeadReader(fp, limit) if limit else fp, *args)
 
         def _log_error(self, t: Any, v: Any, tb: Any) -> None:
             # pywsgi hands application errors to the hub, which prints them to
@@ -268,7 +266,7 @@ class Server:
         header_timeout: seconds a client has to send a complete request head
             (also the keep-alive idle limit); ``None`` disables it.
         max_header_bytes: the largest request head (header lines) accepted;
-            larger heads get ``400``. ``None`` or 0 leaves only http.client's
+            larger heads get ``431``. ``None`` or 0 leaves only http.client's
             limits (100 lines of 64 KiB).
         handler_class: the pywsgi handler class (default: gstream's
             WebSocket-aware handler when available, else pywsgi's).

@@ -40,3 +40,8 @@ fi
 "$OLD/bin/python" -m pytest -q -p no:locust tests/test_websocket.py tests/test_websocket_hostile.py \
     tests/test_websocket_keepalive.py tests/test_client_ws.py tests/test_hub.py tests/test_hub_slow.py \
     tests/test_hub_batching.py tests/test_ws_callbacks.py tests/test_ws_tls.py
+
+# Each extra must install what its code imports: the test virtualenv above
+# has every extra at once, which hides a missing dependency.
+echo ">> each extra alone from the built wheel"
+bash "$ROOT/scripts/check_extras.sh"

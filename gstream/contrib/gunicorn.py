@@ -3,6 +3,12 @@
     gunicorn -k gstream.contrib.gunicorn.GeventWorker -w 4 myapp:app
     gunicorn -k gstream.contrib.gunicorn.GeventPyWSGIWorker -w 4 myapp:app
 
+Both refuse malformed request heads as gstream's server does (RFC 9112;
+docs/security.md): ``GeventPyWSGIWorker`` through :mod:`gstream.strict`,
+``GeventWorker`` by checking what gunicorn's own parser lets through.
+
+They also keep keep-alive connections fair, as ``GStreamHandler`` does.
+
 On SIGTERM they end live streams politely (SSE: a final event and ``retry:``;
 WebSocket: 1001) instead of letting gunicorn kill them at ``--graceful-timeout``.
 Why and how (fairness, proxy headers, departed clients): docs/demo.md ("gunicorn")
@@ -17,11 +23,12 @@ from typing import Any
 import gevent
 from gunicorn.workers import ggevent
 
-from .. import departure
-from ..errors import ClientDeparted
+from .. import departure, httpcheck
+from ..errors import ClientDeparted, InvalidRequest
 from ..fairness import FairKeepAlive, yield_to_ready_io
 from ..lifecycle import lifecycle
 from ..proxy import ProxyHeaders
+from ..strict import StrictRequests, refuse
 
 __all__ = ["GeventWorker", "GeventPyWSGIWorker"]
 
@@ -61,6 +68,17 @@ class GeventWorker(_Draining, ggevent.GeventWorker):
         self.wsgi = _WatchStreams(self.wsgi)
 
     def handle_request(self, listener_name: Any, req: Any, sock: Any, addr: Any) -> Any:
+        # gunicorn's parser has checked the grammar; what it lets through
+        # (no Host, a coding before chunked) httpcheck refuses here. HTTP/2
+        # requests go through handle_http2_request, not here.
+        if req.version < (2, 0):
+            fields = [(name.encode("latin-1"), value.encode("latin-1"))
+                      for name, value in req.headers]
+            try:
+                httpcheck.check_fields(fields, req.version)
+            except InvalidRequest as exc:
+                refuse(sock, addr, exc)
+                raise StopIteration from None  # gunicorn's way to close the connection
         if _request_done(req):
             departure.prepare(sock)  # armed by _WatchStreams once a stream starts
         try:
@@ -128,7 +146,8 @@ class _StartResponse:
             departure.arm()
 
 
-class _FairPyWSGIHandler(FairKeepAlive, departure.DepartureWatching, ggevent.PyWSGIHandler):
+class _FairPyWSGIHandler(FairKeepAlive, StrictRequests, departure.DepartureWatching,
+                        ggevent.PyWSGIHandler):
     # Set per worker from gunicorn's configuration (GeventPyWSGIWorker.init_process).
     trusted_proxies: ProxyHeaders | None = None
     secure_scheme_headers: dict[str, str] = {}

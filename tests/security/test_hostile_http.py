@@ -102,17 +102,18 @@ def test_slowloris_one_byte_per_second_is_cut_at_the_head_deadline(gserver, erro
     assert not errors.unexpected()
 
 
-def test_oversized_heads_get_400_without_tracebacks(gserver, errors, capfd):
+def test_oversized_heads_get_431_without_tracebacks(gserver, errors, capfd):
     """A 100 KB Last-Event-ID, 200 header lines, or many long lines adding up
-    past ``max_header_bytes`` are each refused with 400, logged as one line
-    (no traceback printed per hostile request), and the server carries on."""
+    past ``max_header_bytes`` are each refused with 431 (RFC 6585 5), logged
+    as one line (no traceback printed per hostile request), and the server
+    carries on."""
     srv = gserver(SecurityApp(), header_timeout=2.0)
     base = b"GET /events HTTP/1.1\r\nHost: x\r\n"
-    assert raw_status(srv.port, base + b"Last-Event-ID: " + b"7" * 100_000 + b"\r\n\r\n") == 400
+    assert raw_status(srv.port, base + b"Last-Event-ID: " + b"7" * 100_000 + b"\r\n\r\n") == 431
     many = b"".join(b"X-%d: y\r\n" % i for i in range(200))
-    assert raw_status(srv.port, base + many + b"\r\n") == 400
+    assert raw_status(srv.port, base + many + b"\r\n") == 431
     long_lines = b"".join(b"X-%d: %s\r\n" % (i, b"y" * 30_000) for i in range(4))
-    assert raw_status(srv.port, base + long_lines + b"\r\n") == 400
+    assert raw_status(srv.port, base + long_lines + b"\r\n") == 431
     # Just under the bound is still a normal request.
     ok = base.replace(b"/events", b"/") + b"X-Big: " + b"y" * 30_000 + b"\r\n\r\n"
     assert raw_status(srv.port, ok) == 200
