@@ -21,13 +21,15 @@ class RedisServer:
     """A redis-server process on 127.0.0.1 that can be killed and restarted
     on the same port (for fault tests)."""
 
-    def __init__(self, port: int | None = None, password: str | None = None) -> None:
+    def __init__(self, port: int | None = None, password: str | None = None,
+                 extra_args: tuple[str, ...] = ()) -> None:
         exe = shutil.which("redis-server") or "/usr/bin/redis-server"
         if not os.path.exists(exe):
             raise RuntimeError("redis-server is not installed (scripts/test.sh installs it)")
         self.exe = exe
         self.port = port or free_port()
         self.password = password
+        self.extra_args = extra_args
         self.dir = tempfile.mkdtemp(prefix="gstream-redis-")
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -44,6 +46,7 @@ class RedisServer:
         ]
         if self.password:
             args += ["--requirepass", self.password]
+        args += list(self.extra_args)
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

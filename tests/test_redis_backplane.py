@@ -328,9 +328,14 @@ def test_hub_broadcast_raises_when_redis_is_down() -> None:
     try:
         hub.attach("c", lambda p: True)
         srv.kill()
+        # A broadcast never waits for Redis: the first one after the kill is
+        # queued and dropped by the writer (counted); once the writer has
+        # seen the outage, broadcasts are refused at once.
         with pytest.raises(BackplaneUnavailable, match="Redis did not accept the broadcast"):
-            hub.broadcast("c", "x")
-        assert hub.stats()["broadcast_failed"] == 1
+            for _ in range(100):
+                hub.broadcast("c", "x")
+                gevent.sleep(0.01)
+        assert 1 <= hub.stats()["broadcast_failed"] <= 3
     finally:
         hub.close()
         srv.stop()

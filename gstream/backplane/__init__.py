@@ -24,7 +24,7 @@ lazily, so importing this package never imports ``redis``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
 
 from ..events import Event
@@ -108,11 +108,22 @@ class DurableBackplane(Backplane, Protocol):
     when its own in-memory window cannot answer a ``Last-Event-ID``.
     """
 
-    def append(self, topic: str, event: Event) -> str:
+    def append(self, topic: str, event: Event) -> str | None:
         """Append ``event`` (its id is ignored) to the topic's shared log; return its id.
+
+        Returns None when the log did not number it within the backplane's
+        bound (a stalled transport): the event is accepted and will be
+        delivered, with its id, when the transport answers.
 
         Raises:
             BackplaneUnavailable: the transport did not accept the event.
+        """
+
+    def append_many(self, topic: str, events: Sequence[Event]) -> list[str | None]:
+        """:meth:`append` for several events in order, all or none accepted.
+
+        Raises:
+            BackplaneUnavailable: the transport did not accept them.
         """
 
     def catch_up(self, topic: str, last_id: str) -> None:

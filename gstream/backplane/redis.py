@@ -14,7 +14,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import gevent
@@ -27,11 +27,16 @@ from ._redisutil import (
     DEFAULT_URL,
     TRANSIENT,
     Backoff,
+    Outbox,
+    Pending,
     StateLog,
+    entry_fields,
     make_client,
     parse_id,
     redact,
     redis,
+    require_cooperative_sockets,
+    stream_key,
 )
 from .redis_hub import HubLink, RedisHubBackplane
 
@@ -49,6 +54,10 @@ class RedisBackplane:
 
     Publishing is ``XADD`` (trimmed with ``MAXLEN ~ maxlen``); the entry id
     becomes the event id, so ids are ordered per topic across all processes.
+    Publishers never talk to Redis themselves: events go through a bounded
+    outbound queue that one writer greenlet sends in pipelines, and a
+    publisher waits at most ``publish_wait`` seconds for its id (a stalled
+    Redis cannot stall the application).
     One reader greenlet per backplane runs a blocking ``XREAD`` over every
     attached topic from the last id it delivered, and hands each entry to the
     local brokers (``may_block=False``). The publishing process is served by
@@ -78,6 +87,11 @@ class RedisBackplane:
             process to reach an id the client saw on a faster process.
         replay_limit: most entries replayed to one client; further behind,
             it gets a ``gstream.reset``.
+        publish_wait: longest :meth:`append` waits for Redis to number an
+            event; past it the event stays queued (accepted, delivered when
+            Redis answers) and ``append`` returns None.
+        queue_limit: most events queued for Redis; past it :meth:`append`
+            raises :class:`BackplaneUnavailable`.
         redis_kwargs: passed to redis-py's connection pool (TLS files, ...).
     """
 
@@ -86,8 +100,11 @@ class RedisBackplane:
                  connect_timeout: float = 2.0, socket_timeout: float = 5.0,
                  backoff: float = 0.05, backoff_cap: float = 5.0,
                  catch_up_timeout: float = 2.0, replay_limit: int = 10_000,
+                 publish_wait: float = 0.05, queue_limit: int = 10_000,
                  **redis_kwargs: Any) -> None:
+        require_cooperative_sockets("RedisBackplane")
         self.url = url
+        self.publish_wait = max(0.0, float(publish_wait))
         self.prefix = prefix
         self.maxlen = max(1, int(maxlen))
         self.block = max(0.01, float(block))
@@ -112,13 +129,16 @@ class RedisBackplane:
         self._closed = False
         self._hub_link: HubLink | None = None
         self._pub_state = StateLog(log, f"redis backplane publish {redact(url)}")
+        self._outbox = Outbox(self._pub, limit=queue_limit, batch=batch, backoff=backoff,
+                              backoff_cap=backoff_cap, state=self._pub_state,
+                              retry_accepted=True, what="event")
         self._counts = dict.fromkeys(("appended", "append_failed", "read", "delivered",
                                       "undecodable", "resyncs", "replays"), 0)
 
     # -- plumbing -------------------------------------------------------------
 
     def _key(self, topic: str) -> str:
-        return f"{self.prefix}:sse:{topic}"
+        return stream_key(self.prefix, topic)
 
     def _check(self) -> None:
         if self._closed:
@@ -129,6 +149,7 @@ class RedisBackplane:
             self._pid = os.getpid()
             self._reader = None
             self._rd = None
+            self._outbox.forked()
             if self._sinks:
                 self._start_reader()
 
@@ -204,6 +225,11 @@ class RedisBackplane:
         """Stop the reader, close the connections; idempotent."""
         if self._closed:
             return
+        # Send what was accepted first (bounded): the writer is still running.
+        unsent = self._outbox.close(self._socket_timeout)
+        if unsent:
+            log.warning("redis backplane: closed with %d accepted events never sent to Redis",
+                        unsent)
         self._closed = True
         self._sinks.clear()
         self._keys.clear()
@@ -223,32 +249,57 @@ class RedisBackplane:
 
     # -- the DurableBackplane protocol ----------------------------------------
 
-    def append(self, topic: str, event: Event) -> str:
-        """``XADD`` ``event`` to ``topic``'s stream; return the entry id (the event id).
+    def append(self, topic: str, event: Event) -> str | None:
+        """Queue ``event`` for ``topic``'s stream; return its id once Redis numbered it.
+
+        Waits at most ``publish_wait`` seconds. If Redis has not answered by
+        then (it stalls), returns None: the event is accepted, stays queued
+        and is delivered everywhere, with its Redis id, when Redis answers.
 
         Raises:
-            BackplaneUnavailable: Redis is unreachable or refused the entry;
-                the event was not accepted and will be delivered nowhere.
+            BackplaneUnavailable: Redis is unreachable or refused the entry,
+                or the outbound queue is full; the event was not accepted and
+                will be delivered nowhere.
+        """
+        return self.append_many(topic, (event,))[0]
+
+    def append_many(self, topic: str, events: Sequence[Event]) -> list[str | None]:
+        """Queue ``events`` in order (all or none); one pipeline, one wait.
+
+        Returns their ids, or None for those Redis had not numbered within
+        ``publish_wait`` (accepted, still queued).
+
+        Raises:
+            BackplaneUnavailable: as :meth:`append`, for all of them: either
+                every event is accepted or none is.
         """
         self._check()
-        fields: dict[str, Any] = {"d": event.data.encode("utf-8", "replace")}
-        if event.type is not EventType.MESSAGE:
-            fields["t"] = int(event.type)
-        if event.type is EventType.CUSTOM and event.name:
-            fields["n"] = event.name.encode("utf-8", "replace")
-        if event.retry is not None and event.retry > 0:
-            fields["r"] = int(event.retry)
+        if not events:
+            return []
+        key = self._key(topic)
+        head = ("XADD", key, "MAXLEN", "~", self.maxlen, "*")
+        items = [Pending(head + tuple(entry_fields(e))) for e in events]
         try:
-            entry_id = self._pub.xadd(self._key(topic), fields, maxlen=self.maxlen,
-                                      approximate=True)
-        except TRANSIENT as exc:
-            self._counts["append_failed"] += 1
-            self._pub_state.failed(exc)
+            self._outbox.put(items)
+        except BackplaneUnavailable as exc:
+            self._counts["append_failed"] += len(items)
+            raise BackplaneUnavailable(f"{exc} (topic {topic!r})") from None
+        self._outbox.wait(items[-1], self.publish_wait)
+        failed = [it.error for it in items if it.error is not None and not it.accepted]
+        if failed:
+            # A round trip fails as a whole; only a call longer than one
+            # pipeline (``batch``) can have a first part appended.
+            done = sum(1 for it in items if it.reply is not None)
+            self._counts["append_failed"] += len(items) - done
+            self._counts["appended"] += done
+            split = f" ({done} of {len(items)} appended before the failure)" if done else ""
             raise BackplaneUnavailable(
-                f"Redis did not accept the event for topic {topic!r}: {exc}") from exc
-        self._pub_state.ok()
-        self._counts["appended"] += 1
-        return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+                f"Redis did not accept the event for topic {topic!r}: {failed[0]}{split}")
+        for it in items:
+            it.accepted = True  # ids not known yet: the outbox owns them now
+        self._counts["appended"] += len(items)
+        return [it.reply.decode() if isinstance(it.reply, bytes)
+                else (None if it.reply is None else str(it.reply)) for it in items]
 
     def catch_up(self, topic: str, last_id: str) -> None:
         """Wait up to ``catch_up_timeout`` until this process delivered ``last_id``."""
@@ -419,5 +470,6 @@ class RedisBackplane:
         """Counters and positions: appended, append_failed, read, delivered, ..."""
         out: dict[str, Any] = dict(self._counts)
         out.update(positions=dict(self._pos), reader_running=self._reader is not None,
-                   closed=self._closed)
+                   closed=self._closed, queued=len(self._outbox),
+                   **{f"outbox_{k}": v for k, v in self._outbox.counts.items()})
         return out

@@ -1,0 +1,157 @@
+"""The Redis backplane at scale, with real redis-server processes: a Redis
+that stalls instead of failing, batched publishing, publishers that are not
+servers, processes that are not monkey-patched."""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Any
+
+import gevent
+import pytest
+
+import gstream
+from gstream import websocket_app
+from gstream.backplane.redis import RedisBackplane, RedisHubBackplane
+from gstream.broker import SSEBroker
+from gstream.client import connect
+from gstream.errors import BackplaneUnavailable
+from gstream.events import Event
+from gstream.handler import GStreamHandler
+from gstream.hub import Hub
+from tests.helpers import SSEStream, wait_until
+from tests.redis_fixture import RedisServer
+
+pytestmark = pytest.mark.redis
+
+# What a stalled Redis may cost local fan-out: the design bound is the
+# backplane's publish_wait (50 ms) for SSEBroker.publish and nothing at all
+# for a hub broadcast; the assertion leaves room for a loaded 2-core box
+# while staying far below the stall itself.
+STALL = 1.5
+BOUND = 0.3
+
+
+def _stall(port: int, how: str) -> socket.socket:
+    """Make Redis stop answering for STALL seconds (the reply is never awaited)."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    ms = int(STALL * 1000)
+    cmd = [b"DEBUG", b"SLEEP", str(STALL).encode()] if how == "debug-sleep" \
+        else [b"CLIENT", b"PAUSE", str(ms).encode(), b"ALL"]
+    s.sendall(b"*%d\r\n" % len(cmd) + b"".join(b"$%d\r\n%s\r\n" % (len(c), c) for c in cmd))
+    return s
+
+
+@pytest.mark.parametrize("how", ["debug-sleep", "client-pause"])
+def test_a_stalled_redis_does_not_stall_local_fan_out(serve: Any, how: str) -> None:
+    srv = RedisServer(extra_args=("--enable-debug-command", "yes"))
+    srv.start()
+    bp = RedisBackplane(srv.url, block=0.5, backoff=0.02, backoff_cap=0.2)
+    far = RedisHubBackplane(srv.url, block=0.5)  # another process's hub
+    broker = SSEBroker(topic="s", backplane=bp, heartbeat_interval=None)
+    hub = Hub(name="room", backplane=bp.hub_backplane())
+    hub.start()
+    remote: list[str | bytes] = []
+    far.attach("room", lambda p: remote.append(p) or True)
+    members: list[gstream.WebSocket] = []
+
+    def on_ws(ws: gstream.WebSocket) -> None:
+        hub.register(ws)
+        members.append(ws)
+        for _ in ws:
+            pass
+
+    ws_app = websocket_app(on_ws)
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        if environ["PATH_INFO"] == "/events":
+            return broker.subscribe(environ, start_response)
+        return ws_app(environ, start_response)
+
+    running = serve(app, handler_class=GStreamHandler)
+    client = connect(f"ws://127.0.0.1:{running.port}/ws")
+    sub = SSEStream(running.port, "/events")
+    stall: socket.socket | None = None
+    try:
+        assert wait_until(lambda: len(members) == 1)
+        # Warm up: the pub/sub readers subscribe asynchronously.
+        with gevent.Timeout(5):
+            while not remote:
+                hub.broadcast("probe")
+                gevent.sleep(0.05)
+        gevent.sleep(0.1)
+        while True:  # drain the probes
+            try:
+                client.recv(timeout=0.05)
+            except TimeoutError:
+                break
+        remote.clear()
+        warm = broker.publish("warm")
+        assert warm is not None and sub.next_event().last_event_id == warm
+
+        stall = _stall(srv.port, how)
+        gevent.sleep(0.1)  # Redis is now sleeping / paused
+        t0 = time.monotonic()
+        hub.broadcast("hub-during")
+        got = client.recv(timeout=5)
+        hub_took = time.monotonic() - t0
+        assert got == "hub-during"
+        assert hub_took < BOUND, f"hub fan-out waited {hub_took:.3f}s for a stalled Redis"
+        took: list[float] = []
+        published: list[str | None] = []
+        for i in range(5):
+            t0 = time.monotonic()
+            published.append(broker.publish(f"during-{i}"))
+            took.append(time.monotonic() - t0)
+        stalled_for = time.monotonic()
+        assert max(took) < BOUND, f"publish waited {max(took):.3f}s for a stalled Redis"
+        assert published == [None] * 5  # accepted, not numbered yet
+        assert bp.stats()["queued"] >= 4  # the first one may be in the writer's pipeline
+
+        # Once Redis answers: everything accepted arrives, in order, with Redis ids.
+        events = sub.events(5, timeout=STALL + 5)
+        assert [e.data for e in events] == [f"during-{i}" for i in range(5)]
+        ids = [tuple(map(int, e.last_event_id.split("-"))) for e in events]
+        assert ids == sorted(ids) and ids[0] > tuple(map(int, warm.split("-")))
+        assert time.monotonic() - stalled_for > 0.5  # they really waited for Redis
+        assert wait_until(lambda: remote == ["hub-during"], timeout=5)
+        assert bp.stats()["queued"] == 0 and bp.stats()["outbox_lost"] == 0
+    finally:
+        if stall is not None:
+            stall.close()
+        client.close()
+        sub.close()
+        hub.stop()
+        broker.close()
+        far.close()
+        bp.close()
+        srv.stop()
+
+
+def test_publish_refused_when_the_outbound_queue_is_full() -> None:
+    srv = RedisServer(extra_args=("--enable-debug-command", "yes"))
+    srv.start()
+    bp = RedisBackplane(srv.url, block=0.5, publish_wait=0.01, queue_limit=3)
+    got: list[str] = []
+    bp.attach("q", lambda e, f, may_block=True: got.append(e.data) or 1)
+    stall: socket.socket | None = None
+    try:
+        assert bp.append("q", Event(data="first")) is not None
+        stall = _stall(srv.port, "debug-sleep")
+        gevent.sleep(0.1)
+        accepted = [bp.append("q", Event(data=f"a{i}")) for i in range(4)]
+        # One is in flight (the writer's pipeline), three wait: the queue is full.
+        assert accepted == [None] * 4
+        t0 = time.monotonic()
+        with pytest.raises(BackplaneUnavailable, match="outbound queue is full"):
+            bp.append("q", Event(data="refused"))
+        assert time.monotonic() - t0 < BOUND
+        assert bp.stats()["outbox_full"] == 1
+        assert wait_until(lambda: len(got) == 5, timeout=STALL + 5)
+        assert got == ["first", "a0", "a1", "a2", "a3"]
+    finally:
+        if stall is not None:
+            stall.close()
+        bp.close()
+        srv.stop()
