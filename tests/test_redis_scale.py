@@ -4,12 +4,16 @@ servers, processes that are not monkey-patched."""
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import time
 from typing import Any
 
 import gevent
 import pytest
+import requests
 
 import gstream
 from gstream import websocket_app
@@ -24,6 +28,8 @@ from tests.helpers import SSEStream, wait_until
 from tests.redis_fixture import RedisServer
 
 pytestmark = pytest.mark.redis
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # What a stalled Redis may cost local fan-out: the design bound is the
 # backplane's publish_wait (50 ms) for SSEBroker.publish and nothing at all
@@ -154,4 +160,61 @@ def test_publish_refused_when_the_outbound_queue_is_full() -> None:
         if stall is not None:
             stall.close()
         bp.close()
+        srv.stop()
+
+
+UNPATCHED_SERVER = r"""
+import sys
+
+from gstream.broker import SSEBroker
+from gstream.server import serve
+
+
+def app(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"ok"]
+
+
+try:
+    from gstream.backplane.redis import RedisBackplane
+
+    feed = SSEBroker(topic="t", backplane=RedisBackplane(sys.argv[1], block=5.0))
+    print("backplane started", flush=True)
+except RuntimeError as exc:
+    print("refused:", exc, flush=True)
+serve(app, "127.0.0.1", 0, ready=lambda server: print(server.url, flush=True))
+"""
+
+
+def test_a_server_started_from_python_without_patching_warns_and_never_freezes(
+        tmp_path: Any) -> None:
+    # The README's "From Python" form without monkey.patch_all(): the server
+    # says so, and the Redis backplane refuses to start instead of holding
+    # the whole loop in a blocking XREAD (plain requests took 5-10 s).
+    srv = RedisServer()
+    srv.start()
+    errlog = tmp_path / "stderr.log"
+    with open(errlog, "w") as err:
+        p = subprocess.Popen([sys.executable, "-c", UNPATCHED_SERVER, srv.url], cwd=ROOT,
+                             env=dict(os.environ, PYTHONPATH=ROOT), stdout=subprocess.PIPE,
+                             stderr=err, text=True)
+    try:
+        assert p.stdout is not None
+        with gevent.Timeout(20):
+            first = p.stdout.readline()
+            url = p.stdout.readline().strip()
+        assert first.startswith("refused: RedisBackplane needs gevent-patched sockets"), first
+        assert "monkey.patch_all()" in first and "Publisher" in first
+        assert url.startswith("http://127.0.0.1:"), (url, errlog.read_text())
+        for _ in range(3):
+            t0 = time.monotonic()
+            r = requests.get(url + "/", timeout=10)
+            assert r.status_code == 200 and r.text == "ok"
+            assert time.monotonic() - t0 < 1.0
+            gevent.sleep(0.2)
+        log = errlog.read_text()
+        assert log.count("the socket module is not patched by gevent") == 1, log
+    finally:
+        p.kill()
+        p.wait(5)
         srv.stop()
