@@ -4,6 +4,7 @@ servers, processes that are not monkey-patched."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -217,4 +218,54 @@ def test_a_server_started_from_python_without_patching_warns_and_never_freezes(
     finally:
         p.kill()
         p.wait(5)
+        srv.stop()
+
+
+PLAIN_PUBLISHER = r"""
+import json
+import sys
+
+from gevent import monkey
+
+from gstream.backplane.redis import Publisher
+
+assert not monkey.is_module_patched("socket")  # a plain process: no gevent patching
+with Publisher(sys.argv[1]) as pub:
+    ids = [pub.publish("feed", "one"), pub.publish("feed", "two", event="feed", retry=3000)]
+    ids += pub.publish_many("feed", ["three", "four"])
+    heard = pub.broadcast("room", "hello from a script")
+print(json.dumps({"ids": ids, "heard": heard}), flush=True)
+"""
+
+
+def test_a_plain_process_publishes_to_subscribers_of_a_server_process() -> None:
+    from tests.test_redis_backplane import Node
+
+    srv = RedisServer()
+    srv.start()
+    node = Node(srv.url, 1024)
+    try:
+        node.wait()
+        sub = node.stream()
+        member = connect(f"ws://127.0.0.1:{node.port}/ws")
+        assert member.recv(timeout=5) == "joined"
+        out = subprocess.run([sys.executable, "-c", PLAIN_PUBLISHER, srv.url], cwd=ROOT,
+                             env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True,
+                             text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        result = json.loads(out.stdout)
+        got = sub.events(4, timeout=10)
+        assert [e.data for e in got] == ["one", "two", "three", "four"]
+        assert [e.last_event_id for e in got] == result["ids"]
+        assert got[1].event == "feed" and got[0].event == "message"
+        assert result["heard"] == 1  # the server process's pub/sub link
+        assert member.recv(timeout=5) == "hello from a script"
+        # And a client resumes from a publisher-returned id like from any other.
+        again = node.stream(last_id=result["ids"][1])
+        assert [e.data for e in again.events(2, timeout=10)] == ["three", "four"]
+        again.close()
+        sub.close()
+        member.close()
+    finally:
+        node.stop()
         srv.stop()

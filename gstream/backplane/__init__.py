@@ -18,7 +18,8 @@ The in-memory default :class:`LocalBackplane` delivers synchronously in the
 caller's greenlet: today's single-process behaviour (a hub without a
 backplane is local only; ``gstream.hub.MemoryBackplane`` links hubs of one
 process for tests). The Redis implementations live in :mod:`gstream.backplane.redis`
-and need the ``gstream[redis]`` extra; they are importable from here
+(with :class:`~gstream.backplane.redis.Publisher`, for processes that
+publish without serving) and need the ``gstream[redis]`` extra; they are importable from here
 lazily, so importing this package never imports ``redis``.
 """
 
@@ -31,7 +32,7 @@ from ..events import Event
 from .memory import LocalBackplane
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .redis import HubLink, RedisBackplane, RedisHubBackplane
+    from .redis import HubLink, Publisher, RedisBackplane, RedisHubBackplane
 
 __all__ = [
     "Backplane",
@@ -41,6 +42,7 @@ __all__ = [
     "HubLink",
     "HubSink",
     "LocalBackplane",
+    "Publisher",
     "ResumeResult",
     "RedisBackplane",
     "RedisHubBackplane",
@@ -173,7 +175,7 @@ class HubBackplane(Protocol):
 
 def __getattr__(name: str) -> object:
     # Lazy: importing gstream.backplane must not require the redis package.
-    if name in ("HubLink", "RedisBackplane", "RedisHubBackplane"):
+    if name in ("HubLink", "Publisher", "RedisBackplane", "RedisHubBackplane"):
         from . import redis as _redis
 
         return getattr(_redis, name)

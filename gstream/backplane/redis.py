@@ -39,8 +39,9 @@ from ._redisutil import (
     stream_key,
 )
 from .redis_hub import HubLink, RedisHubBackplane
+from .redis_publisher import Publisher
 
-__all__ = ["HubLink", "RedisBackplane", "RedisHubBackplane"]
+__all__ = ["HubLink", "Publisher", "RedisBackplane", "RedisHubBackplane"]
 
 log = logging.getLogger("gstream.backplane.redis")
 
