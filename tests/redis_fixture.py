@@ -68,3 +68,76 @@ class RedisServer:
     def stop(self) -> None:
         self.kill()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def redis_command(port: int, *args: str, timeout: float = 5.0) -> bytes:
+    """Send one command to 127.0.0.1:port, return the raw reply (first read)."""
+    cmd = b"*%d\r\n" % len(args) + b"".join(
+        b"$%d\r\n%s\r\n" % (len(a.encode()), a.encode()) for a in args)
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(cmd)
+        return s.recv(65536)
+
+
+class SentinelGroup:
+    """A master, a replica and one redis-sentinel (quorum 1) watching them as ``service``."""
+
+    def __init__(self, service: str = "gsmaster") -> None:
+        self.service = service
+        self.master = RedisServer()
+        self.replica = RedisServer(extra_args=("--replicaof", "127.0.0.1",
+                                               str(self.master.port)))
+        self.sentinel_port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="gstream-sentinel-")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis+sentinel://127.0.0.1:{self.sentinel_port}/{self.service}/0"
+
+    def start(self, timeout: float = 15.0) -> None:
+        self.master.start()
+        self.replica.start()
+        conf = os.path.join(self.dir, "sentinel.conf")
+        with open(conf, "w") as f:
+            f.write(f"port {self.sentinel_port}\nbind 127.0.0.1\ndir {self.dir}\n"
+                    f"sentinel monitor {self.service} 127.0.0.1 {self.master.port} 1\n"
+                    f"sentinel down-after-milliseconds {self.service} 1000\n"
+                    f"sentinel failover-timeout {self.service} 5000\n")
+        exe = shutil.which("redis-sentinel") or "/usr/bin/redis-sentinel"
+        self.proc = subprocess.Popen([exe, conf], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            # Ready once the sentinel knows the replica and the replica is in sync.
+            try:
+                replicas = redis_command(self.sentinel_port, "SENTINEL", "REPLICAS", self.service)
+                info = redis_command(self.replica.port, "INFO", "replication")
+                if (str(self.replica.port).encode() in replicas
+                        and b"master_link_status:up" in info):
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("the sentinel group did not come up")
+
+    def master_port(self) -> int:
+        """The port of the master according to the sentinel."""
+        reply = redis_command(self.sentinel_port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME",
+                              self.service)
+        return int(reply.split(b"\r\n")[4])
+
+    def failover(self) -> None:
+        """Ask the sentinel to fail over now (no agreement needed: quorum 1)."""
+        reply = redis_command(self.sentinel_port, "SENTINEL", "FAILOVER", self.service)
+        if not reply.startswith(b"+OK"):
+            raise RuntimeError(f"SENTINEL FAILOVER answered {reply!r}")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(5)
+            self.proc = None
+        self.master.stop()
+        self.replica.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)

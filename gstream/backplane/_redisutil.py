@@ -50,14 +50,48 @@ def parse_id(value: str | bytes | None) -> tuple[int, int] | None:
 
 
 def redact(url: str) -> str:
-    """``url`` without its password, for logs."""
+    """``url`` without its credentials and query, for logs."""
     try:
         parts = urlsplit(url)
-        host = parts.hostname or ""
-        port = f":{parts.port}" if parts.port else ""
-        return f"{parts.scheme}://{host}{port}{parts.path}"
     except ValueError:
         return "<invalid redis url>"
+    hosts = parts.netloc.rpartition("@")[2]
+    return f"{parts.scheme}://{hosts}{parts.path}"
+
+
+SENTINEL_SCHEME = "redis+sentinel"
+
+
+def parse_sentinel_url(url: str) -> dict[str, Any]:
+    """Split ``redis+sentinel://[[user]:password@]host:port[,host:port...]/service[/db]``.
+
+    Returns ``sentinels`` (list of (host, port)), ``service``, ``db``,
+    ``username`` and ``password`` (those of the Redis servers; the sentinels
+    themselves are asked without credentials unless ``sentinel_password`` is
+    passed as a keyword).
+
+    Raises:
+        ValueError: not such a URL, or no service name.
+    """
+    parts = urlsplit(url)
+    if parts.scheme != SENTINEL_SCHEME:
+        raise ValueError(f"not a {SENTINEL_SCHEME}:// URL: {redact(url)}")
+    creds, _, hosts = parts.netloc.rpartition("@")
+    user, _, password = creds.partition(":") if creds else ("", "", "")
+    sentinels: list[tuple[str, int]] = []
+    for item in hosts.split(","):
+        host, _, port = item.strip().rpartition(":") if ":" in item else (item.strip(), "", "")
+        if host:
+            sentinels.append((host.strip("[]"), int(port) if port else 26379))
+    path = [p for p in parts.path.split("/") if p]
+    if not sentinels or not path:
+        raise ValueError(f"{SENTINEL_SCHEME} URL needs host:port[,host:port]/service[/db]: "
+                         f"{redact(url)}")
+    from urllib.parse import unquote
+
+    return {"sentinels": sentinels, "service": unquote(path[0]),
+            "db": int(path[1]) if len(path) > 1 else 0,
+            "username": unquote(user) or None, "password": unquote(password) or None}
 
 
 def make_client(url: str, *, max_connections: int, connect_timeout: float,
@@ -70,6 +104,24 @@ def make_client(url: str, *, max_connections: int, connect_timeout: float,
     the pool when it is checked out (redis-py checks it before use).
     """
     kwargs.setdefault("health_check_interval", 30)
+    if url.startswith(SENTINEL_SCHEME + "://"):
+        # Redis Sentinel: every new connection asks the sentinels for the
+        # current master; one to a demoted master fails (ConnectionError),
+        # so the callers' reconnect paths follow a failover by themselves.
+        from redis.sentinel import Sentinel
+
+        spec = parse_sentinel_url(url)
+        sentinel_password = kwargs.pop("sentinel_password", None)
+        sentinel = Sentinel(spec["sentinels"], socket_timeout=connect_timeout,
+                            socket_connect_timeout=connect_timeout,
+                            sentinel_kwargs={"password": sentinel_password,
+                                             "socket_timeout": connect_timeout,
+                                             "socket_connect_timeout": connect_timeout})
+        return sentinel.master_for(
+            spec["service"], db=spec["db"], username=spec["username"],
+            password=spec["password"], max_connections=max(1, max_connections),
+            socket_connect_timeout=connect_timeout, socket_timeout=socket_timeout,
+            retry=Retry(NoBackoff(), 0), **kwargs)
     pool = redis.BlockingConnectionPool.from_url(
         url, max_connections=max(1, max_connections), timeout=connect_timeout,
         socket_connect_timeout=connect_timeout, socket_timeout=socket_timeout,
