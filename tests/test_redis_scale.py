@@ -329,3 +329,35 @@ def test_sentinel_failover_mid_stream_loses_no_accepted_event() -> None:
         a.stop()
         b.stop()
         group.stop()
+
+
+def test_publish_many_pipelines_in_order_with_resumable_ids() -> None:
+    srv = RedisServer()
+    srv.start()
+    # 1,000 events: several pipelines; a long publish_wait so that every id is waited for.
+    bp = RedisBackplane(srv.url, block=0.5, batch=100, publish_wait=5.0)
+    broker = SSEBroker(topic="m", backplane=bp, history_size=0)
+    got: list[tuple[str, str]] = []
+    bp.attach("m", lambda e, f, may_block=True: got.append((e.id or "", e.data)) or 1)
+    try:
+        sent = [f"e{i}" for i in range(1000)]
+        ids = broker.publish_many([Event(data=d, name="n") if i % 2 else d
+                                   for i, d in enumerate(sent)])
+        assert len(ids) == 1000 and None not in ids
+        keys = [tuple(map(int, i.split("-"))) for i in ids if i is not None]
+        assert keys == sorted(keys) and len(set(keys)) == 1000
+        assert bp.stats()["outbox_round_trips"] <= 12  # pipelined, not 1,000 round trips
+        assert wait_until(lambda: len(got) == 1000, timeout=10)
+        assert got == list(zip(ids, sent, strict=True))
+        # Resume from Redis (no local window) from an id publish_many returned.
+        status, _headers, body = broker.stream({"REQUEST_METHOD": "GET",
+                                                "HTTP_LAST_EVENT_ID": ids[989]})
+        assert status.startswith("200")
+        first = b"".join(next(iter(body)) for _ in range(1))
+        assert f"id: {ids[990]}".encode() in first
+        body.close()
+        assert broker.publish_many([]) == []
+    finally:
+        broker.close()
+        bp.close()
+        srv.stop()
