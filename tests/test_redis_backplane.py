@@ -335,7 +335,7 @@ def test_hub_broadcast_raises_when_redis_is_down() -> None:
             for _ in range(100):
                 hub.broadcast("c", "x")
                 gevent.sleep(0.01)
-        assert 1 <= hub.stats()["broadcast_failed"] <= 3
+        assert hub.stats()["broadcast_failed"] >= 1
     finally:
         hub.close()
         srv.stop()

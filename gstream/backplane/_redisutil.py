@@ -9,7 +9,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import gevent
 from gevent.event import Event as GEvent
@@ -28,7 +28,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 __all__ = ["redis", "TRANSIENT", "Backoff", "StateLog", "make_client", "redact", "parse_id",
            "DEFAULT_URL", "Outbox", "Pending", "entry_fields", "stream_key", "hub_channel",
-           "hub_envelope", "require_cooperative_sockets"]
+           "hub_envelope", "require_cooperative_sockets", "is_cluster_url", "disconnect_client"]
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 
@@ -73,24 +73,30 @@ def parse_sentinel_url(url: str) -> dict[str, Any]:
     Raises:
         ValueError: not such a URL, or no service name.
     """
+    spec = _split_hosts(url, SENTINEL_SCHEME, 26379)
+    path = spec["path"]
+    if not path:
+        raise ValueError(f"{SENTINEL_SCHEME} URL needs host:port[,host:port]/service[/db]: "
+                         f"{redact(url)}")
+    return {"sentinels": spec["hosts"], "service": path[0],
+            "db": int(path[1]) if len(path) > 1 else 0,
+            "username": spec["username"], "password": spec["password"]}
+
+
+def _split_hosts(url: str, scheme: str, default_port: int) -> dict[str, Any]:
     parts = urlsplit(url)
-    if parts.scheme != SENTINEL_SCHEME:
-        raise ValueError(f"not a {SENTINEL_SCHEME}:// URL: {redact(url)}")
+    if parts.scheme != scheme:
+        raise ValueError(f"not a {scheme}:// URL: {redact(url)}")
     creds, _, hosts = parts.netloc.rpartition("@")
     user, _, password = creds.partition(":") if creds else ("", "", "")
-    sentinels: list[tuple[str, int]] = []
+    found: list[tuple[str, int]] = []
     for item in hosts.split(","):
         host, _, port = item.strip().rpartition(":") if ":" in item else (item.strip(), "", "")
         if host:
-            sentinels.append((host.strip("[]"), int(port) if port else 26379))
-    path = [p for p in parts.path.split("/") if p]
-    if not sentinels or not path:
-        raise ValueError(f"{SENTINEL_SCHEME} URL needs host:port[,host:port]/service[/db]: "
-                         f"{redact(url)}")
-    from urllib.parse import unquote
-
-    return {"sentinels": sentinels, "service": unquote(path[0]),
-            "db": int(path[1]) if len(path) > 1 else 0,
+            found.append((host.strip("[]"), int(port) if port else default_port))
+    if not found:
+        raise ValueError(f"{scheme} URL needs host:port[,host:port...]: {redact(url)}")
+    return {"hosts": found, "path": [unquote(p) for p in parts.path.split("/") if p],
             "username": unquote(user) or None, "password": unquote(password) or None}
 
 
@@ -120,6 +126,18 @@ def make_client(url: str, *, max_connections: int, connect_timeout: float,
         return sentinel.master_for(
             spec["service"], db=spec["db"], username=spec["username"],
             password=spec["password"], max_connections=max(1, max_connections),
+            socket_connect_timeout=connect_timeout, socket_timeout=socket_timeout,
+            retry=Retry(NoBackoff(), 0), **kwargs)
+    if is_cluster_url(url):
+        # Redis Cluster: redis-py follows MOVED/ASK and slot changes itself.
+        from redis.cluster import ClusterNode, RedisCluster
+
+        spec = _split_hosts(url, CLUSTER_SCHEME, 6379)
+        kwargs.pop("health_check_interval", None)
+        return RedisCluster(
+            startup_nodes=[ClusterNode(h, p) for h, p in spec["hosts"]],
+            username=spec["username"], password=spec["password"],
+            max_connections=max(1, max_connections) * 8,
             socket_connect_timeout=connect_timeout, socket_timeout=socket_timeout,
             retry=Retry(NoBackoff(), 0), **kwargs)
     pool = redis.BlockingConnectionPool.from_url(
@@ -185,9 +203,32 @@ class StateLog:
             self.log.debug("%s: still unavailable (%s)", self.what, exc)
 
 
-def stream_key(prefix: str, topic: str) -> str:
-    """The Redis stream of a broker topic (shared by every writer and reader)."""
-    return f"{prefix}:sse:{topic}"
+def stream_key(prefix: str, topic: str, cluster: bool = False) -> str:
+    """The Redis stream of a broker topic (shared by every writer and reader).
+
+    On a Redis Cluster the topic is a hash tag (``<prefix>:sse:{<topic>}``):
+    each topic lives on one slot, different topics spread over the nodes.
+    """
+    return f"{prefix}:sse:{{{topic}}}" if cluster else f"{prefix}:sse:{topic}"
+
+
+CLUSTER_SCHEME = "redis+cluster"
+
+
+def is_cluster_url(url: str) -> bool:
+    """True for ``redis+cluster://host:port[,host:port...]`` URLs."""
+    return url.startswith(CLUSTER_SCHEME + "://")
+
+
+def disconnect_client(client: Any) -> None:
+    """Close every pooled connection of a ``Redis`` or ``RedisCluster`` client."""
+    pool = getattr(client, "connection_pool", None)
+    if pool is not None:
+        pool.disconnect()
+        return
+    for node in client.get_nodes():  # RedisCluster: one pool per node
+        if node.redis_connection is not None:
+            node.redis_connection.connection_pool.disconnect()
 
 
 def hub_channel(prefix: str, channel: str) -> str:
@@ -408,7 +449,7 @@ class Outbox:
         delay = self._backoff.next()
         self._down_until = time.monotonic() + delay
         try:
-            self.client.connection_pool.disconnect()
+            disconnect_client(self.client)
         except Exception:  # a broken pool is replaced on the next checkout
             pass
         gevent.sleep(delay)

@@ -30,7 +30,9 @@ from ._redisutil import (
     Outbox,
     Pending,
     StateLog,
+    disconnect_client,
     entry_fields,
+    is_cluster_url,
     make_client,
     parse_id,
     redact,
@@ -118,6 +120,10 @@ class RedisBackplane:
         self._pub = make_client(url, max_connections=max_connections,
                                 socket_timeout=socket_timeout, **self._client_args)
         self._rd: Any = None
+        # Redis Cluster: keys of different slots cannot share one XREAD, so
+        # each topic gets its own blocking reader (one per topic, not per client).
+        self._cluster = is_cluster_url(url)
+        self._topic_readers: dict[str, Any] = {}
         self._node = secrets.token_hex(8)
         self._wake_key = f"{prefix}:wake:{self._node}"
         self._sinks: dict[str, list[DeliverSink]] = {}
@@ -139,7 +145,7 @@ class RedisBackplane:
     # -- plumbing -------------------------------------------------------------
 
     def _key(self, topic: str) -> str:
-        return stream_key(self.prefix, topic)
+        return stream_key(self.prefix, topic, self._cluster)
 
     def _check(self) -> None:
         if self._closed:
@@ -150,11 +156,15 @@ class RedisBackplane:
             self._pid = os.getpid()
             self._reader = None
             self._rd = None
+            self._topic_readers = {}
             self._outbox.forked()
             if self._sinks:
                 self._start_reader()
 
     def _start_reader(self) -> None:
+        if self._cluster:
+            self._start_topic_readers()
+            return
         if self._reader is None and not self._closed:
             self._gen += 1
             self._rd = make_client(self.url, max_connections=1,
@@ -162,9 +172,25 @@ class RedisBackplane:
                                    **self._client_args)
             self._reader = gevent.spawn(self._run, self._gen)
 
+    def _start_topic_readers(self) -> None:
+        if self._closed:
+            return
+        if self._rd is None:
+            self._gen += 1
+            self._rd = make_client(self.url, max_connections=1,
+                                   socket_timeout=self.block + self._socket_timeout,
+                                   **self._client_args)
+        for topic in list(self._sinks):
+            reader = self._topic_readers.get(topic)
+            if reader is None or reader.dead:
+                self._topic_readers[topic] = gevent.spawn(self._run, self._gen, topic)
+        self._reader = self._topic_readers or None
+
     def _wake(self) -> None:
         # The reader may sit in a blocking XREAD that does not include a new
         # topic yet: one entry on its private wake stream returns it at once.
+        if self._cluster:
+            return  # a new topic gets a reader of its own
         try:
             pipe = self._pub.pipeline(transaction=False)
             pipe.xadd(self._wake_key, {"w": "1"}, maxlen=1)
@@ -236,14 +262,18 @@ class RedisBackplane:
         self._keys.clear()
         self._pos.clear()
         reader, self._reader = self._reader, None
-        if reader is not None and reader is not gevent.getcurrent():
-            reader.kill(block=True, timeout=2)
+        readers = list(self._topic_readers.values())
+        if not self._cluster and reader is not None:
+            readers.append(reader)
+        self._topic_readers = {}
+        current = gevent.getcurrent()
+        gevent.killall([r for r in readers if r is not current], block=True, timeout=2)
         if self._hub_link is not None:
             self._hub_link.close()
         for client in (self._rd, self._pub):
             if client is not None:
                 try:
-                    client.connection_pool.disconnect()
+                    disconnect_client(client)
                 except Exception:  # closing must not fail the shutdown
                     log.debug("redis backplane: error while disconnecting", exc_info=True)
         self._moved.set()
@@ -393,10 +423,12 @@ class RedisBackplane:
                 log.warning("redis backplane: skipping undecodable entry %s", ident)
             return None
 
-    def _resync(self) -> None:
+    def _resync(self, only: str | None = None) -> None:
         """After (re)connecting: resolve unknown positions, detect lost streams."""
         self._counts["resyncs"] += 1
         for topic, pos in list(self._pos.items()):
+            if only is not None and topic != only:
+                continue
             tail = self._tail(topic, quiet=True)
             if tail is None:
                 raise redis.ConnectionError("Redis unavailable during resync")
@@ -412,27 +444,39 @@ class RedisBackplane:
                             "%s); reading it from its start", topic, tail, pos)
                 self._pos[topic] = "0-0"
 
-    def _run(self, gen: int) -> None:
+    def _run(self, gen: int, only: str | None = None) -> None:
+        """The reader: every attached topic, or (Redis Cluster) only the topic ``only``."""
         backoff = Backoff(*self._backoff)
-        state = StateLog(log, f"redis backplane reader {redact(self.url)}")
+        what = f"redis backplane reader {redact(self.url)}"
+        state = StateLog(log, what if only is None else f"{what} topic {only!r}")
         resync = True
         while not self._closed and gen == self._gen:
+            if only is not None and only not in self._pos:
+                if self._topic_readers.get(only) is gevent.getcurrent():
+                    del self._topic_readers[only]  # detached: this reader ends
+                return
             try:
                 if resync:
-                    self._resync()
+                    self._resync(only)
                 streams: dict[Any, Any] = {k: self._pos[t] for k, t in self._keys.items()
-                                           if self._pos.get(t) is not None}
-                streams[self._wake_key] = "$"
+                                           if self._pos.get(t) is not None
+                                           and (only is None or t == only)}
+                if only is None:
+                    streams[self._wake_key] = "$"
+                elif not streams:
+                    gevent.sleep(self.block)  # position unknown (cannot happen after a resync)
+                    continue
                 resp = self._rd.xread(streams, count=self.batch, block=int(self.block * 1000))
             except TRANSIENT as exc:
                 if self._closed or gen != self._gen:
                     return
                 state.failed(exc)
                 resync = True
-                try:
-                    self._rd.connection_pool.disconnect()
-                except Exception:
-                    pass
+                if not self._cluster:  # cluster clients replace their node connections
+                    try:
+                        disconnect_client(self._rd)
+                    except Exception:
+                        pass
                 gevent.sleep(backoff.next())
                 continue
             state.ok(lambda: f"; resuming from {dict(self._pos)}")

@@ -26,6 +26,7 @@ from ._redisutil import (
     Outbox,
     Pending,
     StateLog,
+    disconnect_client,
     hub_channel,
     hub_envelope,
     make_client,
@@ -188,7 +189,7 @@ class HubLink:
             reader.kill(block=True, timeout=2)
         if self._own_client:
             try:
-                self._pub.connection_pool.disconnect()
+                disconnect_client(self._pub)
             except Exception:
                 log.debug("redis hub backplane: error while disconnecting", exc_info=True)
 
@@ -238,7 +239,7 @@ class HubLink:
                     pubsub.close()
                 except Exception:
                     pass
-            client.connection_pool.disconnect()
+            disconnect_client(client)
 
     def _receive(self, raw_channel: Any, data: Any) -> None:
         chan = raw_channel.decode("utf-8", "replace") if isinstance(raw_channel, bytes) \

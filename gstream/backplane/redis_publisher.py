@@ -17,9 +17,11 @@ from ..events import Event
 from ._redisutil import (
     DEFAULT_URL,
     TRANSIENT,
+    disconnect_client,
     entry_fields,
     hub_channel,
     hub_envelope,
+    is_cluster_url,
     make_client,
     stream_key,
 )
@@ -34,7 +36,8 @@ class Publisher:
     one round trip; :meth:`publish_many` sends a list in one pipeline.
 
     Args:
-        url: the servers' Redis URL (``redis://``, ``rediss://``, ``unix://``).
+        url: the servers' Redis URL (``redis://``, ``rediss://``, ``unix://``,
+            ``redis+sentinel://``, ``redis+cluster://``).
         prefix: the servers' backplane prefix.
         maxlen: approximate entries kept per topic stream (use the servers' value).
         max_connections: size of the connection pool.
@@ -50,10 +53,11 @@ class Publisher:
         self._client = make_client(url, max_connections=max_connections,
                                    connect_timeout=connect_timeout,
                                    socket_timeout=socket_timeout, **redis_kwargs)
+        self._cluster = is_cluster_url(url)
         self._origin = os.urandom(8)  # never equal to a server link's: delivered to every hub
 
     def _xadd(self, topic: str, event: Event) -> tuple[Any, ...]:
-        return ("XADD", stream_key(self.prefix, topic), "MAXLEN", "~", self.maxlen, "*",
+        return ("XADD", stream_key(self.prefix, topic, self._cluster), "MAXLEN", "~", self.maxlen, "*",
                 *entry_fields(event))
 
     def publish(self, topic: str, data: str | Event, *, event: str | None = None,
@@ -116,7 +120,7 @@ class Publisher:
 
     def close(self) -> None:
         """Close the connections; idempotent."""
-        self._client.connection_pool.disconnect()
+        disconnect_client(self._client)
 
     def __enter__(self) -> Publisher:
         return self
