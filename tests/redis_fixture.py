@@ -141,3 +141,49 @@ class SentinelGroup:
         self.master.stop()
         self.replica.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class RedisCluster:
+    """Three redis-server masters (no replicas) joined by ``redis-cli --cluster create``."""
+
+    def __init__(self, size: int = 3) -> None:
+        self.nodes = [RedisServer(extra_args=("--cluster-enabled", "yes",
+                                              "--cluster-config-file", "nodes.conf",
+                                              "--cluster-node-timeout", "2000"))
+                      for _ in range(size)]
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    def start(self, timeout: float = 20.0) -> None:
+        for n in self.nodes:
+            n.start()
+        exe = shutil.which("redis-cli") or "/usr/bin/redis-cli"
+        subprocess.run([exe, "--cluster", "create",
+                        *(f"127.0.0.1:{n.port}" for n in self.nodes),
+                        "--cluster-replicas", "0", "--cluster-yes"],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(b"cluster_state:ok" in redis_command(n.port, "CLUSTER", "INFO")
+                   for n in self.nodes):
+                return
+            time.sleep(0.1)
+        raise RuntimeError("the cluster did not reach cluster_state:ok")
+
+    def port_of_slot(self, slot: int) -> int:
+        """The port of the node serving ``slot``."""
+        reply = redis_command(self.nodes[0].port, "CLUSTER", "SLOTS").decode()
+        # Nested array: [start, end, [ip, port, id], ...] per range; parse loosely.
+        nums = [int(x[1:]) for x in reply.split("\r\n") if x.startswith(":")]
+        for i in range(0, len(nums) - 2, 3):
+            start, end, port = nums[i], nums[i + 1], nums[i + 2]
+            if start <= slot <= end:
+                return port
+        raise LookupError(slot)
+
+    def stop(self) -> None:
+        for n in self.nodes:
+            n.stop()

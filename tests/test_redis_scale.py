@@ -26,7 +26,7 @@ from gstream.events import Event
 from gstream.handler import GStreamHandler
 from gstream.hub import Hub
 from tests.helpers import SSEStream, wait_until
-from tests.redis_fixture import RedisServer, SentinelGroup
+from tests.redis_fixture import RedisCluster, RedisServer, SentinelGroup, redis_command
 
 pytestmark = pytest.mark.redis
 
@@ -361,3 +361,63 @@ def test_publish_many_pipelines_in_order_with_resumable_ids() -> None:
         broker.close()
         bp.close()
         srv.stop()
+
+
+def test_cluster_two_topics_on_different_slots() -> None:
+    # A real 3-node Redis Cluster: each topic's stream is hash-tagged onto one
+    # slot; two topics on different nodes, two backplanes (two processes), a
+    # plain Publisher, a resume from the cluster, and hub broadcasts across.
+    from redis.crc import key_slot
+
+    from gstream.backplane.redis import Publisher
+
+    cluster = RedisCluster()
+    cluster.start()
+    one = RedisBackplane(cluster.url, block=0.5)
+    two = RedisBackplane(cluster.url, block=0.5)
+    feeds = {t: SSEBroker(topic=t, backplane=one, history_size=0) for t in ("alpha", "beta")}
+    got: dict[str, list[tuple[str, str]]] = {"alpha": [], "beta": []}
+    for t in got:
+        one.attach(t, lambda e, f, may_block=True, t=t: got[t].append((e.id or "", e.data)) or 1)
+    hub_one, hub_two = one.hub_backplane(), two.hub_backplane()
+    heard: list[str | bytes] = []
+    hub_one.attach("room", lambda p: heard.append(p) or True)
+    hub_two.attach("room", lambda p: True)
+    try:
+        ports = {t: cluster.port_of_slot(key_slot(f"gstream:sse:{{{t}}}".encode()))
+                 for t in got}
+        assert ports["alpha"] != ports["beta"]  # two nodes
+        sent: dict[str, list[tuple[str | None, str]]] = {"alpha": [], "beta": []}
+        for i in range(30):
+            t = "alpha" if i % 3 else "beta"
+            sent[t].append((two.append(t, Event(data=f"{t}{i}")), f"{t}{i}"))
+        ids = two.append_many("alpha", [Event(data="m1"), Event(data="m2")])
+        sent["alpha"] += list(zip(ids, ["m1", "m2"], strict=True))
+        with Publisher(cluster.url) as pub:
+            sent["beta"].append((pub.publish("beta", "from-script"), "from-script"))
+        for t in got:
+            assert wait_until(lambda t=t: len(got[t]) == len(sent[t]), timeout=10), (t, got)
+            assert got[t] == sent[t]
+        # Each stream lives on its node, under its hash-tagged key.
+        assert b":1" in redis_command(ports["beta"], "EXISTS", "gstream:sse:{beta}")
+        # Resume from the cluster (no local window) on the other backplane's broker.
+        status, _headers, body = feeds["alpha"].stream(
+            {"REQUEST_METHOD": "GET", "HTTP_LAST_EVENT_ID": sent["alpha"][-3][0]})
+        assert status.startswith("200")
+        first = next(iter(body))
+        assert b"data: m1" in first and b"data: m2" in first
+        body.close()
+        # Hub broadcasts (classic pub/sub reaches every node).
+        with gevent.Timeout(5):
+            while not heard:
+                hub_two.broadcast("room", "hello")
+                gevent.sleep(0.05)
+        assert heard[0] == "hello"
+    finally:
+        for b in feeds.values():
+            b.close()
+        for bp in (hub_one, hub_two):
+            bp.close()
+        one.close()
+        two.close()
+        cluster.stop()
