@@ -75,7 +75,9 @@ class RedisBackplane:
     Args:
         url: ``redis://[:password@]host[:port][/db]``; ``rediss://`` for TLS
             (``?ssl_cert_reqs=none`` or ``ssl_ca_certs=...`` keyword as in redis-py);
-            ``unix:///path.sock``.
+            ``unix:///path.sock``; ``redis+sentinel://host:port[,...]/service[/db]``
+            (Sentinel); ``redis+cluster://host:port[,...]`` (Redis Cluster: topics
+            become hash tags, one reader per topic). See docs/redis.md.
         prefix: key prefix; the stream of topic ``t`` is ``<prefix>:sse:<t>``.
         maxlen: approximate number of entries kept per topic stream (the
             replay window shared by all processes).
