@@ -41,6 +41,7 @@ import time
 
 HERE = os.path.abspath(__file__)
 PUBLISH = "many"  # how the servers publish a burst (--publish)
+PUBLISH_WAIT = 0.05  # the servers' RedisBackplane(publish_wait=...)
 ROOT = os.path.dirname(os.path.dirname(HERE))
 
 
@@ -58,7 +59,8 @@ def run_server(args: argparse.Namespace) -> None:
     if args.backplane == "redis":
         from gstream.backplane.redis import RedisBackplane
 
-        backplane = RedisBackplane(args.redis_url, maxlen=100_000)
+        backplane = RedisBackplane(args.redis_url, maxlen=100_000,
+                                   publish_wait=args.publish_wait)
     broker = SSEBroker(topic="bench", backplane=backplane, default_buffer=65536,
                        max_buffer=65536, heartbeat_interval=None, history_size=16)
 
@@ -120,7 +122,8 @@ class Sub:
 def start_server(backplane: str, redis_url: str) -> tuple[subprocess.Popen[str], int]:
     env = dict(os.environ, PYTHONPATH=ROOT)
     p = subprocess.Popen([sys.executable, HERE, "--role", "server", "--backplane", backplane,
-                          "--redis-url", redis_url, "--publish", PUBLISH], env=env,
+                          "--redis-url", redis_url, "--publish", PUBLISH,
+                          "--publish-wait", str(PUBLISH_WAIT)], env=env,
                          stdout=subprocess.PIPE, text=True)
     assert p.stdout is not None
     return p, int(p.stdout.readline())
@@ -190,10 +193,12 @@ def main() -> None:
     ap.add_argument("--burst", type=int, default=2000, help="events in the throughput burst")
     ap.add_argument("--publish", default="many", choices=("many", "single"),
                     help="burst with publish_many (chunks of 64) or publish() per event")
+    ap.add_argument("--publish-wait", type=float, default=0.05,
+                    help="RedisBackplane(publish_wait=...): 0 makes publish() never wait for ids")
     ap.add_argument("--json", help="also write the rows to this file")
     args = ap.parse_args()
-    global PUBLISH
-    PUBLISH = args.publish
+    global PUBLISH, PUBLISH_WAIT
+    PUBLISH, PUBLISH_WAIT = args.publish, args.publish_wait
     if args.role == "server":
         run_server(args)
         return
