@@ -143,11 +143,26 @@ class SentinelGroup:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) exists and is free too."""
+    for _ in range(200):
+        port = free_port()
+        if port + 10000 > 65535:
+            continue
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port + 10000))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
 class RedisCluster:
     """Three redis-server masters (no replicas) joined by ``redis-cli --cluster create``."""
 
     def __init__(self, size: int = 3) -> None:
-        self.nodes = [RedisServer(extra_args=("--cluster-enabled", "yes",
+        self.nodes = [RedisServer(port=_cluster_port(), extra_args=("--cluster-enabled", "yes",
                                               "--cluster-config-file", "nodes.conf",
                                               "--cluster-node-timeout", "2000"))
                       for _ in range(size)]

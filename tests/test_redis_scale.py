@@ -374,7 +374,7 @@ def test_cluster_two_topics_on_different_slots() -> None:
     cluster = RedisCluster()
     cluster.start()
     one = RedisBackplane(cluster.url, block=0.5)
-    two = RedisBackplane(cluster.url, block=0.5)
+    two = RedisBackplane(cluster.url, block=0.5, publish_wait=5.0)  # every id waited for
     feeds = {t: SSEBroker(topic=t, backplane=one, history_size=0) for t in ("alpha", "beta")}
     got: dict[str, list[tuple[str, str]]] = {"alpha": [], "beta": []}
     for t in got:

@@ -366,7 +366,7 @@ class Outbox:
                 f"Redis did not accept the {self.what}: the outbound queue is full "
                 f"({len(self._queue)} waiting for Redis, limit {self.limit})")
         self._queue.extend(items)
-        if self._writer is None:
+        if self._writer is None or self._writer.dead:
             self._writer = gevent.spawn(self._run)
         self._work.set()
 
@@ -402,6 +402,11 @@ class Outbox:
             try:
                 replies = pipe.execute(raise_on_error=False)
             except TRANSIENT as exc:
+                self._failed(items, exc)
+                continue
+            except Exception as exc:  # a bug or an unexpected client error: keep the writer alive
+                self.state.log.exception("%s: unexpected error sending a pipeline",
+                                         self.state.what)
                 self._failed(items, exc)
                 continue
             self.state.ok()

@@ -26,7 +26,9 @@ def _json(start_response: Any, status: str, obj: Any) -> list[bytes]:
 
 
 def make_app() -> Any:
-    backplane = RedisBackplane(os.environ["GSTREAM_REDIS_URL"], block=1.0,
+    # publish_wait: the tests compare the ids /publish returns, so wait for
+    # every one of them even on a loaded machine (the stall tests use the default).
+    backplane = RedisBackplane(os.environ["GSTREAM_REDIS_URL"], block=1.0, publish_wait=5.0,
                                backoff=0.02, backoff_cap=0.3, catch_up_timeout=2.0)
     broker = SSEBroker(topic="feed", backplane=backplane, heartbeat_interval=0.5,
                        history_size=int(os.environ.get("GSTREAM_HISTORY", "1024")))
