@@ -137,7 +137,7 @@ def make_client(url: str, *, max_connections: int, connect_timeout: float,
         return RedisCluster(
             startup_nodes=[ClusterNode(h, p) for h, p in spec["hosts"]],
             username=spec["username"], password=spec["password"],
-            max_connections=max(1, max_connections) * 8,
+            # No pool bound: on a cluster every topic's reader holds a connection.
             socket_connect_timeout=connect_timeout, socket_timeout=socket_timeout,
             retry=Retry(NoBackoff(), 0), **kwargs)
     pool = redis.BlockingConnectionPool.from_url(

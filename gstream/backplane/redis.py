@@ -78,7 +78,8 @@ class RedisBackplane:
             ``unix:///path.sock``; ``redis+sentinel://host:port[,...]/service[/db]``
             (Sentinel); ``redis+cluster://host:port[,...]`` (Redis Cluster: topics
             become hash tags, one reader per topic). See docs/redis.md.
-        prefix: key prefix; the stream of topic ``t`` is ``<prefix>:sse:<t>``.
+        prefix: key prefix; the stream of topic ``t`` is ``<prefix>:sse:<t>``
+            (``<prefix>:sse:{<t>}`` on a cluster).
         maxlen: approximate number of entries kept per topic stream (the
             replay window shared by all processes).
         block: seconds one ``XREAD`` waits before it is re-issued.
