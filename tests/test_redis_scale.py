@@ -421,3 +421,44 @@ def test_cluster_two_topics_on_different_slots() -> None:
         one.close()
         two.close()
         cluster.stop()
+
+
+def test_events_accepted_during_a_stall_survive_a_crash_of_redis() -> None:
+    # Accepted (publish returned None during a stall) means delivered, even if
+    # Redis then dies before processing them: the writer keeps them and sends
+    # them, in order, when Redis is back; publishes meanwhile are refused.
+    srv = RedisServer(extra_args=("--enable-debug-command", "yes"))
+    srv.start()
+    bp = RedisBackplane(srv.url, block=0.5, backoff=0.02, backoff_cap=0.2)
+    got: list[str] = []
+    bp.attach("c", lambda e, f, may_block=True: got.append(e.data) or 1)
+    stall: socket.socket | None = None
+    try:
+        assert bp.append("c", Event(data="warm")) is not None
+        assert wait_until(lambda: got == ["warm"])
+        stall = _stall(srv.port, "debug-sleep")
+        gevent.sleep(0.1)
+        assert [bp.append("c", Event(data=f"a{i}")) for i in range(3)] == [None] * 3
+        srv.kill()  # before Redis processed them
+        stall.close()
+        also_accepted = 0  # returned (None) before the writer noticed the crash
+        with gevent.Timeout(5):
+            while True:
+                try:
+                    bp.append("c", Event(data="b"))
+                except BackplaneUnavailable:
+                    break
+                also_accepted += 1
+                gevent.sleep(0.01)
+        assert bp.stats()["queued"] == 3 + also_accepted  # kept for the retry
+        srv.start()
+        want = ["warm", "a0", "a1", "a2"] + ["b"] * also_accepted
+        assert wait_until(lambda: len(got) >= len(want), timeout=10), got
+        gevent.sleep(0.3)  # and nothing else (the refused one) arrives
+        assert got == want
+        assert bp.stats()["outbox_lost"] == 0 and bp.stats()["queued"] == 0
+    finally:
+        if stall is not None:
+            stall.close()
+        bp.close()
+        srv.stop()
