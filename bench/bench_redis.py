@@ -14,7 +14,10 @@ Subscribers are raw-socket SSE readers in this process (gevent). Measured:
   median and p99, for local and remote subscribers (what the backplane adds
   is the difference with the ``memory`` row);
 * deliveries per second: a burst of events published back to back,
-  subscribers x burst / (last arrival - first publish);
+  subscribers x burst / (last arrival - first publish). ``--publish many``
+  (default) publishes the burst with ``SSEBroker.publish_many`` in chunks of
+  64 (one pipeline and one wait per chunk on Redis); ``--publish single``
+  calls ``publish()`` per event (one wait for the Redis id per event);
 * lost: events a subscriber never received (must be 0; subscriber buffers
   are large so drop-oldest never triggers).
 
@@ -37,6 +40,8 @@ import sys
 import time
 
 HERE = os.path.abspath(__file__)
+PUBLISH = "many"  # how the servers publish a burst (--publish)
+PUBLISH_WAIT = 0.05  # the servers' RedisBackplane(publish_wait=...)
 ROOT = os.path.dirname(os.path.dirname(HERE))
 
 
@@ -54,7 +59,8 @@ def run_server(args: argparse.Namespace) -> None:
     if args.backplane == "redis":
         from gstream.backplane.redis import RedisBackplane
 
-        backplane = RedisBackplane(args.redis_url, maxlen=100_000)
+        backplane = RedisBackplane(args.redis_url, maxlen=100_000,
+                                   publish_wait=args.publish_wait)
     broker = SSEBroker(topic="bench", backplane=backplane, default_buffer=65536,
                        max_buffer=65536, heartbeat_interval=None, history_size=16)
 
@@ -65,6 +71,12 @@ def run_server(args: argparse.Namespace) -> None:
         if path == "/run":
             q = dict(p.split("=", 1) for p in environ["QUERY_STRING"].split("&") if "=" in p)
             count, interval = int(q["count"]), float(q.get("interval", "0"))
+            if not interval and args.publish == "many":
+                for start in range(0, count, 64):
+                    broker.publish_many([Event(data=f"{q['tag']} {i} {time.time():.6f}")
+                                         for i in range(start, min(count, start + 64))])
+                    gevent.sleep(0)  # let the reader/subscribers run during a burst
+                count = 0
             for i in range(count):
                 broker.publish(Event(data=f"{q['tag']} {i} {time.time():.6f}"))
                 if interval:
@@ -110,7 +122,9 @@ class Sub:
 def start_server(backplane: str, redis_url: str) -> tuple[subprocess.Popen[str], int]:
     env = dict(os.environ, PYTHONPATH=ROOT)
     p = subprocess.Popen([sys.executable, HERE, "--role", "server", "--backplane", backplane,
-                          "--redis-url", redis_url], env=env, stdout=subprocess.PIPE, text=True)
+                          "--redis-url", redis_url, "--publish", PUBLISH,
+                          "--publish-wait", str(PUBLISH_WAIT)], env=env,
+                         stdout=subprocess.PIPE, text=True)
     assert p.stdout is not None
     return p, int(p.stdout.readline())
 
@@ -177,8 +191,14 @@ def main() -> None:
     ap.add_argument("--paced", type=int, default=50, help="paced events for latency")
     ap.add_argument("--interval", type=float, default=0.02, help="seconds between paced events")
     ap.add_argument("--burst", type=int, default=2000, help="events in the throughput burst")
+    ap.add_argument("--publish", default="many", choices=("many", "single"),
+                    help="burst with publish_many (chunks of 64) or publish() per event")
+    ap.add_argument("--publish-wait", type=float, default=0.05,
+                    help="RedisBackplane(publish_wait=...): 0 makes publish() never wait for ids")
     ap.add_argument("--json", help="also write the rows to this file")
     args = ap.parse_args()
+    global PUBLISH, PUBLISH_WAIT
+    PUBLISH, PUBLISH_WAIT = args.publish, args.publish_wait
     if args.role == "server":
         run_server(args)
         return

@@ -78,8 +78,9 @@ class BackplaneUnavailable(GStreamError):
     """A cross-process backplane (Redis) did not accept a publish or broadcast.
 
     Nothing was delivered, in any process. The caller may retry (a web
-    endpoint would typically answer 503). Raised instead of buffering so that
-    an accepted publish always has its final, globally ordered id.
+    endpoint would typically answer 503). Raised when the transport is known
+    to be down, refused the event, or the backplane's bounded outbound queue
+    is full (a stalled Redis): see docs/redis.md, "Faults".
     """
 
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import gevent
 import gevent.event
-from gevent import pywsgi
+from gevent import monkey, pywsgi
 from gevent import socket as gsocket
 from gevent.pool import Pool
 
@@ -375,6 +375,12 @@ class Server:
     def start(self) -> None:
         """Bind and start accepting in the background (returns at once)."""
         self.lifecycle.reset()
+        if not monkey.is_module_patched("socket"):
+            # Unpatched, any blocking call of the app (Redis, HTTP, a database)
+            # freezes every connection; easy to miss, so say it once, loudly.
+            log.warning("gstream: the socket module is not patched by gevent, so blocking calls "
+                        "in the application freeze every connection: put `from gevent import "
+                        "monkey; monkey.patch_all()` first in the program (`gstream serve` does)")
         self._wsgi.start()
         log.info("gstream serving on %s (max %d connections, overflow=%s)",
                  self.url, self.max_connections, self.overflow)

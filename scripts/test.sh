@@ -4,7 +4,7 @@
 # Extra arguments go to pytest, e.g. bash scripts/test.sh -k broker
 source "$(dirname "$0")/_env.sh"
 ensure_venv "test,flask,django,gunicorn,redis,locust,browser"
-apt_install redis-server chromium nginx caddy
+apt_install redis-server redis-sentinel chromium nginx caddy
 cd "$ROOT"
 echo ">> ruff"
 lint_dirs=()

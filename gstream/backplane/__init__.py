@@ -17,21 +17,23 @@ process: :class:`~gstream.backplane.redis.RedisBackplane` (Redis Streams).
 The in-memory ones live in :mod:`gstream.backplane.memory`: the default
 :class:`LocalBackplane` delivers synchronously in the caller's greenlet
 (single-process behaviour), :class:`MemoryBackplane` links hubs of one
-process (tests, examples; a hub without a backplane is local only). The Redis implementations live in :mod:`gstream.backplane.redis`
-and need the ``gstream[redis]`` extra; they are importable from here
+process (tests, examples; a hub without a backplane is local only). The Redis
+implementations live in :mod:`gstream.backplane.redis` (with
+:class:`~gstream.backplane.redis.Publisher`, for processes that publish
+without serving) and need the ``gstream[redis]`` extra; they are importable from here
 lazily, so importing this package never imports ``redis``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
 
 from ..events import Event
 from .memory import LocalBackplane, MemoryBackplane
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .redis import HubLink, RedisBackplane, RedisHubBackplane
+    from .redis import HubLink, Publisher, RedisBackplane, RedisHubBackplane
 
 __all__ = [
     "Backplane",
@@ -42,6 +44,7 @@ __all__ = [
     "HubSink",
     "LocalBackplane",
     "MemoryBackplane",
+    "Publisher",
     "ResumeResult",
     "RedisBackplane",
     "RedisHubBackplane",
@@ -109,11 +112,22 @@ class DurableBackplane(Backplane, Protocol):
     when its own in-memory window cannot answer a ``Last-Event-ID``.
     """
 
-    def append(self, topic: str, event: Event) -> str:
+    def append(self, topic: str, event: Event) -> str | None:
         """Append ``event`` (its id is ignored) to the topic's shared log; return its id.
+
+        Returns None when the log did not number it within the backplane's
+        bound (a stalled transport): the event is accepted and will be
+        delivered, with its id, when the transport answers.
 
         Raises:
             BackplaneUnavailable: the transport did not accept the event.
+        """
+
+    def append_many(self, topic: str, events: Sequence[Event]) -> list[str | None]:
+        """:meth:`append` for several events in order, all or none accepted.
+
+        Raises:
+            BackplaneUnavailable: the transport did not accept them.
         """
 
     def catch_up(self, topic: str, last_id: str) -> None:
@@ -165,7 +179,7 @@ class HubBackplane(Protocol):
 
 def __getattr__(name: str) -> object:
     # Lazy: importing gstream.backplane must not require the redis package.
-    if name in ("HubLink", "RedisBackplane", "RedisHubBackplane"):
+    if name in ("HubLink", "Publisher", "RedisBackplane", "RedisHubBackplane"):
         from . import redis as _redis
 
         return getattr(_redis, name)

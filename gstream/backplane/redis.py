@@ -14,7 +14,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import gevent
@@ -27,15 +27,23 @@ from ._redisutil import (
     DEFAULT_URL,
     TRANSIENT,
     Backoff,
+    Outbox,
+    Pending,
     StateLog,
+    disconnect_client,
+    entry_fields,
+    is_cluster_url,
     make_client,
     parse_id,
     redact,
     redis,
+    require_cooperative_sockets,
+    stream_key,
 )
 from .redis_hub import HubLink, RedisHubBackplane
+from .redis_publisher import Publisher
 
-__all__ = ["HubLink", "RedisBackplane", "RedisHubBackplane"]
+__all__ = ["HubLink", "Publisher", "RedisBackplane", "RedisHubBackplane"]
 
 log = logging.getLogger("gstream.backplane.redis")
 
@@ -49,6 +57,10 @@ class RedisBackplane:
 
     Publishing is ``XADD`` (trimmed with ``MAXLEN ~ maxlen``); the entry id
     becomes the event id, so ids are ordered per topic across all processes.
+    Publishers never talk to Redis themselves: events go through a bounded
+    outbound queue that one writer greenlet sends in pipelines, and a
+    publisher waits at most ``publish_wait`` seconds for its id (a stalled
+    Redis cannot stall the application).
     One reader greenlet per backplane runs a blocking ``XREAD`` over every
     attached topic from the last id it delivered, and hands each entry to the
     local brokers (``may_block=False``). The publishing process is served by
@@ -63,8 +75,11 @@ class RedisBackplane:
     Args:
         url: ``redis://[:password@]host[:port][/db]``; ``rediss://`` for TLS
             (``?ssl_cert_reqs=none`` or ``ssl_ca_certs=...`` keyword as in redis-py);
-            ``unix:///path.sock``.
-        prefix: key prefix; the stream of topic ``t`` is ``<prefix>:sse:<t>``.
+            ``unix:///path.sock``; ``redis+sentinel://host:port[,...]/service[/db]``
+            (Sentinel); ``redis+cluster://host:port[,...]`` (Redis Cluster: topics
+            become hash tags, one reader per topic). See docs/redis.md.
+        prefix: key prefix; the stream of topic ``t`` is ``<prefix>:sse:<t>``
+            (``<prefix>:sse:{<t>}`` on a cluster).
         maxlen: approximate number of entries kept per topic stream (the
             replay window shared by all processes).
         block: seconds one ``XREAD`` waits before it is re-issued.
@@ -78,6 +93,11 @@ class RedisBackplane:
             process to reach an id the client saw on a faster process.
         replay_limit: most entries replayed to one client; further behind,
             it gets a ``gstream.reset``.
+        publish_wait: longest :meth:`append` waits for Redis to number an
+            event; past it the event stays queued (accepted, delivered when
+            Redis answers) and ``append`` returns None.
+        queue_limit: most events queued for Redis; past it :meth:`append`
+            raises :class:`BackplaneUnavailable`.
         redis_kwargs: passed to redis-py's connection pool (TLS files, ...).
     """
 
@@ -86,8 +106,11 @@ class RedisBackplane:
                  connect_timeout: float = 2.0, socket_timeout: float = 5.0,
                  backoff: float = 0.05, backoff_cap: float = 5.0,
                  catch_up_timeout: float = 2.0, replay_limit: int = 10_000,
+                 publish_wait: float = 0.05, queue_limit: int = 10_000,
                  **redis_kwargs: Any) -> None:
+        require_cooperative_sockets("RedisBackplane")
         self.url = url
+        self.publish_wait = max(0.0, float(publish_wait))
         self.prefix = prefix
         self.maxlen = max(1, int(maxlen))
         self.block = max(0.01, float(block))
@@ -100,6 +123,10 @@ class RedisBackplane:
         self._pub = make_client(url, max_connections=max_connections,
                                 socket_timeout=socket_timeout, **self._client_args)
         self._rd: Any = None
+        # Redis Cluster: keys of different slots cannot share one XREAD, so
+        # each topic gets its own blocking reader (one per topic, not per client).
+        self._cluster = is_cluster_url(url)
+        self._topic_readers: dict[str, Any] = {}
         self._node = secrets.token_hex(8)
         self._wake_key = f"{prefix}:wake:{self._node}"
         self._sinks: dict[str, list[DeliverSink]] = {}
@@ -112,13 +139,16 @@ class RedisBackplane:
         self._closed = False
         self._hub_link: HubLink | None = None
         self._pub_state = StateLog(log, f"redis backplane publish {redact(url)}")
+        self._outbox = Outbox(self._pub, limit=queue_limit, batch=batch, backoff=backoff,
+                              backoff_cap=backoff_cap, state=self._pub_state,
+                              retry_accepted=True, what="event")
         self._counts = dict.fromkeys(("appended", "append_failed", "read", "delivered",
                                       "undecodable", "resyncs", "replays"), 0)
 
     # -- plumbing -------------------------------------------------------------
 
     def _key(self, topic: str) -> str:
-        return f"{self.prefix}:sse:{topic}"
+        return stream_key(self.prefix, topic, self._cluster)
 
     def _check(self) -> None:
         if self._closed:
@@ -129,10 +159,15 @@ class RedisBackplane:
             self._pid = os.getpid()
             self._reader = None
             self._rd = None
+            self._topic_readers = {}
+            self._outbox.forked()
             if self._sinks:
                 self._start_reader()
 
     def _start_reader(self) -> None:
+        if self._cluster:
+            self._start_topic_readers()
+            return
         if self._reader is None and not self._closed:
             self._gen += 1
             self._rd = make_client(self.url, max_connections=1,
@@ -140,9 +175,25 @@ class RedisBackplane:
                                    **self._client_args)
             self._reader = gevent.spawn(self._run, self._gen)
 
+    def _start_topic_readers(self) -> None:
+        if self._closed:
+            return
+        if self._rd is None:
+            self._gen += 1
+            self._rd = make_client(self.url, max_connections=1,
+                                   socket_timeout=self.block + self._socket_timeout,
+                                   **self._client_args)
+        for topic in list(self._sinks):
+            reader = self._topic_readers.get(topic)
+            if reader is None or reader.dead:
+                self._topic_readers[topic] = gevent.spawn(self._run, self._gen, topic)
+        self._reader = self._topic_readers or None
+
     def _wake(self) -> None:
         # The reader may sit in a blocking XREAD that does not include a new
         # topic yet: one entry on its private wake stream returns it at once.
+        if self._cluster:
+            return  # a new topic gets a reader of its own
         try:
             pipe = self._pub.pipeline(transaction=False)
             pipe.xadd(self._wake_key, {"w": "1"}, maxlen=1)
@@ -204,51 +255,85 @@ class RedisBackplane:
         """Stop the reader, close the connections; idempotent."""
         if self._closed:
             return
+        # Send what was accepted first (bounded): the writer is still running.
+        unsent = self._outbox.close(self._socket_timeout)
+        if unsent:
+            log.warning("redis backplane: closed with %d accepted events never sent to Redis",
+                        unsent)
         self._closed = True
         self._sinks.clear()
         self._keys.clear()
         self._pos.clear()
         reader, self._reader = self._reader, None
-        if reader is not None and reader is not gevent.getcurrent():
-            reader.kill(block=True, timeout=2)
+        readers = list(self._topic_readers.values())
+        if not self._cluster and reader is not None:
+            readers.append(reader)
+        self._topic_readers = {}
+        current = gevent.getcurrent()
+        gevent.killall([r for r in readers if r is not current], block=True, timeout=2)
         if self._hub_link is not None:
             self._hub_link.close()
         for client in (self._rd, self._pub):
             if client is not None:
                 try:
-                    client.connection_pool.disconnect()
+                    disconnect_client(client)
                 except Exception:  # closing must not fail the shutdown
                     log.debug("redis backplane: error while disconnecting", exc_info=True)
         self._moved.set()
 
     # -- the DurableBackplane protocol ----------------------------------------
 
-    def append(self, topic: str, event: Event) -> str:
-        """``XADD`` ``event`` to ``topic``'s stream; return the entry id (the event id).
+    def append(self, topic: str, event: Event) -> str | None:
+        """Queue ``event`` for ``topic``'s stream; return its id once Redis numbered it.
+
+        Waits at most ``publish_wait`` seconds. If Redis has not answered by
+        then (it stalls), returns None: the event is accepted, stays queued
+        and is delivered everywhere, with its Redis id, when Redis answers.
 
         Raises:
-            BackplaneUnavailable: Redis is unreachable or refused the entry;
-                the event was not accepted and will be delivered nowhere.
+            BackplaneUnavailable: Redis is unreachable or refused the entry,
+                or the outbound queue is full; the event was not accepted and
+                will be delivered nowhere.
+        """
+        return self.append_many(topic, (event,))[0]
+
+    def append_many(self, topic: str, events: Sequence[Event]) -> list[str | None]:
+        """Queue ``events`` in order (all or none); one pipeline, one wait.
+
+        Returns their ids, or None for those Redis had not numbered within
+        ``publish_wait`` (accepted, still queued).
+
+        Raises:
+            BackplaneUnavailable: as :meth:`append`, for all of them: either
+                every event is accepted or none is.
         """
         self._check()
-        fields: dict[str, Any] = {"d": event.data.encode("utf-8", "replace")}
-        if event.type is not EventType.MESSAGE:
-            fields["t"] = int(event.type)
-        if event.type is EventType.CUSTOM and event.name:
-            fields["n"] = event.name.encode("utf-8", "replace")
-        if event.retry is not None and event.retry > 0:
-            fields["r"] = int(event.retry)
+        if not events:
+            return []
+        key = self._key(topic)
+        head = ("XADD", key, "MAXLEN", "~", self.maxlen, "*")
+        items = [Pending(head + tuple(entry_fields(e))) for e in events]
         try:
-            entry_id = self._pub.xadd(self._key(topic), fields, maxlen=self.maxlen,
-                                      approximate=True)
-        except TRANSIENT as exc:
-            self._counts["append_failed"] += 1
-            self._pub_state.failed(exc)
+            self._outbox.put(items)
+        except BackplaneUnavailable as exc:
+            self._counts["append_failed"] += len(items)
+            raise BackplaneUnavailable(f"{exc} (topic {topic!r})") from None
+        self._outbox.wait(items[-1], self.publish_wait)
+        failed = [it.error for it in items if it.error is not None and not it.accepted]
+        if failed:
+            # A round trip fails as a whole; only a call longer than one
+            # pipeline (``batch``) can have a first part appended.
+            done = sum(1 for it in items if it.reply is not None)
+            self._counts["append_failed"] += len(items) - done
+            self._counts["appended"] += done
+            split = f" ({done} of {len(items)} appended before the failure)" if done else ""
             raise BackplaneUnavailable(
-                f"Redis did not accept the event for topic {topic!r}: {exc}") from exc
-        self._pub_state.ok()
-        self._counts["appended"] += 1
-        return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+                f"Redis did not accept the event for topic {topic!r}: {failed[0]}{split}")
+        for it in items:
+            it.accepted = True  # ids not known yet: the outbox owns them now
+        self._counts["appended"] += len(items)
+        return [it.reply.decode() if isinstance(it.reply, bytes)
+                else (None if it.reply is None else str(it.reply)) for it in items]
 
     def catch_up(self, topic: str, last_id: str) -> None:
         """Wait up to ``catch_up_timeout`` until this process delivered ``last_id``."""
@@ -341,10 +426,12 @@ class RedisBackplane:
                 log.warning("redis backplane: skipping undecodable entry %s", ident)
             return None
 
-    def _resync(self) -> None:
+    def _resync(self, only: str | None = None) -> None:
         """After (re)connecting: resolve unknown positions, detect lost streams."""
         self._counts["resyncs"] += 1
         for topic, pos in list(self._pos.items()):
+            if only is not None and topic != only:
+                continue
             tail = self._tail(topic, quiet=True)
             if tail is None:
                 raise redis.ConnectionError("Redis unavailable during resync")
@@ -360,27 +447,39 @@ class RedisBackplane:
                             "%s); reading it from its start", topic, tail, pos)
                 self._pos[topic] = "0-0"
 
-    def _run(self, gen: int) -> None:
+    def _run(self, gen: int, only: str | None = None) -> None:
+        """The reader: every attached topic, or (Redis Cluster) only the topic ``only``."""
         backoff = Backoff(*self._backoff)
-        state = StateLog(log, f"redis backplane reader {redact(self.url)}")
+        what = f"redis backplane reader {redact(self.url)}"
+        state = StateLog(log, what if only is None else f"{what} topic {only!r}")
         resync = True
         while not self._closed and gen == self._gen:
+            if only is not None and only not in self._pos:
+                if self._topic_readers.get(only) is gevent.getcurrent():
+                    del self._topic_readers[only]  # detached: this reader ends
+                return
             try:
                 if resync:
-                    self._resync()
+                    self._resync(only)
                 streams: dict[Any, Any] = {k: self._pos[t] for k, t in self._keys.items()
-                                           if self._pos.get(t) is not None}
-                streams[self._wake_key] = "$"
+                                           if self._pos.get(t) is not None
+                                           and (only is None or t == only)}
+                if only is None:
+                    streams[self._wake_key] = "$"
+                elif not streams:
+                    gevent.sleep(self.block)  # position unknown (cannot happen after a resync)
+                    continue
                 resp = self._rd.xread(streams, count=self.batch, block=int(self.block * 1000))
             except TRANSIENT as exc:
                 if self._closed or gen != self._gen:
                     return
                 state.failed(exc)
                 resync = True
-                try:
-                    self._rd.connection_pool.disconnect()
-                except Exception:
-                    pass
+                if not self._cluster:  # cluster clients replace their node connections
+                    try:
+                        disconnect_client(self._rd)
+                    except Exception:
+                        pass
                 gevent.sleep(backoff.next())
                 continue
             state.ok(lambda: f"; resuming from {dict(self._pos)}")
@@ -419,5 +518,6 @@ class RedisBackplane:
         """Counters and positions: appended, append_failed, read, delivered, ..."""
         out: dict[str, Any] = dict(self._counts)
         out.update(positions=dict(self._pos), reader_running=self._reader is not None,
-                   closed=self._closed)
+                   closed=self._closed, queued=len(self._outbox),
+                   **{f"outbox_{k}": v for k, v in self._outbox.counts.items()})
         return out

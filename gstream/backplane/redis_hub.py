@@ -17,7 +17,22 @@ from typing import Any
 import gevent
 
 from ..errors import BackplaneUnavailable
-from ._redisutil import DEFAULT_URL, TRANSIENT, Backoff, StateLog, make_client, redact
+from ._redisutil import (
+    DEFAULT_URL,
+    HUB_HEAD,
+    HUB_MAGIC,
+    TRANSIENT,
+    Backoff,
+    Outbox,
+    Pending,
+    StateLog,
+    disconnect_client,
+    hub_channel,
+    hub_envelope,
+    make_client,
+    redact,
+    require_cooperative_sockets,
+)
 
 __all__ = ["HubLink", "RedisHubBackplane"]
 
@@ -25,10 +40,8 @@ log = logging.getLogger("gstream.backplane.redis")
 
 Deliver = Callable[[Any], Any]  # (payload: str | bytes) -> bool (False: that hub was full)
 
-# Envelope: magic, 8-byte origin (the link's process-unique id), kind (t =
-# text, b = binary), payload bytes.
-_MAGIC = b"G1"
-_HEAD = len(_MAGIC) + 8 + 1
+_MAGIC = HUB_MAGIC  # the envelope: see _redisutil.hub_envelope
+_HEAD = HUB_HEAD
 
 
 class HubLink:
@@ -40,18 +53,26 @@ class HubLink:
     this process directly (the reader drops its own link's envelopes), so no
     hub ever receives a message twice or its own message back.
 
+    ``PUBLISH`` never runs in the broadcasting greenlet: broadcasts go
+    through a bounded outbound queue (``queue_limit``) that one writer
+    greenlet sends in pipelines, so a stalled Redis never delays the hubs'
+    local fan-out.
+
     Args:
         url: ``redis://[:password@]host[:port][/db]``, ``rediss://`` for TLS.
         prefix: channel prefix.
         client: a ``redis.Redis`` to publish with (shared pool, not closed here).
         block: seconds one wait for messages lasts before it is re-issued.
         backoff, backoff_cap: reader reconnect delays (exponential, capped, jittered).
+        queue_limit: most broadcasts waiting for Redis; past it a broadcast
+            raises :class:`BackplaneUnavailable`.
     """
 
     def __init__(self, url: str = DEFAULT_URL, *, prefix: str = "gstream", client: Any = None,
                  max_connections: int = 8, connect_timeout: float = 2.0,
                  socket_timeout: float = 5.0, backoff: float = 0.05, backoff_cap: float = 5.0,
-                 block: float = 5.0, **redis_kwargs: Any) -> None:
+                 block: float = 5.0, queue_limit: int = 10_000, **redis_kwargs: Any) -> None:
+        require_cooperative_sockets("the Redis hub backplane")
         self.url = url
         self.prefix = prefix
         self.block = max(0.01, float(block))
@@ -70,6 +91,9 @@ class HubLink:
         self._pid = os.getpid()
         self._closed = False
         self._pub_state = StateLog(log, f"redis hub backplane publish {redact(url)}")
+        self._outbox = Outbox(self._pub, limit=queue_limit, batch=512, backoff=backoff,
+                              backoff_cap=backoff_cap, state=self._pub_state,
+                              retry_accepted=False, what="broadcast")
         self.counts = dict.fromkeys(("broadcast", "broadcast_failed", "received",
                                      "echoes", "undecodable", "local"), 0)
 
@@ -80,6 +104,7 @@ class HubLink:
             self._pid = os.getpid()
             self._node = os.urandom(8)
             self._reader = None
+            self._outbox.forked()
             if self._sinks:
                 self._start_reader()
 
@@ -95,9 +120,11 @@ class HubLink:
         self._sinks.setdefault(channel, []).append((owner, deliver))
         if first:
             self._start_reader()
+            wake = Pending(("PUBLISH", self._wake, b""))
+            wake.accepted = True
             try:  # interrupt the reader's wait so it subscribes at once
-                self._pub.publish(self._wake, b"")
-            except TRANSIENT:
+                self._outbox.put([wake])
+            except BackplaneUnavailable:
                 pass  # it is reconnecting and will subscribe to everything
 
     def remove(self, owner: object) -> None:
@@ -112,28 +139,36 @@ class HubLink:
     def publish(self, channel: str, payload: str | bytes, sender: object) -> None:
         """Send ``payload`` to every hub of ``channel`` except ``sender``'s.
 
+        The other hubs of this process get it at once; other processes when
+        the writer's ``PUBLISH`` reaches Redis (never waited for here). A
+        broadcast queued when Redis turns out to be down is dropped and
+        counted (``broadcast_failed``): pub/sub is at-most-once.
+
         Raises:
-            BackplaneUnavailable: Redis refused it or is unreachable; no other
-                process got it (the other hubs of this process did not either).
+            BackplaneUnavailable: Redis is known to be down (a round trip
+                failed within the last backoff delay) or the outbound queue
+                is full; no other process gets it (the other hubs of this
+                process still do).
         """
         self._check()
-        if isinstance(payload, str):
-            body = b"t" + payload.encode("utf-8", "surrogatepass")
-        else:
-            body = b"b" + bytes(payload)
+        item = Pending(("PUBLISH", hub_channel(self.prefix, channel),
+                        hub_envelope(self._node, payload)))
+        item.accepted = True  # nobody waits for a PUBLISH reply
         try:
-            self._pub.publish(f"{self.prefix}:hub:{channel}", _MAGIC + self._node + body)
-        except TRANSIENT as exc:
+            self._outbox.put([item])
+        except BackplaneUnavailable as exc:
             self.counts["broadcast_failed"] += 1
-            self._pub_state.failed(exc)
-            raise BackplaneUnavailable(
-                f"Redis did not accept the broadcast on {channel!r}: {exc}") from exc
-        self._pub_state.ok()
-        self.counts["broadcast"] += 1
+            failure: BackplaneUnavailable | None = BackplaneUnavailable(
+                f"{exc} (channel {channel!r})")
+        else:
+            failure = None
+            self.counts["broadcast"] += 1
         for owner, deliver in tuple(self._sinks.get(channel, ())):
             if owner is not sender:  # a sibling hub of this process
                 self.counts["local"] += 1
                 self._call(channel, deliver, payload)
+        if failure is not None:
+            raise failure
 
     @staticmethod
     def _call(channel: str, deliver: Deliver, payload: str | bytes) -> None:
@@ -146,6 +181,7 @@ class HubLink:
         """Stop the reader, close owned connections; idempotent."""
         if self._closed:
             return
+        self._outbox.close(self._socket_timeout)
         self._closed = True
         self._sinks.clear()
         reader, self._reader = self._reader, None
@@ -153,7 +189,7 @@ class HubLink:
             reader.kill(block=True, timeout=2)
         if self._own_client:
             try:
-                self._pub.connection_pool.disconnect()
+                disconnect_client(self._pub)
             except Exception:
                 log.debug("redis hub backplane: error while disconnecting", exc_info=True)
 
@@ -173,7 +209,7 @@ class HubLink:
                         pubsub = client.pubsub(ignore_subscribe_messages=True)
                         pubsub.subscribe(self._wake)
                         subscribed = set()
-                    wanted = {f"{self.prefix}:hub:{c}" for c in self._sinks}
+                    wanted = {hub_channel(self.prefix, c) for c in self._sinks}
                     if wanted - subscribed:
                         pubsub.subscribe(*(wanted - subscribed))
                     if subscribed - wanted:
@@ -203,7 +239,7 @@ class HubLink:
                     pubsub.close()
                 except Exception:
                     pass
-            client.connection_pool.disconnect()
+            disconnect_client(client)
 
     def _receive(self, raw_channel: Any, data: Any) -> None:
         chan = raw_channel.decode("utf-8", "replace") if isinstance(raw_channel, bytes) \
@@ -231,8 +267,13 @@ class HubLink:
             self._call(channel, deliver, payload)
 
     def stats(self) -> dict[str, Any]:
-        """Counters: broadcast, broadcast_failed, received, echoes, local, undecodable."""
-        return dict(self.counts, channels=sorted(self._sinks), closed=self._closed)
+        """Counters: broadcast, broadcast_failed, received, echoes, local, undecodable, queued."""
+        out: dict[str, Any] = dict(self.counts)
+        # Broadcasts accepted but dropped by the writer (Redis went down) count as failed.
+        out["broadcast_failed"] += self._outbox.counts["lost"]
+        out.update(channels=sorted(self._sinks), closed=self._closed, queued=len(self._outbox))
+        out.update({f"outbox_{k}": v for k, v in self._outbox.counts.items()})
+        return out
 
 
 class RedisHubBackplane:

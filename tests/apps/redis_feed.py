@@ -1,4 +1,4 @@
-"""A feed on a Redis backplane, served by `python -m gstream serve` in tests.
+"""A feed (and a hub, /ws) on a Redis backplane, served by `python -m gstream serve` in tests.
 
 Environment: GSTREAM_REDIS_URL (required), GSTREAM_HISTORY (broker's local
 replay window; 0 makes every resume go to Redis).
@@ -12,10 +12,12 @@ from collections.abc import Iterable
 from typing import Any
 from urllib.parse import parse_qs
 
+from gstream import WebSocket, websocket_app
 from gstream.backplane.redis import RedisBackplane
 from gstream.broker import SSEBroker
 from gstream.errors import BackplaneUnavailable
 from gstream.events import Event
+from gstream.hub import Hub
 
 
 def _json(start_response: Any, status: str, obj: Any) -> list[bytes]:
@@ -24,15 +26,29 @@ def _json(start_response: Any, status: str, obj: Any) -> list[bytes]:
 
 
 def make_app() -> Any:
-    backplane = RedisBackplane(os.environ["GSTREAM_REDIS_URL"], block=1.0,
+    # publish_wait: the tests compare the ids /publish returns, so wait for
+    # every one of them even on a loaded machine (the stall tests use the default).
+    backplane = RedisBackplane(os.environ["GSTREAM_REDIS_URL"], block=1.0, publish_wait=5.0,
                                backoff=0.02, backoff_cap=0.3, catch_up_timeout=2.0)
     broker = SSEBroker(topic="feed", backplane=backplane, heartbeat_interval=0.5,
                        history_size=int(os.environ.get("GSTREAM_HISTORY", "1024")))
+    room = Hub(name="room", backplane=backplane.hub_backplane())
+    room.start()
+
+    def member(ws: WebSocket) -> None:
+        room.register(ws)
+        ws.send("joined")  # the client knows it is a member from here on
+        for _ in ws:
+            pass
+
+    ws_app = websocket_app(member)
 
     def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "/")
         if path == "/events":
             return broker.subscribe(environ, start_response)  # type: ignore[no-any-return]
+        if path == "/ws":
+            return ws_app(environ, start_response)
         if path == "/publish":
             q = parse_qs(environ.get("QUERY_STRING", ""))
             count = min(max(int(q.get("count", ["1"])[0]), 1), 1000)
