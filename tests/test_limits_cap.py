@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import select
+import selectors
 import signal
 import socket
 import subprocess
@@ -110,10 +111,17 @@ def read_until(s: socket.socket, needle: bytes, timeout: float = 5.0) -> bytes:
     return buf
 
 
+def readable(socks: list[socket.socket], seconds: float) -> list[socket.socket]:
+    """Those of ``socks`` with something to read (or closed) within ``seconds``."""
+    with selectors.DefaultSelector() as sel:  # select() stops at descriptor 1023
+        for s in socks:
+            sel.register(s, selectors.EVENT_READ)
+        return [key.fileobj for key, _ in sel.select(seconds)]  # type: ignore[misc]
+
+
 def silent(socks: list[socket.socket], seconds: float) -> bool:
     """True if nothing arrives on any of ``socks`` for ``seconds`` (nor is one closed)."""
-    ready, _, _ = select.select(socks, [], [], seconds)
-    return not ready
+    return not readable(socks, seconds)
 
 
 def hold(port: int, kind: str) -> socket.socket:
@@ -276,3 +284,130 @@ def test_keepalive_requests_in_flight_hold_the_cap(server: Any, overflow: str) -
         again(s)
     assert proc.alive()
     no_tracebacks(proc)
+
+
+def open_many(port: int, path: str, n: int) -> list[socket.socket]:
+    """``n`` connections, each with its request sent (none waits for its answer)."""
+    return [connect(port, path) for _ in range(n)]
+
+
+def answered(socks: list[socket.socket], timeout: float) -> set[int]:
+    """Indexes of ``socks`` that received something within ``timeout`` seconds."""
+    got: set[int] = set()
+    deadline = time.monotonic() + timeout
+    index = {s.fileno(): i for i, s in enumerate(socks)}
+    while len(got) < len(socks) and (left := deadline - time.monotonic()) > 0:
+        ready = readable([s for i, s in enumerate(socks) if i not in got], min(left, 0.2))
+        for s in ready:
+            got.add(index[s.fileno()])
+    return got
+
+
+def test_cap_kept_within_a_low_open_files_limit(server: Any) -> None:
+    # Hard limit 256: the server cannot raise it, so it lowers its cap (default
+    # 10,000) to what the descriptors allow, says so once, and queues the rest.
+    proc = server("--overflow", "queue", nofile=256)
+    clients = open_many(proc.port, "/sse", 300)
+    served = answered(clients, 10)
+    cap = 256 - 64  # gstream.limits.FD_RESERVE
+    assert len(served) == cap, len(served)
+    assert proc.alive()
+    err = proc.stderr()
+    assert err.count("max_connections lowered from 10000 to 192") == 1, err[-2000:]
+    # Clients leave: the waiting ones get their seats (at the next heartbeat).
+    leaving = sorted(served)[:150]
+    for i in leaving:
+        clients[i].close()
+    waiting = [s for i, s in enumerate(clients) if i not in served]
+    assert len(answered(waiting, 10)) == len(waiting)
+    poke_until_served(proc.port, "still-serving")
+    for i, s in enumerate(clients):
+        if i not in leaving:
+            read_until(s, b"still-serving")
+    assert proc.alive()
+    no_tracebacks(proc)
+
+
+def test_out_of_descriptors_pauses_accepts_then_resumes(server: Any) -> None:
+    proc = server("--overflow", "queue", nofile=256)
+    # The application takes 140 descriptors for 2 s: accepting runs out of
+    # them below the cap (192).
+    status, body = get(proc.port, "/hog?n=140&t=2")
+    assert status == 200 and b"hogging 140" in body
+    t0 = time.monotonic()
+    clients = open_many(proc.port, "/sse", 150)
+    first = answered(clients, 1.0)
+    assert 20 < len(first) < 150, len(first)
+    assert proc.alive()
+    # Once the descriptors are back, every waiting client is served.
+    assert len(answered(clients, 10)) == 150
+    assert time.monotonic() - t0 >= 1.5
+    err = proc.stderr()
+    assert err.count("out of file descriptors") == 1, err[-2000:]
+    assert err.count("descriptors available again") == 1, err[-2000:]
+    for s in clients[:100]:
+        s.close()
+    poke_until_served(proc.port, "after-emfile")
+    for s in clients[100:]:
+        read_until(s, b"after-emfile")
+    no_tracebacks(proc)
+
+
+def test_open_files_limit_raised_as_far_as_the_cap_needs(server: Any) -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2000:
+        pytest.skip(f"hard RLIMIT_NOFILE {hard} too low to raise")
+
+    def low_soft() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+
+    env = dict(os.environ, PYTHONPATH=ROOT, PYTHONUNBUFFERED="1")
+    with tempfile.TemporaryFile(mode="w+") as log:
+        p = subprocess.Popen(
+            [sys.executable, "-m", "gstream", "serve", "tests.apps.cap_app:app", "--port", "0",
+             "--max-connections", "1000"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+            stderr=log, text=True, preexec_fn=low_soft)
+        try:
+            assert p.stdout is not None
+            ready, _, _ = select.select([p.stdout], [], [], 20)
+            assert ready and "serving" in p.stdout.readline()
+            with open(f"/proc/{p.pid}/limits") as f:
+                line = next(x for x in f if x.startswith("Max open files"))
+            assert line.split()[3] == "1064", line  # 1000 + FD_RESERVE
+            log.seek(0)
+            text = log.read()
+            assert "raised the open-files limit (RLIMIT_NOFILE) from 256 to 1064" in text, text
+            assert "lowered" not in text
+        finally:
+            p.send_signal(signal.SIGTERM)
+            p.wait(10)
+
+
+def test_default_cap_of_10000_idle_sse_streams(server: Any) -> None:
+    # The default cap, as a new user meets it: 10,000 idle subscribers fill
+    # it, the next client waits, the process stays up, and the waiting client
+    # gets the first seat that frees (a departed subscriber is noticed at its
+    # next heartbeat, 2 s here).
+    proc = server("--overflow", "queue")
+    holders: list[socket.socket] = []
+    t0 = time.monotonic()
+    for _ in range(20):
+        batch = open_many(proc.port, "/idle", 500)
+        for s in batch:
+            read_until(s, b"200 OK", timeout=20)
+        holders += batch
+    filled = time.monotonic() - t0
+    late = waiter(proc.port)
+    assert silent([late], 1.0)
+    assert proc.alive(), proc.stderr()[-3000:]
+    holders[0].close()
+    holders[1].close()
+    read_until(late, b"start", timeout=10)
+    poke_until_served(proc.port, "ten-thousand", timeout=10)
+    for s in holders[2:10002:500]:  # a sample of the earlier streams
+        read_until(s, b"ten-thousand", timeout=10)
+    assert proc.alive()
+    no_tracebacks(proc)
+    print(f"10,000 streams opened in {filled:.1f} s")

@@ -2,6 +2,7 @@
 
 * ``/sse``: an :class:`~gstream.SSEBroker` subscriber (heartbeat 0.3 s, so a
   departed client's seat frees at the next heartbeat);
+* ``/idle``: a subscriber of a broker with a 2 s heartbeat (for 10,000 at once);
 * ``/chunked``: a :class:`~gstream.ChunkedWriter` stream, ``start`` then a
   ``tick`` every 0.3 s;
 * ``/ws``: a WebSocket served by a greenlet: ``hello`` then ``tick`` every 0.3 s;
@@ -30,6 +31,7 @@ from gstream import ChunkedWriter, Hub, SSEBroker, websocket_app, websocket_call
 from gstream.errors import Closed
 
 broker = SSEBroker(topic="cap", heartbeat_interval=0.3)
+idle_broker = SSEBroker(topic="idle", heartbeat_interval=2.0)
 hub = Hub()
 hub.start()
 # Woken on every tick and poke; replaced each time (waiters hold the old one).
@@ -105,6 +107,8 @@ def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
     query = parse_qs(environ.get("QUERY_STRING", ""))
     if path == "/sse":
         return broker.subscribe(environ, start_response)
+    if path == "/idle":
+        return idle_broker.subscribe(environ, start_response)
     if path == "/chunked":
         return _chunked(environ, start_response)
     if path == "/ws":
@@ -115,6 +119,7 @@ def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
         message = query.get("m", ["poke"])[0]
         _pokes.append(message)
         broker.publish(message)
+        idle_broker.publish(message)
         hub.broadcast(message)
         _bump()
         return _text(start_response, b"poked\n")
