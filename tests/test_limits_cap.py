@@ -8,6 +8,7 @@ import os
 import re
 import select
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
@@ -411,3 +412,21 @@ def test_default_cap_of_10000_idle_sse_streams(server: Any) -> None:
     assert proc.alive()
     no_tracebacks(proc)
     print(f"10,000 streams opened in {filled:.1f} s")
+
+
+def listen_backlog(port: int) -> int:
+    """The backlog of the listener on ``port`` (``ss`` shows it as Send-Q)."""
+    out = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True,
+                         check=True, timeout=10).stdout
+    return int(out.split()[2])
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/sys/net/core/somaxconn") or not shutil.which("ss"),
+                    reason="Linux with iproute2's ss only")
+def test_backlog_default_and_from_the_command_line(server: Any) -> None:
+    with open("/proc/sys/net/core/somaxconn") as f:
+        somaxconn = int(f.read())
+    proc = server()
+    assert listen_backlog(proc.port) == min(4096, somaxconn)  # gevent's own default: 128
+    proc = server("--backlog", "77")
+    assert listen_backlog(proc.port) == 77
