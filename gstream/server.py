@@ -219,7 +219,9 @@ class _WSGIServer(pywsgi.WSGIServer):
         self.stop_accepting()
         if self._fd_timer is None:
             self._fd_timer = self.loop.timer(_EMFILE_RETRY)
-        self._fd_timer.again(self.resume_accepting)
+        # (again() would stop a timer without a repeat instead of restarting it)
+        self._fd_timer.stop()
+        self._fd_timer.start(self.resume_accepting)
 
     def close(self) -> None:
         if self._fd_timer is not None:
