@@ -277,10 +277,14 @@ def test_keepalive_requests_in_flight_hold_the_cap(server: Any, overflow: str) -
         read_until(s, b"slow\n")
     for s in late:  # served once the in-flight requests are done
         read_until(s, b"ok\n" if overflow == "queue" else b"HTTP/1.1 ", timeout=5)
-    # In queue mode each waiting client took the seat of a connection whose
-    # request had finished (idle keep-alive); the others stay usable.
+    # In queue mode a waiting client took the seat of a connection whose
+    # request had finished (idle keep-alive), or of a waiting client served
+    # before it (timing decides which); the others stay usable.
     still_open = [s for s in busy if not closed_by_server(s, 0.3)]
-    assert len(still_open) == (CAP - 3 if overflow == "queue" else CAP)
+    if overflow == "queue":
+        assert CAP - 3 <= len(still_open) < CAP
+    else:
+        assert len(still_open) == CAP
     for s in still_open:
         again(s)
     assert proc.alive()
