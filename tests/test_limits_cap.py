@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-import select
 import selectors
 import shutil
 import signal
@@ -44,8 +43,7 @@ class ServerProc:
              *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=self.log, text=True,
             preexec_fn=limit)
         assert self.p.stdout is not None
-        ready, _, _ = select.select([self.p.stdout], [], [], 20)
-        line = self.p.stdout.readline() if ready else ""
+        line = self.p.stdout.readline() if readable([self.p.stdout], 20) else ""
         m = re.search(r"http://127\.0\.0\.1:(\d+)", line)
         assert m, f"no URL in {line!r}; stderr: {self.stderr()}"
         self.port = int(m.group(1))
@@ -112,7 +110,7 @@ def read_until(s: socket.socket, needle: bytes, timeout: float = 5.0) -> bytes:
     return buf
 
 
-def readable(socks: list[socket.socket], seconds: float) -> list[socket.socket]:
+def readable(socks: list[Any], seconds: float) -> list[Any]:
     """Those of ``socks`` with something to read (or closed) within ``seconds``."""
     with selectors.DefaultSelector() as sel:  # select() stops at descriptor 1023
         for s in socks:
@@ -376,8 +374,7 @@ def test_open_files_limit_raised_as_far_as_the_cap_needs(server: Any) -> None:
             stderr=log, text=True, preexec_fn=low_soft)
         try:
             assert p.stdout is not None
-            ready, _, _ = select.select([p.stdout], [], [], 20)
-            assert ready and "serving" in p.stdout.readline()
+            assert readable([p.stdout], 20) and "serving" in p.stdout.readline()
             with open(f"/proc/{p.pid}/limits") as f:
                 line = next(x for x in f if x.startswith("Max open files"))
             assert line.split()[3] == "1064", line  # 1000 + FD_RESERVE
@@ -397,12 +394,20 @@ def test_default_cap_of_10000_idle_sse_streams(server: Any) -> None:
     # next heartbeat, 2 s here).
     proc = server("--overflow", "queue")
     holders: list[socket.socket] = []
+    try:
+        fill_the_default_cap(proc, holders)
+    finally:
+        for s in holders:
+            s.close()
+
+
+def fill_the_default_cap(proc: ServerProc, holders: list[socket.socket]) -> None:
     t0 = time.monotonic()
     for _ in range(20):
         batch = open_many(proc.port, "/idle", 500)
+        holders += batch
         for s in batch:
             read_until(s, b"200 OK", timeout=20)
-        holders += batch
     filled = time.monotonic() - t0
     late = waiter(proc.port)
     assert silent([late], 1.0)
