@@ -45,7 +45,10 @@ class ServerProc:
         assert self.p.stdout is not None
         line = self.p.stdout.readline() if readable([self.p.stdout], 20) else ""
         m = re.search(r"http://127\.0\.0\.1:(\d+)", line)
-        assert m, f"no URL in {line!r}; stderr: {self.stderr()}"
+        if not m:
+            self.p.kill()
+            self.p.wait(5)
+            raise AssertionError(f"no URL in {line!r}; stderr: {self.stderr()}")
         self.port = int(m.group(1))
 
     def alive(self) -> bool:
