@@ -66,6 +66,9 @@ def _add_server_options(p: argparse.ArgumentParser, default_port: int) -> None:
                    help="most connections handled at once (default 10000)")
     p.add_argument("--overflow", choices=[o.value for o in Overflow], default=Overflow.QUEUE.value,
                    help="past the cap: queue in the listen backlog, or reject with 503")
+    p.add_argument("--backlog", type=int, default=None,
+                   help="listen backlog, where connections wait to be accepted "
+                        "(default min(4096, net.core.somaxconn))")
     p.add_argument("--certfile", help="TLS certificate (PEM); serves HTTPS with --keyfile")
     p.add_argument("--keyfile", help="TLS private key (PEM)")
     p.add_argument("--access-log", action="store_true", help="log every request")
@@ -91,6 +94,7 @@ def _run(app: Any, args: argparse.Namespace, banner: str) -> int:
         certfile=args.certfile, keyfile=args.keyfile, access_log=args.access_log,
         shutdown_timeout=args.shutdown_timeout, header_timeout=args.header_timeout or None,
         forwarded_allow_ips=args.forwarded_allow_ips,
+        backlog=args.backlog,
     )
     bind = getattr(app, "bind_server", None)
     if callable(bind):  # e.g. the demo, for its "connections" statistic

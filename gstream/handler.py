@@ -200,9 +200,9 @@ class GStreamHandler(FairKeepAlive, StrictRequests, DepartureWatching, WSGIHandl
         The descriptor moves to a new socket object, so the server's close
         at the end of this greenlet closes nothing. Only a server that keeps
         accounting for such sessions (gstream's :class:`~gstream.server.Server`,
-        through ``claim_detached``) allows it: the session keeps its slot
+        through ``claim_detached``) allows it: the session keeps a seat
         under ``max_connections`` until the returned release is called.
-        Returns None (stay attached) anywhere else or when no slot is free.
+        Returns None (stay attached) anywhere else or while draining.
         """
         claim = getattr(self.server, "claim_detached", None)
         if not self._hijacked or claim is None or is_tls(self.socket):

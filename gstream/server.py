@@ -3,10 +3,14 @@
 :class:`Server` wraps :class:`gevent.pywsgi.WSGIServer` and adds what
 long-lived streams need from a server:
 
-* **a connection cap**: at most ``max_connections`` handler greenlets. Past
-  it, ``overflow="queue"`` stops accepting (new connections wait in the
-  kernel's listen backlog) and ``overflow="reject"`` answers ``503`` with
-  ``Retry-After`` at once;
+* **a connection cap**: at most ``max_connections`` seats, held by handler
+  greenlets and detached WebSocket sessions alike. Past it,
+  ``overflow="queue"`` stops accepting (new connections wait in the kernel's
+  listen backlog, and are accepted in arrival order as seats free) and
+  ``overflow="reject"`` answers ``503`` with ``Retry-After`` at once; an idle
+  keep-alive connection gives its seat to a newcomer first. The cap is kept
+  within the open-files limit, which is raised at start as far as the cap
+  needs (:mod:`gstream.limits`); running out of descriptors pauses accepts;
 * **a request-head deadline** (``header_timeout``) against slowloris
   clients; it also bounds how long an idle keep-alive connection is kept;
 * **graceful shutdown** on SIGTERM/SIGINT (:meth:`Server.stop`): stop
@@ -22,6 +26,7 @@ Logging goes through :mod:`logging`: ``gstream.server`` for the server,
 
 from __future__ import annotations
 
+import errno
 import http.client
 import logging
 import signal
@@ -35,6 +40,7 @@ from gevent import monkey, pywsgi
 from gevent import socket as gsocket
 from gevent.pool import Pool
 
+from . import limits
 from .handler import GStreamHandler as _DefaultHandler
 from .lifecycle import Lifecycle
 from .lifecycle import lifecycle as default_lifecycle
@@ -56,6 +62,10 @@ _REJECT_RESPONSE = (
 # Rejections run in short greenlets of their own; past this many at once a
 # flood is simply closed, so rejecting can't itself exhaust memory.
 _MAX_REJECTING = 256
+# accept() errors that mean "no descriptor (or kernel memory) for now": pause
+# accepting and retry after this many seconds, or when a seat frees.
+_OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_EMFILE_RETRY = 0.1
 
 
 class _HeadReader:
@@ -102,8 +112,11 @@ def _managed_handler(base: Any) -> Any:
             ctl._idle.add(self)
             if self.status is not None:
                 # A response went out on this connection already (pywsgi's
-                # status stays set until the next response): keep-alive.
-                ctl._keepalive.add(self)
+                # status stays set until the next response): keep-alive, a
+                # seat a waiting client may take (Server._reclaim_keepalive).
+                ctl._keepalive[self] = None
+                if ctl.connections >= ctl.max_connections:
+                    ctl._wsgi.resume_accepting()
             try:
                 result = super().handle_one_request()
             except gevent.Timeout as exc:
@@ -118,10 +131,8 @@ def _managed_handler(base: Any) -> Any:
                 if timer is not None:
                     timer.close()
                 ctl._idle.discard(self)
-                ctl._keepalive.discard(self)
-            if result is True and (ctl.draining or ctl._active >= ctl.max_connections):
-                # Draining, or at capacity: an idle keep-alive connection
-                # would hold a slot that a waiting client needs.
+                ctl._keepalive.pop(self, None)
+            if result is True and ctl.draining:
                 return None
             return result
 
@@ -145,7 +156,7 @@ def _managed_handler(base: Any) -> Any:
                 self._gs_timer.close()
                 self._gs_timer = None  # a long stream need not keep it
             self.server.controller._idle.discard(self)
-            self.server.controller._keepalive.discard(self)
+            self.server.controller._keepalive.pop(self, None)
             env = super().get_environ()
             proxy = self.server.controller.proxy_headers
             if proxy is not None:  # behind a reverse proxy: the client's view
@@ -163,75 +174,148 @@ def _managed_handler(base: Any) -> Any:
 
 
 class _WSGIServer(pywsgi.WSGIServer):
-    """pywsgi's server, reporting to a :class:`Server` and rejecting past the cap."""
+    """pywsgi's server, reporting to a :class:`Server`.
+
+    Seats under the cap are counted here, in the accept callback, rather
+    than by a bounded :class:`gevent.pool.Pool`: a pool only knows its own
+    greenlets, while a seat can also be held by a detached WebSocket session,
+    and a bounded pool's ``spawn`` blocks, which the accept callback (run by
+    the event loop itself) must never do.
+    """
 
     controller: Server
+    _fd_timer: Any = None
 
-    def handle(self, sock: Any, address: Any) -> None:
-        ctl = self.controller
-        if ctl.overflow == "reject" and ctl._active >= ctl.max_connections:
-            ctl.rejected += 1
-            if ctl._rejecting >= _MAX_REJECTING:
-                return  # the caller closes the socket
-            ctl._rejecting += 1
-            try:
-                _reject(sock)
-            finally:
-                ctl._rejecting -= 1
-            return
-        if sock.family in (gsocket.AF_INET, gsocket.AF_INET6):
-            # pywsgi sends headers and body in two writes; with Nagle on, the
-            # body waits for the client's delayed ACK (~40 ms per response).
-            try:
-                sock.setsockopt(gsocket.IPPROTO_TCP, gsocket.TCP_NODELAY, 1)
-            except OSError:
-                pass
-        ctl._active += 1
-        if ctl._active >= ctl.max_connections:
-            ctl._close_idle(ctl._keepalive)
+    def full(self) -> bool:
+        """Whether to leave new connections in the listen backlog (queue mode at the cap)."""
+        return self.controller._holds_every_seat()
+
+    def resume_accepting(self) -> None:
+        """Accept again (after a seat or a descriptor freed), if the server is running."""
+        if self.started and not self.full():
+            self.start_accepting()
+
+    def do_read(self) -> Any:
         try:
-            super().handle(sock, address)
-        finally:
-            ctl._active -= 1
+            args = super().do_read()
+        except OSError as exc:
+            if exc.errno not in _OUT_OF_DESCRIPTORS:
+                raise
+            self._pause_accepting(exc)
+            return None
+        if args and self.controller._out_of_fds:
+            self.controller._out_of_fds = False
+            log.info("descriptors available again: accepting at %d connections",
+                     self.controller.connections)
+        return args
 
+    def _pause_accepting(self, exc: OSError) -> None:
+        # The connection stays in the listen backlog; retrying at once would
+        # spin (the listener stays readable). Retry shortly, or as soon as a
+        # seat (and so a descriptor) frees: see Server._release_seat.
+        ctl = self.controller
+        if not ctl._out_of_fds:
+            ctl._out_of_fds = True
+            log.warning("out of file descriptors (%s) at %d connections: pausing accepts, "
+                        "waiting clients stay in the listen backlog",
+                        errno.errorcode.get(exc.errno or 0, exc.errno), ctl.connections)
+        self.stop_accepting()
+        if self._fd_timer is None:
+            self._fd_timer = self.loop.timer(_EMFILE_RETRY)
+        # (again() would stop a timer without a repeat instead of restarting it)
+        self._fd_timer.stop()
+        self._fd_timer.start(self.resume_accepting)
+
+    def close(self) -> None:
+        if self._fd_timer is not None:
+            self._fd_timer.close()
+            self._fd_timer = None
+        super().close()
+
+    def do_handle(self, sock: Any, address: Any) -> None:
+        # Runs in the accept callback: decide here, without blocking, whether
+        # this connection gets a seat, so a burst can't overshoot the cap.
+        ctl = self.controller
+        if (ctl.connections >= ctl.max_connections and not ctl._reclaim_keepalive()
+                and ctl.overflow == "reject"):  # (in queue mode full() kept it waiting)
+            ctl.rejected += 1
+            if ctl._rejecting >= ctl._max_rejecting:
+                self.do_close(sock)  # a flood: close without an answer
+                return
+            ctl._rejecting += 1
+            ctl.pool.spawn(self._serve, sock, address, True)
+            return
+        ctl._take_seat()
+        try:
+            ctl.pool.spawn(self._serve, sock, address, False)
+        except BaseException:
+            ctl._release_seat()
+            self.do_close(sock)
+            raise
+
+    def _serve(self, sock: Any, address: Any, reject: bool) -> None:
+        ctl = self.controller
+        try:
+            if sock.family in (gsocket.AF_INET, gsocket.AF_INET6):
+                # pywsgi sends headers and body in two writes; with Nagle on,
+                # the body waits for the client's delayed ACK (~40 ms).
+                try:
+                    sock.setsockopt(gsocket.IPPROTO_TCP, gsocket.TCP_NODELAY, 1)
+                except OSError:
+                    pass
+            conn = sock
+            if self.ssl_enabled:
+                try:
+                    conn = self.wrap_socket(sock, **self.ssl_args)
+                except OSError as exc:  # a failed handshake: the client's problem
+                    log.debug("TLS handshake with %s failed: %s", address, exc)
+                    return
+            try:
+                if reject:
+                    _reject(conn)
+                else:
+                    self.handle(conn, address)
+            finally:
+                if conn is not sock:
+                    conn.close()
+        finally:
+            self.do_close(sock)
+            if reject:
+                ctl._rejecting -= 1
+            else:
+                ctl._release_seat()
 
     def claim_detached(self) -> Callable[[], None] | None:
-        """A slot for a WebSocket session that outlives its handler greenlet.
+        """A seat for a WebSocket session that outlives its handler greenlet.
 
-        Called by :meth:`GStreamHandler._detach`. The session is counted in
-        :attr:`Server.connections` (and, in queue mode, holds a pool slot) until
-        the returned release is called; None when draining or at the cap.
+        Called by :meth:`GStreamHandler._detach`. The session takes a seat of
+        its own (counted in :attr:`Server.connections`) until the returned
+        release is called; its handler greenlet gives back the connection's
+        seat as it ends a moment later, so for that moment the connection
+        counts twice (on the safe side of the cap). None when draining.
         """
         ctl = self.controller
         if ctl.draining:
             return None
-        sem = getattr(self.pool, "_semaphore", None) if ctl.overflow == "queue" else None
-        if ctl.overflow == "queue" and (sem is None or not sem.acquire(blocking=False)):
-            return None
-        ctl._active += 1
-        return _DetachedSlot(ctl, sem)
+        ctl._take_seat()
+        return _DetachedSlot(ctl)
 
 
 class _DetachedSlot:
-    """The release of a detached session's slot (callable once; later calls do nothing).
+    """The release of a detached session's seat (callable once; later calls do nothing).
 
     A small object rather than a closure: one per idle WebSocket session.
     """
 
-    __slots__ = ("ctl", "sem")
+    __slots__ = ("ctl",)
 
-    def __init__(self, ctl: Any, sem: Any) -> None:
-        self.ctl = ctl
-        self.sem = sem
+    def __init__(self, ctl: Server) -> None:
+        self.ctl: Server | None = ctl
 
     def __call__(self) -> None:
         ctl, self.ctl = self.ctl, None
-        if ctl is None:
-            return
-        ctl._active -= 1
-        if self.sem is not None:
-            self.sem.release()
-            self.sem = None
+        if ctl is not None:
+            ctl._release_seat()
 
 
 def _reject(sock: Any) -> None:
@@ -270,7 +354,8 @@ class Server:
             limits (100 lines of 64 KiB).
         handler_class: the pywsgi handler class (default: gstream's
             WebSocket-aware handler when available, else pywsgi's).
-        backlog: the listen backlog (where queued connections wait).
+        backlog: the listen backlog (where queued connections wait); default
+            :func:`gstream.limits.default_backlog`, ``min(4096, somaxconn)``.
         lifecycle: the stream registry to drain (default: the process-wide one).
         shutdown_reason: the reason given to streams when shutting down.
         forwarded_allow_ips: the peers (addresses, networks, or ``"*"``)
@@ -322,23 +407,28 @@ class Server:
         """True once a graceful shutdown has begun."""
         self.rejected = 0
         """Connections answered ``503`` because the server was at capacity."""
-        self._active = 0
+        self.backlog = limits.default_backlog() if backlog is None else backlog
+        """The listen backlog asked of the kernel (which clamps it to somaxconn)."""
+        self._active = 0  # seats held: the one accounting of the cap
         self._rejecting = 0
+        self._max_rejecting = _MAX_REJECTING
+        self._out_of_fds = False
         self._idle: set[Any] = set()  # handlers waiting for a request head
-        self._keepalive: set[Any] = set()  # ... after serving one on that connection
+        # ... after serving one on that connection, oldest first
+        self._keepalive: dict[Any, None] = {}
         self._stopped = gevent.event.Event()
         self._stopper: gevent.Greenlet | None = None
         self._signals: list[Any] = []
-        # Reject mode accepts everything (an unbounded pool) and answers 503 itself.
-        self.pool = Pool(max_connections if overflow == "queue" else None)
+        self._alive: Any = None
+        # Every connection's greenlet, for shutdown; the cap is counted in
+        # _active, not by the pool (see _WSGIServer).
+        self.pool = Pool()
         handler = _managed_handler(handler_class or _DefaultHandler)
         kwargs: dict[str, Any] = {}
         if certfile:
             kwargs.update(certfile=certfile, keyfile=keyfile)
-        if backlog is not None:
-            kwargs["backlog"] = backlog
         self._wsgi = _WSGIServer(
-            (host, port), app, spawn=self.pool, handler_class=handler,
+            (host, port), app, spawn=self.pool.spawn, backlog=self.backlog, handler_class=handler,
             log=logging.getLogger("gstream.access") if access_log else None,
             error_log=log, **kwargs,
         )
@@ -367,8 +457,56 @@ class Server:
 
     @property
     def connections(self) -> int:
-        """Connections being handled now (including rejections in progress)."""
+        """Seats held now: connections being served, detached WebSocket sessions
+        included (rejections in progress are not counted)."""
         return self._active
+
+    # -- seats -------------------------------------------------------------
+
+    def _take_seat(self) -> None:
+        self._active += 1
+
+    def _release_seat(self) -> None:
+        self._active -= 1
+        # A seat (and a descriptor) is free: a client waiting in the backlog
+        # can be accepted, also after an out-of-descriptors pause.
+        if not self.draining:
+            self._wsgi.resume_accepting()
+
+    def _holds_every_seat(self) -> bool:
+        # Queue mode leaves newcomers in the backlog only when no seat can be
+        # had: an idle keep-alive connection's seat can (_reclaim_keepalive).
+        return (self.overflow == "queue" and self._active >= self.max_connections
+                and not self._keepalive)
+
+    def _reclaim_keepalive(self) -> bool:
+        """Close the oldest idle keep-alive connection for a newcomer; False if none.
+
+        Its seat is released when its handler ends, a moment later: the
+        newcomer takes one now, so for that moment the count is one over.
+        """
+        for handler in self._keepalive:
+            del self._keepalive[handler]
+            self._close_idle({handler})
+            return True
+        return False
+
+    def _fit_descriptors(self) -> None:
+        """Raise RLIMIT_NOFILE as far as the cap needs; lower the cap to what it allows."""
+        extra = limits.FD_RESERVE + (self._max_rejecting if self.overflow == "reject" else 0)
+        soft = limits.raise_nofile_limit(self.max_connections + extra)
+        if soft is None:
+            return
+        if self.overflow == "reject":
+            # Rejections hold a descriptor each too; on a small limit, fewer at once.
+            self._max_rejecting = max(1, min(_MAX_REJECTING, soft // 8))
+            extra = limits.FD_RESERVE + self._max_rejecting
+        budget = max(1, soft - extra)
+        if budget < self.max_connections:
+            log.warning("max_connections lowered from %d to %d: the open-files limit "
+                        "(RLIMIT_NOFILE) is %d, and %d descriptors are kept for the rest",
+                        self.max_connections, budget, soft, extra)
+            self.max_connections = budget
 
     # -- running ---------------------------------------------------------
 
@@ -381,9 +519,22 @@ class Server:
             log.warning("gstream: the socket module is not patched by gevent, so blocking calls "
                         "in the application freeze every connection: put `from gevent import "
                         "monkey; monkey.patch_all()` first in the program (`gstream serve` does)")
+        self._fit_descriptors()
         self._wsgi.start()
-        log.info("gstream serving on %s (max %d connections, overflow=%s)",
-                 self.url, self.max_connections, self.overflow)
+        # Keeps the event loop alive while serving: at the cap the listener
+        # stops watching, and streams that only wait on events (an idle SSE
+        # subscriber, a detached WebSocket) hold no watcher of their own, so
+        # the loop would find nothing to wait for and serve_forever() would
+        # end in LoopExit, dropping every connection.
+        if self._alive is None:
+            self._alive = gevent.get_hub().loop.async_()
+            self._alive.start(_no_op)
+        ceiling = limits.somaxconn()
+        if ceiling is not None and self.backlog > ceiling:
+            log.warning("listen backlog %d is capped by the kernel at net.core.somaxconn=%d",
+                        self.backlog, ceiling)
+        log.info("gstream serving on %s (max %d connections, overflow=%s, backlog %d)",
+                 self.url, self.max_connections, self.overflow, self.backlog)
 
     def install_signal_handlers(self) -> None:
         """Shut down gracefully on SIGTERM and SIGINT (a second signal cuts it short)."""
@@ -449,8 +600,14 @@ class Server:
             log.warning("%d connections still open at the deadline; closing them", len(self.pool))
             self._force_close()
         log.info("server stopped%s", "" if clean else " (some connections were cut)")
+        self._let_loop_go()
         self._stopped.set()
         return clean
+
+    def _let_loop_go(self) -> None:
+        if self._alive is not None:
+            self._alive.close()
+            self._alive = None
 
     def _close_idle(self, handlers: set[Any] | None = None) -> None:
         for handler in list(self._idle if handlers is None else handlers):
@@ -465,7 +622,12 @@ class Server:
 
     def _force_close(self) -> None:
         self.pool.kill(block=True, timeout=1)
+        self._let_loop_go()
         self._stopped.set()
+
+
+def _no_op() -> None:
+    """The callback of the watcher that keeps the loop alive (it never fires)."""
 
 
 def serve(
