@@ -11,8 +11,9 @@
 //
 // Every event is encoded once per publish into a []byte shared by all
 // subscribers. Each subscriber has one writer goroutine that drains its whole
-// queue and hands it to the socket in one Write (+ Flush for SSE), so a burst
-// costs one write per client, not one per event. For /ws the coalesced frames
+// queue and hands it to the socket in one Write (+ Flush for SSE): whatever
+// was queued while it wrote leaves in one write (how much that is depends on
+// the scheduler: docs/performance.md measures it). For /ws the coalesced frames
 // go straight to the hijacked connection (gorilla has no "write several
 // messages at once" call; its control replies are single Writes, which Go's
 // net.Conn never interleaves); BENCH_GO_WS=prepared writes one
