@@ -38,9 +38,16 @@ SERVERS: dict[str, tuple[str, str]] = {
     "pywsgi_sse": ("pywsgi_sse_server.py", "plain pywsgi SSE"),
     "starlette": ("starlette_server.py", "sse-starlette/uvicorn"),
     "flasksock": ("flasksock_server.py", "Flask-Sock/gevent"),
+    "gonethttp": ("gonethttp_server.py", "Go net/http"),
     "raw_epoll": ("raw_epoll_server.py", "raw epoll (limit)"),
 }
-NOT_PEERS = {"gstream", "raw_epoll"}
+#: Not Python peers: ratios are against the best of the others. Go net/http is
+#: a reference anchor (issue 21), not a library a Python shop would pick.
+NOT_PEERS = {"gstream", "raw_epoll", "gonethttp"}
+#: Servers whose script must build something first (``script --build``): run
+#: once before the probe, outside the 30 s start timeout.
+BUILD_FIRST = {"gonethttp"}
+BUILD_TIMEOUT = 900
 
 FULL = {
     "idle": [1000, 5000, 15000], "fanout": [100, 1000, 5000], "echo": [1, 50, 500],
@@ -496,9 +503,37 @@ class Bench:
             return kind in info.get("idle_kinds", info.get("kinds", []))
         return kind in info.get("kinds", [])
 
+    def build(self, name: str) -> dict | None:
+        """Run ``script --build``; the server's unavailable/error info if that failed."""
+        script = os.path.join(HERE, "servers", SERVERS[name][0])
+        t0 = time.monotonic()
+        try:
+            res = subprocess.run([sys.executable, script, "--build"], capture_output=True,
+                                 text=True, env=self.env, cwd=HERE, timeout=BUILD_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            return {"error": f"build took over {BUILD_TIMEOUT}s"}
+        with open(os.path.join(self.outdir, f"server-{name}.log"), "a") as log:
+            log.write(res.stderr)
+        if res.returncode == 0:
+            print(f"  {name:11s} built in {time.monotonic() - t0:.1f}s: "
+                  f"{res.stdout.strip()}", flush=True)
+            return None
+        try:
+            info = json.loads(res.stdout.splitlines()[0])
+        except (IndexError, ValueError):
+            info = {}
+        if "unavailable" in info:
+            return {"unavailable": info["unavailable"]}
+        return {"error": f"build exited {res.returncode}: {res.stderr.strip()[-200:]}"}
+
     def probe(self) -> None:
         """Start each server once (briefly) to learn what it supports."""
         for name in self.opts.servers:
+            failed = self.build(name) if name in BUILD_FIRST else None
+            if failed is not None:
+                self.caps[name] = failed
+                print(f"  {name:11s} {json.dumps(failed)}", flush=True)
+                continue
             try:
                 srv = ServerProc(name, 0, self.env, self.outdir)
                 self.caps[name] = srv.info
