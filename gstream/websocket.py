@@ -2,7 +2,8 @@
 
 Design (see docs/websocket.md): no greenlet per connection in the steady
 state. Reading is a libev io watcher whose callback runs in the hub: it does a
-non-blocking ``recv``, feeds :class:`websockets.server.ServerProtocol`, answers
+non-blocking ``recv``, feeds websockets' ``ServerProtocol`` (as
+:class:`gstream.wsprotocol.GStreamProtocol`), answers
 control frames (pongs, close echoes) and queues complete messages, whether or
 not the application ever calls :meth:`WebSocket.receive`. Keepalive and the
 close wait are libev timers. Writes are queued and flushed from a loop
@@ -99,7 +100,8 @@ class WebSocket(OutboundQueue, CallbackSession):
             closed (handshake done or given up, TCP shut down).
         close_code, close_reason: why it closed: the peer's code if it sent a
             close frame, else ours, else 1006 (no close frame). None while open.
-        dropped_inbound: messages dropped by the ``"drop"`` inbound policy.
+        dropped_inbound: messages dropped by the ``"drop"`` inbound policy, or
+            because the inbound queue was full once the connection was closing.
         latency: round-trip time of the last answered keepalive ping (s).
     """
 
