@@ -100,8 +100,7 @@ class WebSocket(OutboundQueue, CallbackSession):
             closed (handshake done or given up, TCP shut down).
         close_code, close_reason: why it closed: the peer's code if it sent a
             close frame, else ours, else 1006 (no close frame). None while open.
-        dropped_inbound: messages dropped by the ``"drop"`` inbound policy, or
-            because the inbound queue was full once the connection was closing.
+        dropped_inbound: messages dropped by the ``"drop"`` inbound policy.
         latency: round-trip time of the last answered keepalive ping (s).
     """
 
@@ -374,12 +373,17 @@ class WebSocket(OutboundQueue, CallbackSession):
 
     def _read_paused(self, data: bytes) -> None:
         # Paused (inbound queue full) yet reading: only while a keepalive
-        # ping waits for its pong, which the peer sent behind its unread
-        # messages, and only up to a budget of bytes (docs/websocket.md).
+        # ping waits for its pong or a Close waits for the peer's, which the
+        # peer sent behind its unread messages, and only up to a budget of
+        # bytes (docs/websocket.md). What is read is queued as usual.
         self._pause_budget -= len(data)
         self._feed(data)
-        if self._paused and (self._ping_nonce is None or self._pause_budget <= 0):
+        if self._paused and not self._may_read_paused():
             self._stop_reading()
+
+    def _may_read_paused(self) -> bool:
+        return self._pause_budget > 0 and (
+            self._ping_nonce is not None or self._p.state is not OPEN)
 
     def _feed(self, data: bytes) -> None:
         p = self._p
@@ -498,9 +502,7 @@ class WebSocket(OutboundQueue, CallbackSession):
             return
         cfg = self.config
         if len(self._inbound) >= cfg.max_queue:
-            if cfg.inbound_overflow == "drop" or self._p.state is not OPEN:
-                # Also while closing: reading must go on to the peer's Close,
-                # so what arrives after ours no longer pauses it.
+            if cfg.inbound_overflow == "drop":
                 self.dropped_inbound += 1
                 return
             if cfg.inbound_overflow == "close":
@@ -515,10 +517,10 @@ class WebSocket(OutboundQueue, CallbackSession):
     def _pause(self) -> None:
         if not self._paused:
             self._paused = True
-            # What may still be read while paused to find a keepalive pong:
-            # one largest message, or one read.
+            # What may still be read while paused to find a keepalive pong
+            # or the peer's Close: one largest message, or one read.
             self._pause_budget = max(self.config.read_limit, _RECV_SIZE)
-        if self._ping_nonce is None or self._pause_budget <= 0:
+        if not self._may_read_paused():
             self._stop_reading()
 
     def _fail(self, code: int, reason: str) -> None:
@@ -555,7 +557,7 @@ class WebSocket(OutboundQueue, CallbackSession):
         # The sweep sends every due ping in this one loop iteration anyway:
         # nothing to batch, so no flush callback per ping.
         self._queue_control(encode_frame(PING, self._ping_nonce), now=True)
-        if self._paused and self._pause_budget > 0:
+        if self._paused and self._may_read_paused():
             # Paused reads (a slow application) would hide the pong, and a
             # dead peer with them: read on until the pong (_read_paused).
             self._resume_reading()
@@ -581,12 +583,10 @@ class WebSocket(OutboundQueue, CallbackSession):
             self._wake_reader()
             if self._space is not None:
                 self._space.set()
-            if self._paused:
+            if self._paused and not self._peer_eof and self._may_read_paused():
                 # Closing: read on to the peer's Close (or EOF) even if the
-                # application never reads; later messages are dropped (_deliver).
-                self._paused = False
-                if not self._peer_eof:
-                    self._resume_reading()
+                # application never reads (within the pause budget).
+                self._resume_reading()
         if p.state is CLOSED:
             self._finalize(1006, "connection lost")
         elif p.close_expected() and not self._out and self._close_timer is None:

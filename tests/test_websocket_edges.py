@@ -159,7 +159,11 @@ def test_live_peer_answers_pings_while_inbound_is_paused(serve: Any) -> None:
 
 
 # --------------------------------------------------- the seed's close behaviours
-def test_messages_then_close_give_the_messages_then_closed(serve: Any) -> None:
+@pytest.mark.parametrize("extra", [0, 30])
+def test_messages_then_close_give_the_messages_then_closed(serve: Any, extra: int) -> None:
+    """first, second, Close(1000): first, second, then Closed(1000). With 30
+    more messages in between the inbound queue (16) is full when the Close is
+    read: nothing may be lost either."""
     got: list[Any] = []
 
     def handler(ws: gstream.WebSocket) -> None:
@@ -172,10 +176,12 @@ def test_messages_then_close_give_the_messages_then_closed(serve: Any) -> None:
 
     srv = serve(websocket_app(handler))
     sock, _, _, rest = wsraw.handshake(srv.port)
-    sock.sendall(wsraw.text("first") + wsraw.text("second") + wsraw.close_frame(1000))
+    middle = [f"m{i}" for i in range(extra)]
+    sock.sendall(wsraw.text("first") + b"".join(wsraw.text(m) for m in middle)
+                 + wsraw.text("second") + wsraw.close_frame(1000))
     assert wsraw.Reader(sock, rest).until_close(timeout=3)[0] == 1000
-    assert wait_until(lambda: len(got) == 3, 3)
-    assert got == ["first", "second", ("Closed", 1000)]
+    assert wait_until(lambda: len(got) == 3 + extra, 3)
+    assert got == ["first", *middle, "second", ("Closed", 1000)]
     sock.close()
 
 
