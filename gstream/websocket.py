@@ -2,7 +2,8 @@
 
 Design (see docs/websocket.md): no greenlet per connection in the steady
 state. Reading is a libev io watcher whose callback runs in the hub: it does a
-non-blocking ``recv``, feeds :class:`websockets.server.ServerProtocol`, answers
+non-blocking ``recv``, feeds websockets' ``ServerProtocol`` (as
+:class:`gstream.wsprotocol.GStreamProtocol`), answers
 control frames (pongs, close echoes) and queues complete messages, whether or
 not the application ever calls :meth:`WebSocket.receive`. Keepalive and the
 close wait are libev timers. Writes are queued and flushed from a loop
@@ -31,7 +32,6 @@ import gevent.event
 from gevent.hub import Waiter
 from websockets.frames import Close, Frame, Opcode
 from websockets.protocol import CLOSED, OPEN
-from websockets.server import ServerProtocol
 
 from .errors import Closed
 from .hijack import Hijack
@@ -41,6 +41,7 @@ from .wsconfig import WSConfig
 from .wsframes import PING, Message, PreparedMessage, encode_frame, prepare
 from .wskeepalive import KeepaliveSweep, join_sweep
 from .wsoutput import OutboundQueue, flusher_for
+from .wsprotocol import GStreamProtocol
 from .wssession import CallbackSession, _discard
 
 __all__ = ["WebSocket", "PreparedMessage", "prepare", "close_all", "open_connections"]
@@ -111,10 +112,10 @@ class WebSocket(OutboundQueue, CallbackSession):
         "_out_msgs", "_eof_pending", "_eof_sent", "_flush_scheduled", "_writer", "_space",
         "_reader", "_reading", "_keepalive", "_close_timer", "_last_rx", "_ping_nonce",
         "_ping_sent_at", "_ping_count", "_finalized", "_callbacks", "_peer_eof",
-        "_on_message", "_dispatcher", "_release",
+        "_on_message", "_dispatcher", "_release", "_pause_budget",
     )
 
-    def __init__(self, protocol: ServerProtocol, hijack: Hijack, config: WSConfig,
+    def __init__(self, protocol: GStreamProtocol, hijack: Hijack, config: WSConfig,
                  environ: dict[str, Any]) -> None:
         self.environ = environ
         self.config = config
@@ -145,6 +146,9 @@ class WebSocket(OutboundQueue, CallbackSession):
         self._flusher = flusher_for(self._hub)
         self._recv_done = False
         self._paused = False
+        # Bytes that may still be read while paused, to find the pong of a
+        # keepalive ping (reset when the pause starts).
+        self._pause_budget = 0
         self._failed = False
         self._frag_op: Opcode | None = None
         self._frag_parts: list[Any] = []
@@ -326,7 +330,10 @@ class WebSocket(OutboundQueue, CallbackSession):
 
     # --------------------------------------------------------------- reading
     def _resume_reading(self) -> None:
-        if self._reader is not None and not self._reading and not self._finalized:
+        # Not while a failure is held (see _feed): websockets' parser must
+        # not be fed again until the failure is released.
+        if (self._reader is not None and not self._reading and not self._finalized
+                and self._p.held_failure is None):
             self._reading = True
             self._reader.start(self._on_readable)
 
@@ -357,25 +364,68 @@ class WebSocket(OutboundQueue, CallbackSession):
                 return
             except OSError:
                 data = b""
-            self._feed(data)
+            if self._paused:
+                self._read_paused(data)
+            else:
+                self._feed(data)
         except Exception:
             self._internal_error()
 
+    def _read_paused(self, data: bytes) -> None:
+        # Paused (inbound queue full) yet reading: only while a keepalive
+        # ping waits for its pong or a Close waits for the peer's, which the
+        # peer sent behind its unread messages, and only up to a budget of
+        # bytes (docs/websocket.md). What is read is queued as usual.
+        self._pause_budget -= len(data)
+        self._feed(data)
+        if self._paused and not self._may_read_paused():
+            self._stop_reading()
+
+    def _may_read_paused(self) -> bool:
+        return self._pause_budget > 0 and (
+            self._ping_nonce is not None or self._p.state is not OPEN)
+
     def _feed(self, data: bytes) -> None:
         p = self._p
-        if data:
-            p.receive_data(data)
-        else:
-            self._peer_eof = True
-            self._stop_reading()
-            p.receive_eof()
-        for frame in p.events_received():
-            self._on_frame(frame)  # type: ignore[arg-type]  # only Frames once open
+        queued = len(self._inbound)
+        # A failure of websockets' parser (or ours, in _on_frame) is held
+        # until the frames parsed before it have been handled: see below.
+        p.hold_failures = True
+        try:
+            if data:
+                p.receive_data(data)
+            else:
+                self._peer_eof = True
+                self._stop_reading()
+                p.receive_eof()
+            for frame in p.events_received():
+                self._on_frame(frame)  # type: ignore[arg-type]  # only Frames once open
+        finally:
+            p.hold_failures = False
+        if p.held_failure is not None:
+            if len(self._inbound) > queued and not self._finalized:
+                # Messages that came before the bad frame in this read are
+                # queued: the application gets one turn (now, if it waits in
+                # receive(); the callback dispatcher is spawned already) to
+                # answer them before the Close goes out behind its answers.
+                self._stop_reading()
+                self._loop.run_callback(self._guard, self._release_failure)
+            else:
+                p.release_failure()
         self._take_output(False)
         self._check_state()
         if self._waiter is not None and (self._inbound or self._recv_done):
             # A safe point (all state updated): switch to the reader now.
             self._wake_reader(now=True)
+
+    def _release_failure(self) -> None:
+        if self._finalized:
+            return
+        self._p.release_failure()
+        self._take_output(False)
+        self._check_state()
+        if not self._paused and not self._peer_eof:
+            self._resume_reading()  # on to the peer's EOF (websockets discards the rest)
 
     def _wake_reader(self, now: bool = False) -> None:
         # Once per wait (the slot is cleared first). Directly only from the
@@ -462,12 +512,26 @@ class WebSocket(OutboundQueue, CallbackSession):
         if self._on_message is not None:
             self._kick_dispatch()
         if cfg.inbound_overflow == "pause" and len(self._inbound) >= cfg.max_queue:
+            self._pause()
+
+    def _pause(self) -> None:
+        if not self._paused:
             self._paused = True
+            # What may still be read while paused to find a keepalive pong
+            # or the peer's Close: one largest message, or one read.
+            self._pause_budget = max(self.config.read_limit, _RECV_SIZE)
+        if not self._may_read_paused():
             self._stop_reading()
 
     def _fail(self, code: int, reason: str) -> None:
         self._failed = True
-        self._p.fail(code, reason)
+        p = self._p
+        if p.hold_failures and p.state is OPEN:
+            # Called from _on_frame while feeding: this frame comes before
+            # whatever the parser may have failed on further on.
+            p.held_failure = (code, reason)
+        else:
+            p.fail(code, reason)
 
     # ---------------------------------------------------- keepalive and close
     def _keepalive_due(self, now: float) -> None:
@@ -482,9 +546,8 @@ class WebSocket(OutboundQueue, CallbackSession):
                 self._take_output(False)
                 self._check_state()
             return
-        if self._paused or self._writer is not None:
-            # A slow application (paused reads) is not a dead peer, and a
-            # blocked writer is already bounded by the write timeout.
+        if self._writer is not None:
+            # A blocked writer is already bounded by the write timeout.
             return
         self._ping_count += 1
         self._ping_nonce = self._ping_count.to_bytes(4, "big")
@@ -494,6 +557,10 @@ class WebSocket(OutboundQueue, CallbackSession):
         # The sweep sends every due ping in this one loop iteration anyway:
         # nothing to batch, so no flush callback per ping.
         self._queue_control(encode_frame(PING, self._ping_nonce), now=True)
+        if self._paused and self._may_read_paused():
+            # Paused reads (a slow application) would hide the pong, and a
+            # dead peer with them: read on until the pong (_read_paused).
+            self._resume_reading()
 
     def _update_close_info(self) -> None:
         if self.close_code is not None:
@@ -516,6 +583,10 @@ class WebSocket(OutboundQueue, CallbackSession):
             self._wake_reader()
             if self._space is not None:
                 self._space.set()
+            if self._paused and not self._peer_eof and self._may_read_paused():
+                # Closing: read on to the peer's Close (or EOF) even if the
+                # application never reads (within the pause budget).
+                self._resume_reading()
         if p.state is CLOSED:
             self._finalize(1006, "connection lost")
         elif p.close_expected() and not self._out and self._close_timer is None:

@@ -30,9 +30,11 @@ OriginPolicy = Callable[[str | None, Mapping[str, Any]], bool]
 #: and ``max_queue`` complete messages are waiting:
 #:
 #: - ``"pause"``: stop reading the socket until the application catches up
-#:   (TCP backpressure on the peer). Keepalive pings are suspended meanwhile,
-#:   because a slow application is not a dead peer; the write timeout still
-#:   bounds a peer that stops reading.
+#:   (TCP backpressure on the peer). Keepalive pings still go out: while one
+#:   waits for its pong, reading goes on (at most ``read_limit`` more bytes
+#:   per pause) to find the pong behind the unread messages, so a dead peer
+#:   is still found. Once the connection is closing, reading goes on the
+#:   same way (same budget) to find the peer's Close.
 #: - ``"drop"``: keep reading (so pings, pongs and close frames are still
 #:   processed) and drop the new message; ``WebSocket.dropped_inbound`` counts.
 #: - ``"close"``: close the connection with 1008 (policy violation).

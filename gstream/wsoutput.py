@@ -35,9 +35,9 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     import gevent.event
-    from websockets.server import ServerProtocol
 
     from .wsconfig import WSConfig
+    from .wsprotocol import GStreamProtocol
 
 __all__ = ["OutboundQueue"]
 
@@ -117,7 +117,7 @@ class OutboundQueue:
         config: WSConfig
         close_code: int | None
         close_reason: str
-        _p: ServerProtocol
+        _p: GStreamProtocol
         _sock: Any
         _raw: Any
         _fd: int

@@ -24,13 +24,13 @@ from websockets.datastructures import Headers
 from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
 from websockets.http11 import Request
 from websockets.protocol import OPEN
-from websockets.server import ServerProtocol
 
 from . import hijack as _hijack
 from .errors import Closed, HandshakeError
 from .lifecycle import lifecycle
 from .websocket import WebSocket
 from .wsconfig import WSConfig
+from .wsprotocol import GStreamProtocol
 
 __all__ = ["upgrade", "websocket_app", "websocket_callback_app", "reject_response"]
 
@@ -137,7 +137,7 @@ def upgrade(environ: dict[str, Any], start_response: Any = None,
     if config.compression:
         extensions.append(ServerPerMessageDeflateFactory(
             server_max_window_bits=12, compress_settings={"memLevel": 5}))
-    protocol = ServerProtocol(
+    protocol = GStreamProtocol(
         extensions=extensions,
         select_subprotocol=_selector(config.subprotocols),  # type: ignore[arg-type]
         max_size=config.read_limit,

@@ -39,7 +39,7 @@ fi
 "$OLD/bin/python" -c "import websockets; assert websockets.__version__.startswith('13.'), websockets.__version__"
 "$OLD/bin/python" -m pytest -q -p no:locust tests/test_websocket.py tests/test_websocket_hostile.py \
     tests/test_websocket_keepalive.py tests/test_client_ws.py tests/test_hub.py tests/test_hub_slow.py \
-    tests/test_hub_batching.py tests/test_ws_callbacks.py tests/test_ws_tls.py
+    tests/test_hub_batching.py tests/test_ws_callbacks.py tests/test_ws_tls.py tests/test_websocket_edges.py
 
 # Each extra must install what its code imports: the test virtualenv above
 # has every extra at once, which hides a missing dependency.

@@ -1,0 +1,62 @@
+"""websockets' ``ServerProtocol`` with the two strictness fixes gstream needs.
+
+websockets still parses every frame; this subclass only changes what happens
+when the parser gives up (:meth:`GStreamProtocol.fail`):
+
+- A Close between the fragments of a message (allowed by RFC 6455 5.4/5.5:
+  control frames may come between fragments) is answered with the peer's
+  own close code, as any Close is, instead of 1002 "incomplete fragmented
+  message" (Autobahn 7.1.5).
+- While the connection reads (``hold_failures``), a failure is held instead
+  of sent, so that the messages parsed before the bad frame in the same read
+  reach the application, and its answers leave, before the Close
+  (Autobahn 3.2, 3.3, 4.1.3, 4.1.4, 4.2.3, 4.2.4, 5.15).
+  :meth:`release_failure` then fails the connection for real.
+
+Both rely on the public ``fail``/``close_rcvd``/``state`` of websockets 13 to
+the current release. See docs/websocket.md ("Strictness").
+"""
+
+from __future__ import annotations
+
+from websockets.frames import CloseCode
+from websockets.protocol import OPEN
+from websockets.server import ServerProtocol
+
+__all__ = ["GStreamProtocol"]
+
+
+class GStreamProtocol(ServerProtocol):
+    """A ``ServerProtocol`` that can hold a failure back and takes a Close between fragments.
+
+    Attributes:
+        hold_failures: set by the connection while it feeds data in; a
+            failure raised meanwhile is stored in ``held_failure``.
+        held_failure: ``(code, reason)`` of the held failure, or None.
+    """
+
+    # Class defaults, so that websockets' constructor is left as it is.
+    hold_failures: bool = False
+    held_failure: tuple[int, str] | None = None
+
+    def fail(self, code: int, reason: str = "") -> None:
+        """Fail the connection (RFC 6455 7.1.7), or hold it while ``hold_failures``."""
+        close = self.close_rcvd
+        if code == CloseCode.PROTOCOL_ERROR and close is not None and self.state is OPEN:
+            # The parser refused the peer's Close only because it came in the
+            # middle of a fragmented message (the one case where websockets
+            # fails with a Close received but not answered): answer it like
+            # any Close, with its code. An empty Close (1005) gets 1000.
+            code = int(close.code) if close.code != CloseCode.NO_STATUS_RCVD else 1000
+            reason = close.reason if code == close.code else ""
+        if self.hold_failures and self.state is OPEN:
+            if self.held_failure is None:  # the first failure wins
+                self.held_failure = (int(code), reason)
+            return
+        super().fail(code, reason)
+
+    def release_failure(self) -> None:
+        """Fail the connection with the held failure, if any (a no-op otherwise)."""
+        held, self.held_failure = self.held_failure, None
+        if held is not None:
+            super().fail(*held)
