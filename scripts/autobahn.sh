@@ -17,7 +17,12 @@
 # The heavy full run belongs under the shared lock: flock /tmp/gstream-bench.lock bash scripts/autobahn.sh
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-TOOL="${AUTOBAHN_TOOL:-/work/shared/tools/autobahn}"
+# shared/ lies beside the checkout (CI's clone too); /work/shared is the developers' copy.
+TOOL="${AUTOBAHN_TOOL:-}"
+if [ -z "$TOOL" ]; then
+  TOOL="$ROOT/../shared/tools/autobahn"
+  [ -x "$TOOL/run.sh" ] || TOOL=/work/shared/tools/autobahn
+fi
 export AUTOBAHN_VENV="${AUTOBAHN_VENV:-$ROOT/.venv-autobahn}"
 OUTDIR="${1:-$ROOT/.autobahn-reports}"
 CASES="${2:-*}"

@@ -18,7 +18,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-TOOL = Path(os.environ.get("AUTOBAHN_TOOL", "/work/shared/tools/autobahn"))
+# shared/ lies beside the checkout (CI's clone too); /work/shared is the developers' copy.
+_BESIDE = ROOT.parent / "shared" / "tools" / "autobahn"
+TOOL = Path(os.environ.get("AUTOBAHN_TOOL") or (
+    _BESIDE if _BESIDE.exists() else "/work/shared/tools/autobahn"))
 
 # Not strict without parsing frames ourselves: invalid UTF-8 inside a frame
 # still arriving (docs/websocket.md, "Strictness").
