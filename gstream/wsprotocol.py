@@ -19,6 +19,8 @@ the current release. See docs/websocket.md ("Strictness").
 
 from __future__ import annotations
 
+from typing import Any
+
 from websockets.frames import CloseCode
 from websockets.protocol import OPEN
 from websockets.server import ServerProtocol
@@ -35,9 +37,13 @@ class GStreamProtocol(ServerProtocol):
         held_failure: ``(code, reason)`` of the held failure, or None.
     """
 
-    # Class defaults, so that websockets' constructor is left as it is.
-    hold_failures: bool = False
-    held_failure: tuple[int, str] | None = None
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Set here, with websockets' own attributes, rather than first
+        # assigned in the read path: every instance then has the same
+        # attribute layout (CPython's shared-key instance dicts).
+        self.hold_failures = False
+        self.held_failure: tuple[int, str] | None = None
 
     def fail(self, code: int, reason: str = "") -> None:
         """Fail the connection (RFC 6455 7.1.7), or hold it while ``hold_failures``."""

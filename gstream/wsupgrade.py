@@ -139,7 +139,7 @@ def upgrade(environ: dict[str, Any], start_response: Any = None,
             server_max_window_bits=12, compress_settings={"memLevel": 5}))
     protocol = GStreamProtocol(
         extensions=extensions,
-        select_subprotocol=_selector(config.subprotocols),  # type: ignore[arg-type]
+        select_subprotocol=_selector(config.subprotocols),
         max_size=config.read_limit,
         logger=_protocol_log,
     )
