@@ -32,6 +32,7 @@ import logging
 import signal
 import time
 from collections.abc import Callable, Iterable
+from datetime import datetime
 from typing import Any
 
 import gevent
@@ -113,6 +114,9 @@ def _managed_handler(base: Any) -> Any:
             if ctl.draining:
                 return None
             seats = ctl.seats
+            # The last request's environ is no longer this one's: not for the
+            # access line of a head that fails (format_request).
+            self.environ = None
             # Once a response went out on this connection (pywsgi's status
             # stays set until the next one), it is kept alive: a seat a
             # waiting client may take (Seats.reclaim).
@@ -135,7 +139,7 @@ def _managed_handler(base: Any) -> Any:
             # stderr; route them through logging like the rest of the server.
             if issubclass(t, gevent.GreenletExit):
                 return
-            env = self.environ or {}
+            env: dict[str, Any] = self.environ or {}
             log.error("application error in %s %s from %s", env.get("REQUEST_METHOD"),
                       env.get("PATH_INFO"), self.client_address, exc_info=(t, v, tb))
 
@@ -148,6 +152,27 @@ def _managed_handler(base: Any) -> Any:
             if proxy is not None:  # behind a reverse proxy: the client's view
                 proxy.apply(env)
             return env
+
+        def format_request(self) -> str:
+            # pywsgi's access line with two fixes. The client: pywsgi names the
+            # peer, which behind a trusted proxy is the proxy; the environ's
+            # REMOTE_ADDR is the client it forwarded for (when the request got
+            # that far). The status: for an error answered before the
+            # application (408, 414), pywsgi names the previous response's.
+            env: dict[str, Any] | None = self.environ
+            addr = None
+            if env and self.server.controller.proxy_headers is not None:
+                addr = env.get("REMOTE_ADDR")
+            if not addr:
+                peer = self.client_address
+                addr = peer[0] if isinstance(peer, tuple) else peer
+            status = self.status
+            if isinstance(status, bytes):
+                status = status.decode("latin-1")
+            took = f"{self.time_finish - self.time_start:.6f}" if self.time_finish else "-"
+            now = datetime.now().replace(microsecond=0)
+            return (f'{addr or "-"} - - [{now}] "{self.requestline or ""}" '
+                    f'{(status or "000").split()[0]} {self.response_length or "-"} {took}')
 
         def start_response(self, status: str, headers: Any, exc_info: Any = None) -> Any:
             if self.server.controller.draining and not status.startswith("101"):
