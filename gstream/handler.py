@@ -1,52 +1,13 @@
 """GStreamHandler: gevent's pywsgi handler with a clean connection hijack.
 
-gevent's ``WSGIHandler`` has no notion of a connection that stops being
-HTTP. This subclass adds one: it puts a ``gstream.hijack`` callable in the
-environ, and once the application calls it the handler
-
-- hands over the socket plus any bytes its reader had already buffered,
-- writes nothing more on that connection (no status line, no chunk
-  terminator, no error page) and closes it when the application returns,
-- logs the request as a ``101`` instead of an error,
-- drops its read buffer (8 KiB) and the request body reader, which a
-  long-lived connection no longer needs.
-
-It also makes long streaming responses cheap (see docs/performance.md):
-
-- the status line, headers and first body chunk leave in one ``send`` (pywsgi
-  sends them separately, which costs a syscall and, without TCP_NODELAY, a
-  delayed-ACK stall);
-- each later chunk is framed with one ``bytes`` join instead of pywsgi's
-  growing ``bytearray``;
-- once a streaming body (an iterable without ``len``) has sent its first
-  chunk, and the request has no body and nothing read ahead, the 8 KiB read
-  buffer, the parsed request headers and the encoded response headers are
-  released for the life of the stream (a new reader is made if the
-  connection is reused afterwards). An idle SSE stream then costs about half
-  as much memory.
-
-Between two requests on a keep-alive connection it lets the event loop run
-once, so a client whose next request is always ready (a fast or pipelining
-one) cannot hold the process while other connections wait; plain pywsgi
-serves such a client again without returning to the loop.
-
-It also bounds how long a client may take to send a request head
-(:attr:`request_head_timeout`), which plain pywsgi does not: a client that
-opens a connection and dribbles (or never sends) the headers is answered with
-408 or disconnected instead of pinning a greenlet forever.
-
-And it ends a streaming response whose client has left (FIN or RST) while it
-is idle, instead of at its next write (:class:`~gstream.departure.DepartureWatching`).
-
-It refuses request heads that RFC 9112 says to refuse (a control character
-in the request line, obs-fold, two Hosts, an ambiguous body length, ...) with
-400/431/501/505 and one log line, before the application sees them
-(:class:`gstream.strict.StrictRequests`; the rules are in docs/security.md).
-
-Use it with ``gevent.pywsgi.WSGIServer(addr, app, handler_class=GStreamHandler)``;
-gstream's own server uses it by default. Behind a reverse proxy, a subclass
-with ``proxy_headers = ProxyHeaders()`` (:mod:`gstream.proxy`) honours the
-proxy's ``X-Forwarded-*`` headers (gstream's server does it itself).
+The application takes the socket through ``environ["gstream.hijack"]``; the
+handler then writes nothing more and logs a 101. It also keeps long streams
+cheap (one ``send`` for head and first chunk, the read buffer released while
+a stream runs), and brings the mixins every gstream server handler carries:
+fair keep-alive, the request-head deadline, strict heads, departure watch.
+Use it with ``WSGIServer(addr, app, handler_class=GStreamHandler)``; gstream's
+own server uses it by default. Why each part is there: docs/server.md
+("GStreamHandler").
 """
 
 from __future__ import annotations
@@ -83,9 +44,9 @@ _LOG_KEYS = ("REQUEST_METHOD", "PATH_INFO", "QUERY_STRING", "REMOTE_ADDR", "REMO
 
 # Why the handler's state lives in sentinels and locals rather than in new
 # attributes: CPython 3.11+ keeps up to 29 distinct instance attributes of a
-# class inline (a few hundred bytes); past that every handler carries a full
-# dict (~1.6 KiB). pywsgi sets 27 on a streaming request, gstream's server
-# one (_gs_timer) and this class one (_head_timer): the budget is spent.
+# class inline; past that every handler carries a full dict (docs/server.md,
+# "GStreamHandler"; sizes in docs/performance.md). pywsgi sets 27 on a
+# streaming request and HeadDeadline one (_head_timer): one is left.
 # The order pywsgi first sets them in a streaming request; see _prime_layout.
 _LAYOUT = (
     "socket", "client_address", "server", "rfile", "time_start", "time_finish", "_head_timer",
@@ -324,7 +285,7 @@ def _prime_layout(cls: type) -> None:
     instance. Handlers are created many at a time (a burst of connections)
     and learn their attributes slowly (the request line, then headers, then
     the response), so the table fills up half-way and every later handler
-    falls back to a full dict: ~1.3 KiB more per connection. One throwaway
+    falls back to a full dict (docs/performance.md). One throwaway
     instance that sets every name, in order, before any real one exists
     (so: when the class is created) avoids that. Harmless elsewhere.
     """

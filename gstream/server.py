@@ -1,27 +1,11 @@
 """gstream's server: gevent's pywsgi with a connection cap and graceful shutdown.
 
-:class:`Server` wraps :class:`gevent.pywsgi.WSGIServer` and adds what
-long-lived streams need from a server:
-
-* **a connection cap**: at most ``max_connections`` seats, held by handler
-  greenlets and detached WebSocket sessions alike. Past it,
-  ``overflow="queue"`` stops accepting (new connections wait in the kernel's
-  listen backlog, and are accepted in arrival order as seats free) and
-  ``overflow="reject"`` answers ``503`` with ``Retry-After`` at once; an idle
-  keep-alive connection gives its seat to a newcomer first. The cap is kept
-  within the open-files limit, which is raised at start as far as the cap
-  needs (:mod:`gstream.limits`); running out of descriptors pauses accepts;
-* **a request-head deadline** (``header_timeout``) against slowloris
-  clients; it also bounds how long an idle keep-alive connection is kept;
-* **graceful shutdown** on SIGTERM/SIGINT (:meth:`Server.stop`): stop
-  accepting, close idle keep-alive connections, ask every registered stream
-  to end politely through :data:`gstream.lifecycle.lifecycle` (SSE: a final
-  event and a ``retry:`` hint; WebSocket: close 1001), let in-flight
-  requests finish, all within ``shutdown_timeout``; whatever is left at the
-  deadline is cut.
-
-Logging goes through :mod:`logging`: ``gstream.server`` for the server,
-``gstream.access`` for the optional access log.
+:class:`Server` wraps :class:`gevent.pywsgi.WSGIServer`: at most
+``max_connections`` seats (:class:`gstream.seats.Seats`; past the cap queue or
+answer 503), ``header_timeout`` for request heads (:mod:`gstream.deadline`),
+strict request heads (:mod:`gstream.strict`), proxy headers
+(:mod:`gstream.proxy`) and a drain on SIGTERM/SIGINT. The reasoning is in
+docs/server.md. Logs go to ``gstream.server`` and, optionally, ``gstream.access``.
 """
 
 from __future__ import annotations
@@ -366,7 +350,9 @@ class Server:
         access_log: log each request to the ``gstream.access`` logger.
         shutdown_timeout: seconds a graceful shutdown may take in total.
         header_timeout: seconds a client has to send a complete request head
-            (also the keep-alive idle limit); ``None`` disables it.
+            (also the keep-alive idle limit): a partial head gets ``408``, an
+            idle connection is closed (:mod:`gstream.deadline`); ``None`` or 0
+            disables it.
         max_header_bytes: the largest request head (header lines) accepted;
             larger heads get ``431``. ``None`` or 0 leaves only http.client's
             limits (100 lines of 64 KiB).
