@@ -1,11 +1,9 @@
 """Notice that the client of an idle streaming response has left (FIN or RST).
 
-An idle stream writes nothing, so a client that closes or resets its
-connection is otherwise only noticed at the next heartbeat or event. While a
-streaming response is served, a read watcher on its socket wakes on EOF or
-reset and raises :class:`~gstream.errors.ClientDeparted` in the greenlet
-serving it. The reasoning, and what each server kind detects, is in
-docs/server.md ("Departed clients").
+While a streaming response is served, a read watcher on its socket wakes on
+EOF or reset and raises :class:`~gstream.errors.ClientDeparted` in the
+greenlet serving it, instead of waiting for its next write. Why, and what
+each server kind detects: docs/server.md ("Departed clients").
 """
 
 from __future__ import annotations

@@ -1,70 +1,29 @@
 """GStreamHandler: gevent's pywsgi handler with a clean connection hijack.
 
-gevent's ``WSGIHandler`` has no notion of a connection that stops being
-HTTP. This subclass adds one: it puts a ``gstream.hijack`` callable in the
-environ, and once the application calls it the handler
-
-- hands over the socket plus any bytes its reader had already buffered,
-- writes nothing more on that connection (no status line, no chunk
-  terminator, no error page) and closes it when the application returns,
-- logs the request as a ``101`` instead of an error,
-- drops its read buffer (8 KiB) and the request body reader, which a
-  long-lived connection no longer needs.
-
-It also makes long streaming responses cheap (see docs/performance.md):
-
-- the status line, headers and first body chunk leave in one ``send`` (pywsgi
-  sends them separately, which costs a syscall and, without TCP_NODELAY, a
-  delayed-ACK stall);
-- each later chunk is framed with one ``bytes`` join instead of pywsgi's
-  growing ``bytearray``;
-- once a streaming body (an iterable without ``len``) has sent its first
-  chunk, and the request has no body and nothing read ahead, the 8 KiB read
-  buffer, the parsed request headers and the encoded response headers are
-  released for the life of the stream (a new reader is made if the
-  connection is reused afterwards). An idle SSE stream then costs about half
-  as much memory.
-
-Between two requests on a keep-alive connection it lets the event loop run
-once, so a client whose next request is always ready (a fast or pipelining
-one) cannot hold the process while other connections wait; plain pywsgi
-serves such a client again without returning to the loop.
-
-It also bounds how long a client may take to send a request head
-(:attr:`request_head_timeout`), which plain pywsgi does not: a client that
-opens a connection and dribbles (or never sends) the headers is answered with
-408 or disconnected instead of pinning a greenlet forever.
-
-And it ends a streaming response whose client has left (FIN or RST) while it
-is idle, instead of at its next write (:class:`~gstream.departure.DepartureWatching`).
-
-It refuses request heads that RFC 9112 says to refuse (a control character
-in the request line, obs-fold, two Hosts, an ambiguous body length, ...) with
-400/431/501/505 and one log line, before the application sees them
-(:class:`gstream.strict.StrictRequests`; the rules are in docs/security.md).
-
-Use it with ``gevent.pywsgi.WSGIServer(addr, app, handler_class=GStreamHandler)``;
-gstream's own server uses it by default. Behind a reverse proxy, a subclass
-with ``proxy_headers = ProxyHeaders()`` (:mod:`gstream.proxy`) honours the
-proxy's ``X-Forwarded-*`` headers (gstream's server does it itself).
+The application takes the socket through ``environ["gstream.hijack"]``; the
+handler then writes nothing more and logs a 101. It also keeps long streams
+cheap (one ``send`` for head and first chunk, the read buffer released while
+a stream runs), and brings the mixins every gstream server handler carries:
+fair keep-alive, the request-head deadline, strict heads, departure watch.
+Use it with ``WSGIServer(addr, app, handler_class=GStreamHandler)``; gstream's
+own server uses it by default. Why each part is there: docs/server.md
+("GStreamHandler").
 """
 
 from __future__ import annotations
 
 import _socket
-import io
 import logging
-import socket
 from collections.abc import Callable
 from typing import Any
 
-import gevent
-from gevent.pywsgi import Input, WSGIHandler
+from gevent.pywsgi import WSGIHandler
 from gevent.socket import socket as GeventSocket
 
+from .deadline import HeadDeadline
 from .departure import DepartureWatching, has_buffered
 from .fairness import FairKeepAlive
-from .hijack import _CLOSED_READER, drain_buffered
+from .hijack import CLOSED_READER, SWITCHED_READER, drain_buffered, empty_input, mark_switched
 from .proxy import ProxyHeaders
 from .strict import StrictRequests
 from .tlsio import is_tls
@@ -73,14 +32,9 @@ __all__ = ["GStreamHandler"]
 
 log = logging.getLogger("gstream.handler")
 
-# Put in place of the reader of a hijacked connection; ``rfile is
-# _HIJACKED_READER`` is how the handler knows (one attribute less, see below).
-_HIJACKED_READER = io.BytesIO()
-_HIJACKED_READER.close()
-# One shared, empty request body for every connection whose reader was
-# released (content length 0: reads return b"" without touching the reader,
-# pywsgi's discard reads nothing), also left in the environ a WebSocket keeps.
-_EMPTY_INPUT = Input(_CLOSED_READER, 0)
+# The shared, empty request body of every connection whose reader was
+# released (gstream.hijack.empty_input), also left in the environ a WebSocket keeps.
+_EMPTY_INPUT = empty_input()
 # Above this, a first body chunk is sent on its own rather than copied after
 # the headers (the copy would cost more than the saved syscall).
 _MERGE_LIMIT = 16384
@@ -90,42 +44,26 @@ _LOG_KEYS = ("REQUEST_METHOD", "PATH_INFO", "QUERY_STRING", "REMOTE_ADDR", "REMO
 
 # Why the handler's state lives in sentinels and locals rather than in new
 # attributes: CPython 3.11+ keeps up to 29 distinct instance attributes of a
-# class inline (a few hundred bytes); past that every handler carries a full
-# dict (~1.6 KiB). pywsgi sets 27 on a streaming request, gstream's server
-# one (_gs_timer) and this class one (_head_timer): the budget is spent.
+# class inline; past that every handler carries a full dict (docs/server.md,
+# "GStreamHandler"; sizes in docs/performance.md). pywsgi sets 27 on a
+# streaming request and HeadDeadline one (_head_timer): one is left.
 # The order pywsgi first sets them in a streaming request; see _prime_layout.
 _LAYOUT = (
-    "socket", "client_address", "server", "rfile", "time_start", "time_finish",
-    "_gs_timer", "_head_timer", "requestline", "response_length", "command", "path",
+    "socket", "client_address", "server", "rfile", "time_start", "time_finish", "_head_timer",
+    "requestline", "response_length", "command", "path",
     "request_version", "headers", "content_length", "close_connection", "wsgi_input",
     "environ", "application", "status", "headers_sent", "result", "response_use_chunked",
     "connection_upgraded", "_orig_status", "response_headers", "code", "provided_date",
     "provided_content_length",
 )
 
-_REQUEST_TIMEOUT_RESPONSE = (
-    b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\n"
-    b"Content-Type: text/plain\r\nContent-Length: 16\r\n\r\nrequest timeout\n"
-)
 
-
-class _HeadTimeout(socket.timeout):
-    """The request head did not arrive in time (an OSError, so pywsgi's
-    request-line reader treats it as a dead connection)."""
-
-
-class GStreamHandler(FairKeepAlive, StrictRequests, DepartureWatching, WSGIHandler):
+class GStreamHandler(FairKeepAlive, HeadDeadline, StrictRequests, DepartureWatching, WSGIHandler):
     """A pywsgi handler that supports a clean hijack (see module docstring)."""
-
-    #: Seconds a client may take to send a complete request line and headers
-    #: (also the keep-alive idle limit between requests). None disables.
-    request_head_timeout: float | None = 30.0
 
     #: Honour proxy headers from these peers (see :mod:`gstream.proxy`);
     #: None (the default) ignores them. A class attribute: set it on a subclass.
     proxy_headers: ProxyHeaders | None = None
-
-    _head_timer: gevent.Timeout | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -133,25 +71,11 @@ class GStreamHandler(FairKeepAlive, StrictRequests, DepartureWatching, WSGIHandl
 
     @property
     def _hijacked(self) -> bool:
-        return self.rfile is _HIJACKED_READER
-
-    def handle_one_request(self) -> Any:
-        if self.request_head_timeout is not None:
-            self._head_timer = gevent.Timeout.start_new(
-                self.request_head_timeout, _HeadTimeout("request head timeout"))
-        try:
-            return super().handle_one_request()
-        finally:
-            self._cancel_head_timer()
-
-    def _cancel_head_timer(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.close()
-            self._head_timer = None
+        # (gstream.hijack.is_switched, inlined: this runs for every write.)
+        return self.rfile is SWITCHED_READER
 
     def get_environ(self) -> dict[str, Any]:
-        # The head has been parsed: the application may take as long as it likes.
-        self._cancel_head_timer()
+        # (HeadDeadline's ends the request-head deadline.)
         env: dict[str, Any] = super().get_environ()
         env["gstream.hijack"] = self._hijack
         if self.proxy_headers is not None:
@@ -159,10 +83,6 @@ class GStreamHandler(FairKeepAlive, StrictRequests, DepartureWatching, WSGIHandl
         return env
 
     def _handle_client_error(self, ex: BaseException) -> Any:
-        if isinstance(ex, _HeadTimeout):
-            log.info("request head timeout from %s", self.client_address)
-            self.close_connection = True
-            return ("408", _REQUEST_TIMEOUT_RESPONSE)
         if isinstance(ex, ConnectionError):
             # Reset mid-head: pywsgi would log a traceback, then answer 400
             # into the dead socket and die with an unhandled BrokenPipeError.
@@ -179,22 +99,16 @@ class GStreamHandler(FairKeepAlive, StrictRequests, DepartureWatching, WSGIHandl
             raise RuntimeError("cannot hijack after the response has started")
         sock = self.socket
         pre = drain_buffered(getattr(self, "rfile", None), sock)
-        # Free what a hijacked connection no longer needs and end keep-alive.
-        self.rfile = _HIJACKED_READER  # also the "hijacked" mark
-        self.wsgi_input = _EMPTY_INPUT
-        _drop_attribute(self, "headers")  # the parsed request (~1 KiB); environ has it all
+        # Free what a hijacked connection no longer needs and end keep-alive;
+        # the reader becomes the "hijacked" mark (_hijacked).
         env = getattr(self, "environ", None)
+        mark_switched(self, env)
+        _drop_attribute(self, "headers")  # the parsed request; environ has it all
         if isinstance(env, dict):
-            env["wsgi.input"] = _EMPTY_INPUT  # shared: a WebSocket keeps its environ
             env.pop("gstream.hijack", None)
-        self.close_connection = True
-        self.status = b"101 Switching Protocols"
-        self._orig_status = "101 Switching Protocols"
-        self.headers_sent = True
-        self.response_use_chunked = False
         return sock, pre
 
-    def _detach(self) -> tuple[Any, Callable[[], None]] | None:
+    def detach(self) -> tuple[Any, Callable[[], None]] | None:
         """After a hijack, let the connection outlive this handler's greenlet.
 
         The descriptor moves to a new socket object, so the server's close
@@ -241,7 +155,7 @@ class GStreamHandler(FairKeepAlive, StrictRequests, DepartureWatching, WSGIHandl
             return
         # A streaming body (generator, SSE stream): maybe long-lived, so give
         # back what it does not need once its headers are out.
-        checked = released = False  # locals, not attributes: see _HIJACKED_READER
+        checked = released = False  # locals, not attributes: see _LAYOUT
         try:
             for data in self.result:
                 if data:
@@ -268,11 +182,11 @@ class GStreamHandler(FairKeepAlive, StrictRequests, DepartureWatching, WSGIHandl
         if wsgi_input is None or wsgi_input.content_length or wsgi_input.chunked_input:
             return False
         rfile = self.rfile
-        if rfile is _CLOSED_READER or getattr(rfile, "closed", True):
+        if rfile is CLOSED_READER or getattr(rfile, "closed", True):
             return False
         if has_buffered(rfile, self.socket):
             return False
-        self.rfile = _CLOSED_READER
+        self.rfile = CLOSED_READER
         self.wsgi_input = _EMPTY_INPUT
         env: Any = getattr(self, "environ", None)
         if isinstance(env, dict) and env.get("wsgi.input") is wsgi_input:
@@ -371,7 +285,7 @@ def _prime_layout(cls: type) -> None:
     instance. Handlers are created many at a time (a burst of connections)
     and learn their attributes slowly (the request line, then headers, then
     the response), so the table fills up half-way and every later handler
-    falls back to a full dict: ~1.3 KiB more per connection. One throwaway
+    falls back to a full dict (docs/performance.md). One throwaway
     instance that sets every name, in order, before any real one exists
     (so: when the class is created) avoids that. Harmless elsewhere.
     """

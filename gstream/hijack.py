@@ -24,12 +24,18 @@ from .types import StrEnum
 if TYPE_CHECKING:
     from gevent.pywsgi import WSGIHandler
 
-__all__ = ["Hijack", "ServerKind", "Unsupported", "find_server", "take"]
+__all__ = ["CLOSED_READER", "SWITCHED_READER", "Hijack", "ServerKind", "Unsupported",
+           "drain_buffered", "empty_input", "find_server", "is_switched", "mark_switched", "take"]
 
 #: A shared, closed, empty reader: put in place of a handler's rfile so the
-#: keep-alive loop ends and the real 8 KiB read buffer can be freed.
-_CLOSED_READER = io.BytesIO()
-_CLOSED_READER.close()
+#: keep-alive loop ends and the real read buffer can be freed.
+CLOSED_READER = io.BytesIO()
+CLOSED_READER.close()
+#: The same, put in place of the rfile of a connection that switched
+#: protocols (:func:`mark_switched`): ``rfile is SWITCHED_READER`` is the mark.
+SWITCHED_READER = io.BytesIO()
+SWITCHED_READER.close()
+_empty_input: Any = None
 
 
 class ServerKind(StrEnum):
@@ -55,7 +61,7 @@ class Hijack:
     handler: WSGIHandler | None = None
     detacher: Callable[[], tuple[gevent.socket.socket, Callable[[], None]] | None] | None = None
     """gstream's server only: lets the session outlive the request greenlet
-    (see :meth:`GStreamHandler._detach`); None elsewhere."""
+    (see :meth:`GStreamHandler.detach`); None elsewhere."""
 
     def wsgi_result(self) -> list[bytes]:
         """The value the WSGI app must return once the session is over.
@@ -140,26 +146,46 @@ def drain_buffered(rfile: Any, sock: gevent.socket.socket) -> bytes:
     return b"".join(chunks)
 
 
-def _release_handler(handler: WSGIHandler, environ: Any) -> None:
-    # Make pywsgi treat the response as a sent 101 on a connection to close:
-    # process_result() then writes nothing and the access log says 101.
+def empty_input() -> Any:
+    """One shared, empty ``gevent.pywsgi.Input`` (content length 0) over :data:`CLOSED_READER`.
+
+    Reads return ``b""`` without touching a reader and pywsgi's discard of
+    the body reads nothing: the request body of a connection whose reader was
+    given back. (Made on first use: importing gevent.pywsgi loads ssl, which
+    ``import gstream`` must not do before the application is monkey-patched.)
+    """
+    global _empty_input
+    if _empty_input is None:
+        from gevent.pywsgi import Input
+
+        _empty_input = Input(CLOSED_READER, 0)
+    return _empty_input
+
+
+def is_switched(handler: WSGIHandler) -> bool:
+    """Whether :func:`mark_switched` marked ``handler``'s connection."""
+    return handler.rfile is SWITCHED_READER
+
+
+def mark_switched(handler: WSGIHandler, environ: Any) -> None:
+    """Make pywsgi treat ``handler``'s response as a sent ``101`` on a connection to close.
+
+    Its ``process_result()`` then writes nothing and the access log says 101.
+    The reader becomes :data:`SWITCHED_READER` (pywsgi's keep-alive loop
+    checks ``rfile.closed``; the real reader and its buffer go once environ
+    lets go) and the request body :func:`empty_input`, which pywsgi's discard
+    after the application returns never reads.
+    """
     handler.status = b"101 Switching Protocols"
     handler._orig_status = "101 Switching Protocols"
     handler.headers_sent = True
     handler.response_use_chunked = False
     handler.close_connection = True
-    # The keep-alive loop checks rfile.closed; swapping in a closed stub ends
-    # it and drops the real reader (and its 8 KiB buffer) once environ does.
-    handler.rfile = _CLOSED_READER
-    # pywsgi discards the request body after the app returns; give it an
-    # empty one so it never touches the socket again. (Imported here: the
-    # handler module imports gevent.pywsgi, hence ssl, which `import
-    # gstream` must not.)
-    from .handler import _EMPTY_INPUT
-
+    handler.rfile = SWITCHED_READER
+    body = empty_input()
     if isinstance(environ, dict):
-        environ["wsgi.input"] = _EMPTY_INPUT
-    handler.wsgi_input = _EMPTY_INPUT
+        environ["wsgi.input"] = body
+    handler.wsgi_input = body
 
 
 def take(environ: Any, start_response: Any, server: ServerKind | str) -> Hijack:
@@ -172,7 +198,8 @@ def take(environ: Any, start_response: Any, server: ServerKind | str) -> Hijack:
     if server == ServerKind.GSTREAM:
         hijack = environ["gstream.hijack"]
         sock, pre = hijack()
-        detacher = getattr(getattr(hijack, "__self__", None), "_detach", None)
+        # GStreamHandler.detach, of the handler whose bound method hijack is.
+        detacher = getattr(getattr(hijack, "__self__", None), "detach", None)
         return Hijack(sock, pre, server, detacher=detacher)
     if server == ServerKind.GUNICORN:
         sock = environ["gunicorn.socket"]
@@ -193,7 +220,7 @@ def take(environ: Any, start_response: Any, server: ServerKind | str) -> Hijack:
         assert handler is not None
         sock = handler.socket
         pre = drain_buffered(handler.rfile, sock)
-        _release_handler(handler, environ)
+        mark_switched(handler, environ)
         return Hijack(sock, pre, server, handler)
     # ServerKind.PYWSGI_INPUT, the one left
     found = _raw_socket_from_input(environ)

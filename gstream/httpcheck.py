@@ -1,13 +1,9 @@
 """Strict HTTP/1.1 request heads (RFC 9112, RFC 9110): the rules, without I/O.
 
-Pure functions over the raw request line and the raw header lines, as read
-from the connection (bytes, with their line terminators). They raise
-:class:`~gstream.errors.InvalidRequest` for a request that a server must
-refuse, or may refuse for safety; :mod:`gstream.strict` applies them to
-pywsgi's handlers. The grammar is h11's (``_abnf.py``), the framing checks
-are gunicorn's (``http/message.py``, CVE-2024-1135); docs/security.md lists
-every rule with its RFC section and where gstream chose between two
-behaviours the RFC permits.
+Pure functions over the raw request line and header lines (bytes, with their
+terminators) that raise :class:`~gstream.errors.InvalidRequest` for a request
+to refuse; :mod:`gstream.strict` applies them to pywsgi's handlers. Every
+rule, its RFC section and its origin (h11, gunicorn) are in docs/security.md.
 """
 
 from __future__ import annotations

@@ -1,12 +1,9 @@
 """Proxy headers: what a trusted reverse proxy says about the client (pure: no I/O).
 
-Behind nginx or Caddy the server's peer is the proxy, and a TLS-terminating
-proxy talks plain HTTP to it. :class:`ProxyHeaders` decides from the peer's
-address whether to believe ``X-Forwarded-For``/``-Proto``/``-Host`` (or
-RFC 7239 ``Forwarded``) and, if so, rewrites ``REMOTE_ADDR``,
-``wsgi.url_scheme`` and ``HTTP_HOST`` in a WSGI environ, so that URLs, logs
-and the WebSocket same-origin check see what the client saw. Headers from any
-other peer are ignored. The rules are in docs/deploy.md.
+:class:`ProxyHeaders` decides from the peer's address whether to believe
+``X-Forwarded-For``/``-Proto``/``-Host`` (or RFC 7239 ``Forwarded``) and, if
+so, rewrites ``REMOTE_ADDR``, ``wsgi.url_scheme`` and ``HTTP_HOST`` in a WSGI
+environ. The rules are in docs/deploy.md.
 """
 
 from __future__ import annotations

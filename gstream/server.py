@@ -1,27 +1,11 @@
 """gstream's server: gevent's pywsgi with a connection cap and graceful shutdown.
 
-:class:`Server` wraps :class:`gevent.pywsgi.WSGIServer` and adds what
-long-lived streams need from a server:
-
-* **a connection cap**: at most ``max_connections`` seats, held by handler
-  greenlets and detached WebSocket sessions alike. Past it,
-  ``overflow="queue"`` stops accepting (new connections wait in the kernel's
-  listen backlog, and are accepted in arrival order as seats free) and
-  ``overflow="reject"`` answers ``503`` with ``Retry-After`` at once; an idle
-  keep-alive connection gives its seat to a newcomer first. The cap is kept
-  within the open-files limit, which is raised at start as far as the cap
-  needs (:mod:`gstream.limits`); running out of descriptors pauses accepts;
-* **a request-head deadline** (``header_timeout``) against slowloris
-  clients; it also bounds how long an idle keep-alive connection is kept;
-* **graceful shutdown** on SIGTERM/SIGINT (:meth:`Server.stop`): stop
-  accepting, close idle keep-alive connections, ask every registered stream
-  to end politely through :data:`gstream.lifecycle.lifecycle` (SSE: a final
-  event and a ``retry:`` hint; WebSocket: close 1001), let in-flight
-  requests finish, all within ``shutdown_timeout``; whatever is left at the
-  deadline is cut.
-
-Logging goes through :mod:`logging`: ``gstream.server`` for the server,
-``gstream.access`` for the optional access log.
+:class:`Server` wraps :class:`gevent.pywsgi.WSGIServer`: at most
+``max_connections`` seats (:class:`gstream.seats.Seats`; past the cap queue or
+answer 503), ``header_timeout`` for request heads (:mod:`gstream.deadline`),
+strict request heads (:mod:`gstream.strict`), proxy headers
+(:mod:`gstream.proxy`) and a drain on SIGTERM/SIGINT. The reasoning is in
+docs/server.md. Logs go to ``gstream.server`` and, optionally, ``gstream.access``.
 """
 
 from __future__ import annotations
@@ -32,6 +16,7 @@ import logging
 import signal
 import time
 from collections.abc import Callable, Iterable
+from datetime import datetime
 from typing import Any
 
 import gevent
@@ -41,10 +26,13 @@ from gevent import socket as gsocket
 from gevent.pool import Pool
 
 from . import limits
+from .deadline import HeadDeadline
 from .handler import GStreamHandler as _DefaultHandler
 from .lifecycle import Lifecycle
 from .lifecycle import lifecycle as default_lifecycle
+from .policies import Overflow
 from .proxy import DEFAULT_FORWARDED_ALLOW_IPS, ProxyHeaders
+from .seats import Seats
 from .strict import StrictRequests
 
 __all__ = ["Server", "serve"]
@@ -92,46 +80,35 @@ class _HeadReader:
 
 def _managed_handler(base: Any) -> Any:
     """Subclass ``base`` (a pywsgi handler) with gstream's server bookkeeping
-    and, if ``base`` lacks it, strict request parsing (gstream.strict)."""
-    bases = (base,) if issubclass(base, StrictRequests) else (StrictRequests, base)
+    and, if ``base`` lacks them, the request-head deadline (gstream.deadline)
+    and strict request parsing (gstream.strict)."""
+    bases = tuple(m for m in (HeadDeadline, StrictRequests) if not issubclass(base, m)) + (base,)
 
     class Managed(*bases):  # type: ignore[misc]
-        # Instance attributes are few on purpose (see _HIJACKED in handler.py):
-        # past ~29 per instance CPython gives every handler a full dict.
-        _gs_timer: Any = None
+        # No instance attribute of its own (see _LAYOUT in handler.py): past
+        # 29 per instance CPython gives every handler a full dict.
+
+        @property
+        def request_head_timeout(self) -> float | None:
+            # HeadDeadline's limit, which is the server's header_timeout.
+            return self.server.controller.header_timeout
 
         def handle_one_request(self) -> Any:
             ctl: Server = self.server.controller
             if ctl.draining:
                 return None
-            timer = None
-            if ctl.header_timeout:
-                timer = gevent.Timeout(ctl.header_timeout)
-                timer.start()
-            self._gs_timer = timer
-            ctl._idle.add(self)
-            if self.status is not None:
-                # A response went out on this connection already (pywsgi's
-                # status stays set until the next response): keep-alive, a
-                # seat a waiting client may take (Server._reclaim_keepalive).
-                ctl._keepalive[self] = None
-                if ctl.connections >= ctl.max_connections:
-                    ctl._wsgi.resume_accepting()
+            seats = ctl.seats
+            # The last request's environ is no longer this one's: not for the
+            # access line of a head that fails (format_request).
+            self.environ = None
+            # Once a response went out on this connection (pywsgi's status
+            # stays set until the next one), it is kept alive: a seat a
+            # waiting client may take (Seats.reclaim).
+            seats.waiting(self, self.status is not None)
             try:
                 result = super().handle_one_request()
-            except gevent.Timeout as exc:
-                if exc is not timer:
-                    raise
-                # Slowloris, or a keep-alive connection idle for too long.
-                log.debug("no complete request head from %s within %s s; closing",
-                          self.client_address, ctl.header_timeout)
-                self.close_connection = True
-                return None
             finally:
-                if timer is not None:
-                    timer.close()
-                ctl._idle.discard(self)
-                ctl._keepalive.pop(self, None)
+                seats.busy(self)
             if result is True and ctl.draining:
                 return None
             return result
@@ -146,22 +123,40 @@ def _managed_handler(base: Any) -> Any:
             # stderr; route them through logging like the rest of the server.
             if issubclass(t, gevent.GreenletExit):
                 return
-            env = self.environ or {}
+            env: dict[str, Any] = self.environ or {}
             log.error("application error in %s %s from %s", env.get("REQUEST_METHOD"),
                       env.get("PATH_INFO"), self.client_address, exc_info=(t, v, tb))
 
         def get_environ(self) -> Any:
-            # The head is complete: the application may take as long as it needs.
-            if self._gs_timer is not None:
-                self._gs_timer.close()
-                self._gs_timer = None  # a long stream need not keep it
-            self.server.controller._idle.discard(self)
-            self.server.controller._keepalive.pop(self, None)
+            # The head is complete (HeadDeadline's get_environ ends its deadline).
+            ctl = self.server.controller
+            ctl.seats.busy(self)
             env = super().get_environ()
-            proxy = self.server.controller.proxy_headers
+            proxy = ctl.proxy_headers
             if proxy is not None:  # behind a reverse proxy: the client's view
                 proxy.apply(env)
             return env
+
+        def format_request(self) -> str:
+            # pywsgi's access line with two fixes. The client: pywsgi names the
+            # peer, which behind a trusted proxy is the proxy; the environ's
+            # REMOTE_ADDR is the client it forwarded for (when the request got
+            # that far). The status: for an error answered before the
+            # application (408, 414), pywsgi names the previous response's.
+            env: dict[str, Any] | None = self.environ
+            addr = None
+            if env and self.server.controller.proxy_headers is not None:
+                addr = env.get("REMOTE_ADDR")
+            if not addr:
+                peer = self.client_address
+                addr = peer[0] if isinstance(peer, tuple) else peer
+            status = self.status
+            if isinstance(status, bytes):
+                status = status.decode("latin-1")
+            took = f"{self.time_finish - self.time_start:.6f}" if self.time_finish else "-"
+            now = datetime.now().replace(microsecond=0)
+            return (f'{addr or "-"} - - [{now}] "{self.requestline or ""}" '
+                    f'{(status or "000").split()[0]} {self.response_length or "-"} {took}')
 
         def start_response(self, status: str, headers: Any, exc_info: Any = None) -> Any:
             if self.server.controller.draining and not status.startswith("101"):
@@ -184,11 +179,18 @@ class _WSGIServer(pywsgi.WSGIServer):
     """
 
     controller: Server
+    out_of_fds = False
+    """True while accepting is paused for want of a descriptor."""
     _fd_timer: Any = None
 
     def full(self) -> bool:
-        """Whether to leave new connections in the listen backlog (queue mode at the cap)."""
-        return self.controller._holds_every_seat()
+        """Whether to leave new connections in the listen backlog (queue mode at the cap).
+
+        Not while an idle keep-alive connection's seat can be had (Seats.reclaim).
+        """
+        seats = self.controller.seats
+        return (self.controller.overflow == Overflow.QUEUE and seats.full
+                and not seats.reclaimable)
 
     def resume_accepting(self) -> None:
         """Accept again (after a seat or a descriptor freed), if the server is running."""
@@ -203,8 +205,8 @@ class _WSGIServer(pywsgi.WSGIServer):
                 raise
             self._pause_accepting(exc)
             return None
-        if args and self.controller._out_of_fds:
-            self.controller._out_of_fds = False
+        if args and self.out_of_fds:
+            self.out_of_fds = False
             log.info("descriptors available again: accepting at %d connections",
                      self.controller.connections)
         return args
@@ -212,10 +214,10 @@ class _WSGIServer(pywsgi.WSGIServer):
     def _pause_accepting(self, exc: OSError) -> None:
         # The connection stays in the listen backlog; retrying at once would
         # spin (the listener stays readable). Retry shortly, or as soon as a
-        # seat (and so a descriptor) frees: see Server._release_seat.
+        # seat (and so a descriptor) frees: see Server._seat_freed.
         ctl = self.controller
-        if not ctl._out_of_fds:
-            ctl._out_of_fds = True
+        if not self.out_of_fds:
+            self.out_of_fds = True
             log.warning("out of file descriptors (%s) at %d connections: pausing accepts, "
                         "waiting clients stay in the listen backlog",
                         errno.errorcode.get(exc.errno or 0, exc.errno), ctl.connections)
@@ -236,20 +238,20 @@ class _WSGIServer(pywsgi.WSGIServer):
         # Runs in the accept callback: decide here, without blocking, whether
         # this connection gets a seat, so a burst can't overshoot the cap.
         ctl = self.controller
-        if (ctl.connections >= ctl.max_connections and not ctl._reclaim_keepalive()
-                and ctl.overflow == "reject"):  # (in queue mode full() kept it waiting)
+        seats = ctl.seats
+        if (seats.full and not seats.reclaim()
+                and ctl.overflow == Overflow.REJECT):  # (in queue mode full() kept it waiting)
             ctl.rejected += 1
-            if ctl._rejecting >= ctl._max_rejecting:
+            if not seats.start_rejecting():
                 self.do_close(sock)  # a flood: close without an answer
                 return
-            ctl._rejecting += 1
             ctl.pool.spawn(self._serve, sock, address, True)
             return
-        ctl._take_seat()
+        seats.take()
         try:
             ctl.pool.spawn(self._serve, sock, address, False)
         except BaseException:
-            ctl._release_seat()
+            seats.release()
             self.do_close(sock)
             raise
 
@@ -281,14 +283,14 @@ class _WSGIServer(pywsgi.WSGIServer):
         finally:
             self.do_close(sock)
             if reject:
-                ctl._rejecting -= 1
+                ctl.seats.end_rejecting()
             else:
-                ctl._release_seat()
+                ctl.seats.release()
 
     def claim_detached(self) -> Callable[[], None] | None:
         """A seat for a WebSocket session that outlives its handler greenlet.
 
-        Called by :meth:`GStreamHandler._detach`. The session takes a seat of
+        Called by :meth:`GStreamHandler.detach`. The session takes a seat of
         its own (counted in :attr:`Server.connections`) until the returned
         release is called; its handler greenlet gives back the connection's
         seat as it ends a moment later, so for that moment the connection
@@ -297,8 +299,8 @@ class _WSGIServer(pywsgi.WSGIServer):
         ctl = self.controller
         if ctl.draining:
             return None
-        ctl._take_seat()
-        return _DetachedSlot(ctl)
+        ctl.seats.take()
+        return _DetachedSlot(ctl.seats)
 
 
 class _DetachedSlot:
@@ -307,15 +309,15 @@ class _DetachedSlot:
     A small object rather than a closure: one per idle WebSocket session.
     """
 
-    __slots__ = ("ctl",)
+    __slots__ = ("seats",)
 
-    def __init__(self, ctl: Server) -> None:
-        self.ctl: Server | None = ctl
+    def __init__(self, seats: Seats) -> None:
+        self.seats: Seats | None = seats
 
     def __call__(self) -> None:
-        ctl, self.ctl = self.ctl, None
-        if ctl is not None:
-            ctl._release_seat()
+        seats, self.seats = self.seats, None
+        if seats is not None:
+            seats.release()
 
 
 def _reject(sock: Any) -> None:
@@ -348,7 +350,9 @@ class Server:
         access_log: log each request to the ``gstream.access`` logger.
         shutdown_timeout: seconds a graceful shutdown may take in total.
         header_timeout: seconds a client has to send a complete request head
-            (also the keep-alive idle limit); ``None`` disables it.
+            (also the keep-alive idle limit): a partial head gets ``408``, an
+            idle connection is closed (:mod:`gstream.deadline`); ``None`` or 0
+            disables it.
         max_header_bytes: the largest request head (header lines) accepted;
             larger heads get ``431``. ``None`` or 0 leaves only http.client's
             limits (100 lines of 64 KiB).
@@ -372,7 +376,7 @@ class Server:
         port: int = 8000,
         *,
         max_connections: int = 10_000,
-        overflow: str = "queue",
+        overflow: Overflow | str = Overflow.QUEUE,
         certfile: str | None = None,
         keyfile: str | None = None,
         access_log: bool = False,
@@ -385,14 +389,12 @@ class Server:
         shutdown_reason: str = "server shutting down",
         forwarded_allow_ips: str | Iterable[str] | None = DEFAULT_FORWARDED_ALLOW_IPS,
     ) -> None:
-        if overflow not in ("queue", "reject"):
-            raise ValueError("overflow must be 'queue' or 'reject'")
+        overflow = Overflow.parse(overflow, "overflow")
         if max_connections < 1:
             raise ValueError("max_connections must be at least 1")
         if bool(certfile) != bool(keyfile):
             raise ValueError("certfile and keyfile go together")
         self.app = app
-        self.max_connections = max_connections
         self.overflow = overflow
         self.shutdown_timeout = shutdown_timeout
         self.header_timeout = header_timeout
@@ -409,19 +411,14 @@ class Server:
         """Connections answered ``503`` because the server was at capacity."""
         self.backlog = limits.default_backlog() if backlog is None else backlog
         """The listen backlog asked of the kernel (which clamps it to somaxconn)."""
-        self._active = 0  # seats held: the one accounting of the cap
-        self._rejecting = 0
-        self._max_rejecting = _MAX_REJECTING
-        self._out_of_fds = False
-        self._idle: set[Any] = set()  # handlers waiting for a request head
-        # ... after serving one on that connection, oldest first
-        self._keepalive: dict[Any, None] = {}
+        self.seats = Seats(max_connections, _MAX_REJECTING, self._seat_freed)
+        """The one count of the cap (and the idle connections that may give a seat up)."""
         self._stopped = gevent.event.Event()
         self._stopper: gevent.Greenlet | None = None
         self._signals: list[Any] = []
         self._alive: Any = None
         # Every connection's greenlet, for shutdown; the cap is counted in
-        # _active, not by the pool (see _WSGIServer).
+        # seats, not by the pool (see _WSGIServer).
         self.pool = Pool()
         handler = _managed_handler(handler_class or _DefaultHandler)
         kwargs: dict[str, Any] = {}
@@ -459,48 +456,37 @@ class Server:
     def connections(self) -> int:
         """Seats held now: connections being served, detached WebSocket sessions
         included (rejections in progress are not counted)."""
-        return self._active
+        return self.seats.held
+
+    @property
+    def max_connections(self) -> int:
+        """The most connections handled at once (lowered at start to fit the open-files limit)."""
+        return self.seats.limit
+
+    @max_connections.setter
+    def max_connections(self, value: int) -> None:
+        self.seats.limit = value
 
     # -- seats -------------------------------------------------------------
 
-    def _take_seat(self) -> None:
-        self._active += 1
-
-    def _release_seat(self) -> None:
-        self._active -= 1
-        # A seat (and a descriptor) is free: a client waiting in the backlog
-        # can be accepted, also after an out-of-descriptors pause.
+    def _seat_freed(self) -> None:
+        # A seat (and a descriptor) may be had: a client waiting in the
+        # backlog can be accepted, also after an out-of-descriptors pause.
         if not self.draining:
             self._wsgi.resume_accepting()
 
-    def _holds_every_seat(self) -> bool:
-        # Queue mode leaves newcomers in the backlog only when no seat can be
-        # had: an idle keep-alive connection's seat can (_reclaim_keepalive).
-        return (self.overflow == "queue" and self._active >= self.max_connections
-                and not self._keepalive)
-
-    def _reclaim_keepalive(self) -> bool:
-        """Close the oldest idle keep-alive connection for a newcomer; False if none.
-
-        Its seat is released when its handler ends, a moment later: the
-        newcomer takes one now, so for that moment the count is one over.
-        """
-        for handler in self._keepalive:
-            del self._keepalive[handler]
-            self._close_idle({handler})
-            return True
-        return False
-
     def _fit_descriptors(self) -> None:
         """Raise RLIMIT_NOFILE as far as the cap needs; lower the cap to what it allows."""
-        extra = limits.FD_RESERVE + (self._max_rejecting if self.overflow == "reject" else 0)
+        seats = self.seats
+        reject = self.overflow == Overflow.REJECT
+        extra = limits.FD_RESERVE + (seats.max_rejecting if reject else 0)
         soft = limits.raise_nofile_limit(self.max_connections + extra)
         if soft is None:
             return
-        if self.overflow == "reject":
+        if reject:
             # Rejections hold a descriptor each too; on a small limit, fewer at once.
-            self._max_rejecting = max(1, min(_MAX_REJECTING, soft // 8))
-            extra = limits.FD_RESERVE + self._max_rejecting
+            seats.max_rejecting = max(1, min(_MAX_REJECTING, soft // 8))
+            extra = limits.FD_RESERVE + seats.max_rejecting
         budget = max(1, soft - extra)
         if budget < self.max_connections:
             log.warning("max_connections lowered from %d to %d: the open-files limit "
@@ -582,9 +568,9 @@ class Server:
         timeout = self.shutdown_timeout if timeout is None else timeout
         deadline = time.monotonic() + max(0.0, timeout)
         log.info("shutting down: %d connections, %d streams, deadline %.1f s",
-                 self._active, len(self.lifecycle), timeout)
+                 self.connections, len(self.lifecycle), timeout)
         self._wsgi.close()  # no new connections
-        self._close_idle()
+        self.seats.close_waiting()
         left = self.lifecycle.shutdown_all(max(0.0, deadline - time.monotonic()),
                                            self.shutdown_reason)
         if left:
@@ -593,7 +579,7 @@ class Server:
         # Handlers that were between requests when the drain began, or that
         # just finished one, must not linger until the deadline.
         while self.pool and time.monotonic() < deadline:
-            self._close_idle()
+            self.seats.close_waiting()
             self.pool.join(timeout=min(0.05, max(0.0, deadline - time.monotonic())))
         clean = not self.pool
         if not clean:
@@ -608,17 +594,6 @@ class Server:
         if self._alive is not None:
             self._alive.close()
             self._alive = None
-
-    def _close_idle(self, handlers: set[Any] | None = None) -> None:
-        for handler in list(self._idle if handlers is None else handlers):
-            sock = getattr(handler, "socket", None)
-            if sock is not None:
-                try:
-                    # Wakes the handler's pending read with an error: pywsgi
-                    # then closes the connection quietly.
-                    sock.shutdown(gsocket.SHUT_RD)
-                except OSError:
-                    pass
 
     def _force_close(self) -> None:
         self.pool.kill(block=True, timeout=1)

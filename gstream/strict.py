@@ -1,12 +1,9 @@
 """Strict request heads for pywsgi handlers: :mod:`gstream.httpcheck` at the seam.
 
-pywsgi parses a request with ``str.split`` and :mod:`http.client`, which
-accept what RFC 9112 says to refuse (a NUL in the target, obs-fold, a space
-before the colon, two Hosts, ``Content-Length: +5``, ...), and lose some of
-it on the way (the space before the colon, the fold). :class:`StrictRequests`
-checks the raw request line and the raw header lines as pywsgi reads them,
-before the application sees anything, and answers a refused request with its
-status (400, 431, 501 or 505), one log line and a closed connection.
+:class:`StrictRequests` checks the raw request line and header lines as pywsgi
+reads them, before its ``http.client`` parse can lose anything and before the
+application runs; a refused request gets its status (400, 431, 501 or 505),
+one log line and a closed connection. The rules: docs/security.md.
 """
 
 from __future__ import annotations

@@ -46,13 +46,9 @@ KNOWN_PRIVATE_USES: frozenset[tuple[str, str]] = frozenset(
     | _pairs("gstream.wssession", "_fd _finalized _hijack _inbound _loop _pop_inbound _release")
     | _pairs("gstream.wsupgrade", "_serve_by_callbacks _start")
     | _pairs("gstream.hub", "_flush_pending _push_shared")
-    # The two "mark the pywsgi handler as 101" copies (issue 20: one hijack marker).
-    | _pairs("gstream.handler", "_CLOSED_READER")
-    | _pairs("gstream.hijack", "_EMPTY_INPUT")
-    # Not gstream's: gevent's socket._sock and pywsgi's WSGIHandler._orig_status, which
-    # only share a name with attributes of gstream's WebSocket and GStreamHandler.
+    # Not gstream's: gevent's socket._sock, which only shares a name with an attribute
+    # of gstream's WebSocket.
     | _pairs("gstream.handler", "_sock")
-    | _pairs("gstream.hijack", "_orig_status")
 )
 
 

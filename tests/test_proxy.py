@@ -7,6 +7,7 @@ address shows that an untrusted peer cannot set its scheme, address or host.
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from gstream.handler import GStreamHandler
 from gstream.proxy import PEER_KEY, ProxyHeaders, parse_forwarded
 from tests import examples_support as ex
 from tests.apps.proxied import app as proxied_app
+from tests.helpers import raw_http, read_response_head, wait_until
 
 # -- the rules, on plain environs ----------------------------------------------
 
@@ -176,6 +178,40 @@ def test_server_trusts_loopback_by_default_and_no_one_else(gserver: Any) -> None
     assert _whoami(off.url)["scheme"] == "http" and _ws_origin_check(off.url) == 403
     with pytest.raises(ValueError, match="not an IP address"):
         gserver(proxied_app, forwarded_allow_ips="proxy.example")
+
+
+def test_access_log_names_the_client_not_the_proxy(gserver: Any, caplog: Any) -> None:
+    # The access line's address is the environ's REMOTE_ADDR (after the proxy
+    # headers), not the peer's: behind a proxy every line would name the proxy.
+    srv = gserver(proxied_app, access_log=True, header_timeout=0.5)
+    direct = gserver(proxied_app, access_log=True, forwarded_allow_ips="192.0.2.1")
+    with caplog.at_level(logging.INFO, logger="gstream.access"):
+        _whoami(srv.url)
+        _whoami(direct.url)  # an untrusted peer: its own address
+        # A head that never completes (408, no environ for it) names the peer,
+        # even on a connection whose previous request came through the proxy.
+        head = "".join(f"{k}: {v}\r\n" for k, v in PROXIED.items())
+        conn = raw_http(srv.port, f"GET /whoami HTTP/1.1\r\nHost: x\r\n{head}\r\n".encode())
+        try:
+            assert read_response_head(conn)[0] == 200
+            conn.sendall(b"GET /whoami HTTP/1.1\r\nHost: x\r\n")  # and no more
+            conn.settimeout(5)
+            rest = b""
+            while chunk := conn.recv(4096):
+                rest += chunk
+            assert b"HTTP/1.1 408 " in rest
+        finally:
+            conn.close()
+
+        def lines() -> list[str]:
+            return [r.getMessage() for r in caplog.records if r.name == "gstream.access"]
+
+        assert wait_until(lambda: len(lines()) == 4)
+    first, second, third, fourth = lines()
+    assert first.startswith("203.0.113.7 - - [") and "GET /whoami" in first
+    assert second.startswith("127.0.0.1 - - [")
+    assert third.startswith("203.0.113.7 - - [")
+    assert fourth.startswith("127.0.0.1 - - [") and '" 408 ' in fourth
 
 
 def test_plain_pywsgi_opts_in_with_a_handler_subclass(serve: Any) -> None:

@@ -85,11 +85,33 @@ def test_slowloris_head_deadline(start: Any) -> None:
     srv = start(header_timeout=0.3)
     slow = raw_http(srv.port, b"GET / HTTP/1.1\r\nHost: x\r\n")  # never finishes the head
     t0 = time.monotonic()
+    data = b""
     with gevent.Timeout(5):
-        assert slow.recv(100) == b""  # closed by the server
+        while chunk := slow.recv(4096):  # then closed by the server
+            data += chunk
     assert 0.25 <= time.monotonic() - t0 < 2
+    # An incomplete request gets 408 (RFC 9110 15.5.9) and Connection: close.
+    assert data.startswith(b"HTTP/1.1 408 ") and b"Connection: close\r\n" in data
     # A normal request taking its time in the app is not affected.
     assert get(srv.url + "/slow?t=0.5").status_code == 200
+
+
+def test_idle_keepalive_connection_is_closed_without_an_answer(start: Any) -> None:
+    # header_timeout is also the keep-alive idle limit. Nothing of a next
+    # request arrived, so there is nothing to answer 408 to (a 408 could cross
+    # a request the client is sending): the connection is just closed.
+    srv = start(header_timeout=0.3)
+    conn = raw_http(srv.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    status, _, _ = read_response_head(conn)
+    assert status == 200
+    conn.settimeout(5)
+    t0 = time.monotonic()
+    rest = b""
+    with gevent.Timeout(5):
+        while chunk := conn.recv(4096):
+            rest += chunk
+    assert 0.25 <= time.monotonic() - t0 < 2
+    assert b"HTTP/1.1" not in rest
 
 
 def test_graceful_shutdown(start: Any) -> None:

@@ -1,27 +1,11 @@
 """Backplanes carry events between the processes of one application.
 
-Two kinds, one per fan-out primitive:
-
-* :class:`Backplane` serves :class:`~gstream.broker.SSEBroker` topics. A
-  broker hands every publish to its backplane; the backplane calls the
-  broker's ``deliver`` sink for every event that should reach this process's
-  subscribers, possibly later and from another greenlet.
-* :class:`HubBackplane` serves WebSocket hubs: ``broadcast`` sends a payload
-  (``str`` or ``bytes``) to the other hubs of a channel, in every process
-  (the hub delivers to its own members itself).
-
-A :class:`DurableBackplane` additionally assigns the event ids itself and
-keeps a shared history, so a client can resume (``Last-Event-ID``) on any
-process: :class:`~gstream.backplane.redis.RedisBackplane` (Redis Streams).
-
-The in-memory ones live in :mod:`gstream.backplane.memory`: the default
-:class:`LocalBackplane` delivers synchronously in the caller's greenlet
-(single-process behaviour), :class:`MemoryBackplane` links hubs of one
-process (tests, examples; a hub without a backplane is local only). The Redis
-implementations live in :mod:`gstream.backplane.redis` (with
-:class:`~gstream.backplane.redis.Publisher`, for processes that publish
-without serving) and need the ``gstream[redis]`` extra; they are importable from here
-lazily, so importing this package never imports ``redis``.
+:class:`Backplane` serves :class:`~gstream.broker.SSEBroker` topics (a
+:class:`DurableBackplane` also assigns the ids and keeps a shared history, so
+a client resumes on any process); :class:`HubBackplane` serves WebSocket hubs.
+The in-memory ones are in :mod:`gstream.backplane.memory`, the Redis ones in
+:mod:`gstream.backplane.redis` (the ``gstream[redis]`` extra; importable from
+here lazily, so this package never imports ``redis``). Design: docs/redis.md.
 """
 
 from __future__ import annotations

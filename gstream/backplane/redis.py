@@ -1,11 +1,8 @@
 """Redis backplanes: broker events over Redis Streams, hub broadcasts over pub/sub.
 
-Needs the ``gstream[redis]`` extra (the ``redis`` package; ``hiredis`` speeds
-up parsing). Under gevent, with sockets monkey-patched, every Redis call is
-cooperative. See docs/redis.md for the design and the fault model.
-
-Per process and backplane: one bounded pool of publish connections and one
-blocking reader connection, however many topics and subscribers.
+Needs the ``gstream[redis]`` extra. Per process and backplane: one bounded
+pool of publish connections and one blocking reader connection, however many
+topics and subscribers. Design and fault model: docs/redis.md.
 """
 
 from __future__ import annotations

@@ -1,10 +1,9 @@
 """Hub broadcasts between processes over Redis pub/sub (see docs/redis.md).
 
-Shape: a :class:`RedisHubBackplane` serves one hub (the ``Hub(backplane=...)``
-protocol of gstream/hub.py: ``attach``, ``broadcast`` to the *other* hubs,
-``close``). The connections live in a :class:`HubLink` that any number of
-hub backplanes of a process share: one bounded publish pool, one pub/sub
-connection, one reader greenlet.
+A :class:`RedisHubBackplane` serves one hub (a
+:class:`~gstream.backplane.HubBackplane`); the connections live in a
+:class:`HubLink` that the hub backplanes of a process share: one bounded
+publish pool, one pub/sub connection, one reader greenlet.
 """
 
 from __future__ import annotations

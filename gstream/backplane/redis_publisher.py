@@ -1,9 +1,8 @@
 """Publish to gstream's Redis backplane from processes that are not servers.
 
-A cron script, a Celery task or an RQ job has no gevent loop and no
-subscribers: :class:`Publisher` writes the same stream entries and hub
-envelopes as :class:`~gstream.backplane.redis.RedisBackplane`, synchronously,
-with plain redis-py (no greenlets, no monkey-patching). See docs/publishers.md.
+:class:`Publisher` writes the same stream entries and hub envelopes as
+:class:`~gstream.backplane.redis.RedisBackplane`, synchronously, with plain
+redis-py: for a cron script, a Celery task or an RQ job (docs/publishers.md).
 """
 
 from __future__ import annotations
