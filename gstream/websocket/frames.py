@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import struct
 
-from .types import Message
+from ..types import Message
 
 __all__ = ["Message", "PreparedMessage", "encode_frame", "prepare"]
 

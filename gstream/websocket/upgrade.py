@@ -25,12 +25,12 @@ from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFact
 from websockets.http11 import Request
 from websockets.protocol import OPEN
 
-from . import hijack as _hijack
-from .errors import Closed, HandshakeError
-from .lifecycle import lifecycle
-from .websocket import WebSocket
-from .wsconfig import WSConfig
-from .wsprotocol import GStreamProtocol
+from .. import hijack as _hijack
+from ..errors import Closed, HandshakeError
+from ..lifecycle import lifecycle
+from .config import WSConfig
+from .connection import WebSocket
+from .protocol import GStreamProtocol
 
 __all__ = ["upgrade", "websocket_app", "websocket_callback_app", "reject_response"]
 
@@ -274,7 +274,7 @@ def websocket_callback_app(
             return ws.wsgi_result()
         if ws._serve_by_callbacks(on_message):
             return []  # detached: the session lives on without this greenlet
-        ws.closed.wait()
+        ws.wait_closed()
         return ws.wsgi_result()
 
     return app

@@ -11,7 +11,8 @@ callback per loop iteration (:class:`_Flusher`) with a single non-blocking
 buffer is full is a writer greenlet started; it waits for writability under
 the write timeout and exits once the queue is empty, so at most one writer
 exists per connection and writes are serialized. A hub queues shared frames
-with :meth:`OutboundQueue._push_shared` and flushes once per batch.
+with :meth:`OutboundQueue.push_shared` and flushes once per batch
+(:meth:`OutboundQueue.flush`).
 See docs/websocket.md.
 """
 
@@ -27,17 +28,17 @@ import gevent
 from gevent.socket import wait_write
 from websockets.protocol import OPEN
 
-from .errors import Closed
-from .tlsio import os_socket
-from .wsframes import BINARY, TEXT, Message, PreparedMessage, encode_frame
+from ..errors import Closed
+from ..tlsio import os_socket
+from .frames import BINARY, TEXT, Message, PreparedMessage, encode_frame
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     import gevent.event
 
-    from .wsconfig import WSConfig
-    from .wsprotocol import GStreamProtocol
+    from .config import WSConfig
+    from .protocol import GStreamProtocol
 
 __all__ = ["OutboundQueue"]
 
@@ -267,11 +268,11 @@ class OutboundQueue:
             frame = encode_frame(TEXT if is_text else BINARY, payload)
         self._queue_frame(frame)
 
-    def _push_shared(self, frame: bytes) -> bool:
+    def push_shared(self, frame: bytes) -> bool:
         """Hub fast path: queue a shared frame *without* scheduling a flush.
 
         Only for connections that share frames (no extension). The caller
-        must call :meth:`_flush_pending` afterwards (a hub does it once per
+        must call :meth:`flush` afterwards (a hub does it once per
         batch, so many queued frames leave in one ``send``). Returns False
         when the send buffer is full; raises :class:`Closed` once closing.
         """
@@ -305,11 +306,11 @@ class OutboundQueue:
         self._out.append(_Control(frame))
         self._out_bytes += len(frame)
         if now:
-            self._flush_pending()
+            self.flush()
         else:
             self._schedule_flush()
 
-    def _flush_pending(self) -> None:
+    def flush(self) -> None:
         """Send what is queued, now, from the calling greenlet, unless a flush
         is already due or a writer owns the connection (they will send it)."""
         if self._out and self._writer is None and not self._flush_scheduled and not self._finalized:

@@ -23,7 +23,7 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .websocket import WebSocket
+    from .connection import WebSocket
 
 __all__ = ["KeepaliveSweep", "join_sweep"]
 

@@ -15,15 +15,15 @@ from typing import TYPE_CHECKING, Any, cast
 
 import gevent
 
-from .errors import Closed
-from .tlsio import os_socket
+from ..errors import Closed
+from ..tlsio import os_socket
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from .hijack import Hijack
-    from .websocket import Message, WebSocket
-    from .wsconfig import WSConfig
+    from ..hijack import Hijack
+    from .config import WSConfig
+    from .connection import Message, WebSocket
 
 __all__ = ["CallbackSession", "detached_sessions"]
 

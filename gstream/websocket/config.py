@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from .policies import InboundOverflow
+from ..policies import InboundOverflow
 
 __all__ = ["WSConfig", "same_origin", "OriginPolicy", "INBOUND_POLICIES"]
 
