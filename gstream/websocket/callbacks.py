@@ -1,11 +1,7 @@
 """Callback-served WebSocket sessions (:func:`gstream.websocket_callback_app`).
 
-After ``on_open`` the session is handed to ``on_message`` callbacks, run by a
-greenlet spawned per burst of inbound messages, and, under gstream's own
-server, detached from the request greenlet: the descriptor moves to a new
-socket object (the server's close at the end of the request closes nothing)
-and the server keeps counting the session under ``max_connections`` until it
-is finalized. An idle session then holds no greenlet. See docs/websocket.md.
+``on_message`` runs in a greenlet spawned per burst; under gstream's server the session is
+detached from its request greenlet, so an idle session holds none. docs/websocket.md.
 """
 
 from __future__ import annotations

@@ -1,20 +1,7 @@
 """The WebSocket connection: gevent I/O around websockets' Sans-I/O protocol.
 
-Design (see docs/websocket.md): no greenlet per connection in the steady
-state. Reading is a libev io watcher whose callback runs in the hub: it does a
-non-blocking ``recv``, feeds websockets' ``ServerProtocol`` (as
-:class:`gstream.wsprotocol.GStreamProtocol`), answers
-control frames (pongs, close echoes) and queues complete messages, whether or
-not the application ever calls :meth:`WebSocket.receive`. Keepalive and the
-close wait are libev timers. Writes are queued and flushed from a loop
-callback with one non-blocking ``send`` of all queued frames joined
-(:mod:`gstream.wsoutput`). An idle connection therefore costs the
-application's own greenlet plus a few small objects, and not even that when
-it is served by callbacks (:mod:`gstream.wssession`).
-
-Frame parsing, masking, control-frame rules, close codes and permessage-deflate
-(with inflation bounded by ``read_limit``) are websockets'; message reassembly
-and incremental UTF-8 validation are ours.
+No greenlet of its own: a libev read watcher feeds the protocol from the hub, keepalive is a
+shared sweep, writes go through the outbox (outbox.py). Why: docs/websocket.md, "I/O model".
 """
 
 from __future__ import annotations
@@ -131,8 +118,8 @@ class WebSocket(OutboundQueue, CallbackSession):
         self._fd = hijack.sock.fileno()
         self._hub = gevent.get_hub()
         self._loop = self._hub.loop
-        # Lists, not deques: an idle deque keeps a 64-slot block (~600 bytes)
-        # for the life of the connection; an empty list is 56 bytes. Both
+        # Lists, not deques: an idle deque keeps a 64-slot block for the life
+        # of the connection, an empty list a bare header. Both
         # queues are short (max_queue, send_buffer) and drained from the
         # front in one slice (see _consume).
         self._inbound: list[Message] = []
@@ -538,7 +525,7 @@ class WebSocket(OutboundQueue, CallbackSession):
         self._ping_nonce = self._ping_count.to_bytes(4, "big")
         self._ping_sent_at = now
         # Encoded here, not by websockets' send_ping: the same frame, with
-        # less work per heartbeat (10,000 idle connections ping every interval).
+        # less work per heartbeat (every idle connection pings every interval).
         # The sweep sends every due ping in this one loop iteration anyway:
         # nothing to batch, so no flush callback per ping.
         self._queue_control(encode_frame(PING, self._ping_nonce), now=True)
