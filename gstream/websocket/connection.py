@@ -134,7 +134,7 @@ class WebSocket(OutboundQueue, CallbackSession):
         self._pause_budget = 0
         self._failed = False
         self._frag: Assembler | None = None  # the fragmented message under way
-        self._out: list[bytes] = []  # frames; control frames as wsoutput._Control
+        self._out: list[bytes] = []  # frames; control frames as outbox._Control
         self._out_bytes = 0
         self._out_msgs = 0
         self._eof_pending = False
