@@ -57,7 +57,7 @@ def _find(name: str, *modules: str):  # type: ignore[no-untyped-def]
             err = exc
             continue
         where = os.path.dirname(os.path.abspath(sys.modules[obj.__module__].__file__ or ""))
-        if where != GSTREAM_DIR:
+        if where != GSTREAM_DIR and not where.startswith(GSTREAM_DIR + os.sep):  # sub-packages
             raise ImportError(f"{name} comes from {where}, not {GSTREAM_DIR}")
         return obj
     raise err
