@@ -28,9 +28,8 @@ with atheris.instrument_imports():
 
     from gstream.errors import HandshakeError
     from gstream.hijack import Hijack
-    from gstream.websocket import WebSocket
-    from gstream.wsconfig import WSConfig
-    from gstream.wsupgrade import _request, upgrade
+    from gstream.websocket import WebSocket, WSConfig
+    from gstream.websocket.upgrade import _request, upgrade
 
 CFG = WSConfig(read_limit=4096, close_timeout=0.05, read_idle_timeout=None, compression=True)
 VALID = set(range(1000, 1004)) | set(range(1005, 1012)) | set(range(3000, 5000))
@@ -102,7 +101,7 @@ def fuzz_frames(data: bytes) -> None:
 
     reader = gevent.spawn(drain)
     consumer = gevent.spawn(consume)
-    assert ws.closed.wait(5), "connection did not finish within 5 s"
+    assert ws.wait_closed(5), "connection did not finish within 5 s"
     assert ws.close_code in VALID, ws.close_code
     reader.kill()
     consumer.kill()

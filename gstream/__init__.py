@@ -19,9 +19,17 @@ from .events import Event, EventType, encode, encode_comment, encode_retry, json
 from .hub import Hub, HubConfig
 from .sse import SSE_HEADERS, ChunkedWriter, SSEWriter, last_event_id, stream_events
 from .sseparse import EventStreamParser, ParsedEvent
-from .websocket import PreparedMessage, WebSocket, close_all, prepare
-from .wsconfig import WSConfig
-from .wsupgrade import reject_response, upgrade, websocket_app, websocket_callback_app
+from .websocket import (
+    PreparedMessage,
+    WebSocket,
+    WSConfig,
+    close_all,
+    prepare,
+    reject_response,
+    upgrade,
+    websocket_app,
+    websocket_callback_app,
+)
 
 # gstream.server imports gevent.pywsgi, which imports ssl; importing it here
 # would load ssl before `gstream serve` has monkey-patched. Load it lazily.

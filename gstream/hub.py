@@ -262,7 +262,7 @@ class Hub:
         """One send per member that got frames in this batch."""
         for i, m in enumerate(dirty):
             m.pending = False
-            m.ws._flush_pending()
+            m.ws.flush()
             if i % _FLUSH_YIELD == _FLUSH_YIELD - 1:
                 gevent.sleep(0)  # a huge room must not hog the loop
         dirty.clear()
@@ -289,7 +289,7 @@ class Hub:
                     continue
             try:
                 if m.shares:
-                    if ws._push_shared(frame) or self._push_after_flush(m, frame) or self._slow(m, pm):
+                    if ws.push_shared(frame) or self._push_after_flush(m, frame) or self._slow(m, pm):
                         delivered += 1
                         if not m.pending:
                             m.pending = True
@@ -317,8 +317,8 @@ class Hub:
         """
         if not m.pending:
             return False
-        m.ws._flush_pending()
-        return m.ws._push_shared(frame)
+        m.ws.flush()
+        return m.ws.push_shared(frame)
 
     def _slow(self, m: _Member, pm: Any) -> int:
         """Apply the slow-member policy; return 1 if the message was queued."""
@@ -521,12 +521,11 @@ class Hub:
         deadline = time.monotonic() + timeout
         if self._runner is not None and self._runner is not gevent.getcurrent():
             self._done.wait(timeout)
-        for ws in self._closing:
-            ws.closed.wait(max(0.0, deadline - time.monotonic()))
-        late = [ws for ws in self._closing if not ws.closed.is_set()]
+        late = [ws for ws in self._closing
+                if not ws.wait_closed(max(0.0, deadline - time.monotonic()))]
         for ws in late:
             ws.abort("hub stop timeout")
-        self._closing = [ws for ws in self._closing if not ws.closed.is_set()]
+        self._closing = [ws for ws in late if not ws.wait_closed(0)]
         return not late
 
     # -- introspection ---------------------------------------------------------

@@ -165,7 +165,7 @@ def test_open_websocket_keeps_no_parsed_handshake(serve) -> None:  # type: ignor
     outlive the handshake of an open connection (they cost ~2.5 KiB each)."""
     from websockets.http11 import Request
 
-    from gstream.wsupgrade import websocket_app
+    from gstream.websocket import websocket_app
     from tests import wsraw
 
     def echo(ws):  # type: ignore[no-untyped-def]

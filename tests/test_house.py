@@ -13,8 +13,7 @@
     defined (method, class attribute, ``self._x = ...`` or ``__slots__``) in another gstream
     module. Underscore names of other libraries are not this test's business.
 
-The WebSocket modules still break (b) until they become one package: ``KNOWN_PRIVATE_USES``
-names each remaining violation. The list may only shrink; a new violation fails the test,
+``KNOWN_PRIVATE_USES`` names each remaining violation of (b). The list may only shrink; a new violation fails the test,
 and so does an entry that is no longer needed.
 """
 
@@ -34,21 +33,9 @@ def _pairs(module: str, names: str) -> set[tuple[str, str]]:
 
 #: (module that uses it, underscore name) for each violation of (b) left to fix. Only shrinks.
 KNOWN_PRIVATE_USES: frozenset[tuple[str, str]] = frozenset(
-    # The WebSocket class split over mixins in four modules, and its users (issue 20's
-    # WebSocket package restructure removes these).
-    _pairs("gstream.websocket", "_check_open _close_detached _discard _kick_dispatch "
-                                "_queue_control _take_output")
-    | _pairs("gstream.wskeepalive", "_internal_error _keepalive_due _last_rx _ping_nonce "
-                                    "_ping_sent_at")
-    | _pairs("gstream.wsoutput", "_check_state _fd _finalize _finalized _flusher _guard "
-                                 "_internal_error _out _p _paused _peer_eof _raw _reading "
-                                 "_resume_reading _sock _stop_reading _tls")
-    | _pairs("gstream.wssession", "_fd _finalized _hijack _inbound _loop _pop_inbound _release")
-    | _pairs("gstream.wsupgrade", "_serve_by_callbacks _start")
-    | _pairs("gstream.hub", "_flush_pending _push_shared")
     # Not gstream's: gevent's socket._sock, which only shares a name with an attribute
     # of gstream's WebSocket.
-    | _pairs("gstream.handler", "_sock")
+    _pairs("gstream.handler", "_sock")
 )
 
 

@@ -193,7 +193,7 @@ def test_register_unregister_count_and_auto_unregister_on_close(serve: Any) -> N
     assert wait_until(lambda: hub.count == 0, 1)
     assert not hub.register(ws2)  # closed: refused
     c1.close()
-    assert wait_until(lambda: ws1.closed.is_set(), 3)
+    assert wait_until(lambda: ws1.wait_closed(0), 3)
     assert not hub.register(ws1)
     room.stop()
 
@@ -224,7 +224,7 @@ def test_stop_closes_everyone_with_1001_and_later_calls_are_noops(serve: Any, st
     hub = Hub()
     room = Room(serve, hubs={"a": hub}) if started else None
     if room is None:
-        srv = serve(websocket_app(lambda ws: (hub.register(ws), ws.closed.wait(10))),
+        srv = serve(websocket_app(lambda ws: (hub.register(ws), ws.wait_closed(10))),
                     handler_class=GStreamHandler)
         url = f"ws://127.0.0.1:{srv.port}/"
         clients = [connect(url) for _ in range(3)]
@@ -268,7 +268,7 @@ def test_stop_returns_fast_with_100_members_and_one_that_never_reads(serve: Any)
     # Seed: Stop returns within 500 ms even if one of 100 connections' close blocks.
     hub = Hub()
     hub.start()
-    srv = serve(websocket_app(lambda ws: (hub.register(ws), ws.closed.wait(10))),
+    srv = serve(websocket_app(lambda ws: (hub.register(ws), ws.wait_closed(10))),
                 handler_class=GStreamHandler)
     socks = []
     for _ in range(99):

@@ -99,11 +99,11 @@ def test_queueing_a_shared_frame_allocates_nothing_the_collector_tracks(serve: A
     try:
         before = gc.get_count()[0]
         for frame in frames:
-            assert ws._push_shared(frame)
+            assert ws.push_shared(frame)
         grown = gc.get_count()[0] - before
     finally:
         gc.enable()
-    ws._flush_pending()
+    ws.flush()
     assert grown < 50, grown
     assert recv_n(client, 500) == [f"g{i}" for i in range(500)]
     client.close()

@@ -63,7 +63,7 @@ def start(serve: Any, hub: Hub, config: WSConfig | None = None,
     def handler(ws: gstream.WebSocket) -> None:
         hub.register(ws)
         conns.append(ws)
-        ws.closed.wait(30)
+        ws.wait_closed(30)
 
     hub.start()
     srv = serve(websocket_app(handler, config), handler_class=handler_class)
@@ -260,7 +260,7 @@ def test_send_prepared_drop_oldest_primitive(serve: Any) -> None:
             results.append(ws.send_prepared_drop_oldest(gstream.prepare(f"{i}:" + "y" * 4000)))
             depths.append(ws.send_queue_depth)
         done.set()
-        ws.closed.wait(10)
+        ws.wait_closed(10)
 
     srv = serve(websocket_app(handler, WSConfig(send_buffer=4)), handler_class=SmallSendBuffer)
     sock, rest = stalled_member(srv.port)

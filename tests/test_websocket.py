@@ -261,7 +261,7 @@ def test_close_all_and_send_after_close(serve: Any) -> None:
 
     def handler(ws: gstream.WebSocket) -> None:
         conns.append(ws)
-        ws.closed.wait(5)
+        ws.wait_closed(5)
 
     srv = serve(websocket_app(handler))
     stack = contextlib.ExitStack()
@@ -274,7 +274,7 @@ def test_close_all_and_send_after_close(serve: Any) -> None:
         assert c.protocol.close_code == 1001
     stack.close()
     for ws in conns:
-        assert ws.closed.is_set() and ws.close_code == 1001
+        assert ws.wait_closed(0) and ws.close_code == 1001
         with pytest.raises(Closed):
             ws.send("late")
         with pytest.raises(Closed):
@@ -373,3 +373,28 @@ def test_invalid_close_code_rejected(serve: Any) -> None:
     with connect(f"ws://127.0.0.1:{srv.port}/") as c, pytest.raises(ConnectionClosed):
         c.recv(timeout=2)
     assert errors == [999, 1005, 1006, 5000, "reason"]
+
+
+def test_while_not_closed_loops_until_the_peer_closes(serve: Any) -> None:
+    # The idiom of aiohttp and websockets: `closed` must be a bool, False while open.
+    # (It was a gevent Event, always truthy: the loop returned at once, the client saw
+    # a 1000 close before any message, and nothing was logged.)
+    ended: list[tuple[bool, bool, int | None]] = []
+
+    def handler(ws: gstream.WebSocket) -> None:
+        sent = 0
+        try:
+            while not ws.closed and sent < 500:  # bounded: 500 x 10 ms
+                ws.send(f"tick {sent}")
+                sent += 1
+                gevent.sleep(0.01)
+        finally:
+            ended.append((ws.closed, ws.wait_closed(2), ws.close_code))
+
+    srv = serve(websocket_app(handler))
+    with connect(f"ws://127.0.0.1:{srv.port}/") as c:
+        assert [c.recv(timeout=2) for _ in range(3)] == ["tick 0", "tick 1", "tick 2"]
+        assert not ended  # still looping while the client is connected
+        c.close(1000, "bye")
+    assert wait_until(lambda: bool(ended), 3)
+    assert ended == [(True, True, 1000)]

@@ -123,7 +123,7 @@ def test_dead_peer_found_while_inbound_is_paused(serve: Any) -> None:
     sock, _, _, _ = wsraw.handshake(srv.port)
     sock.sendall(b"".join(wsraw.text(f"m{i}") for i in range(20)))
     t0 = time.monotonic()
-    assert wait_until(lambda: conns and conns[0].closed.is_set(), 4)
+    assert wait_until(lambda: conns and conns[0].wait_closed(0), 4)
     assert time.monotonic() - t0 < 2.5
     assert (conns[0].close_code, conns[0].close_reason) == (1011, "keepalive ping timeout")
     sock.close()
@@ -137,7 +137,7 @@ def test_live_peer_answers_pings_while_inbound_is_paused(serve: Any) -> None:
 
     def parked(ws: gstream.WebSocket) -> None:
         conns.append(ws)
-        ws.closed.wait(10)
+        ws.wait_closed(10)
 
     srv = serve(websocket_app(parked, WSConfig(read_idle_timeout=0.2, pong_timeout=0.3)))
     sock, _, _, rest = wsraw.handshake(srv.port)
@@ -236,7 +236,7 @@ def test_default_write_timeout_closes_a_peer_that_never_reads(serve: Any) -> Non
                   "Connection: Upgrade\r\nSec-WebSocket-Key: " + wsraw.KEY + "\r\n"
                   "Sec-WebSocket-Version: 13\r\n\r\n").encode())
     assert wait_until(lambda: stalled, 5)
-    assert wait_until(lambda: conns[0].closed.is_set(), 12.5)
+    assert wait_until(lambda: conns[0].wait_closed(0), 12.5)
     took = time.monotonic() - stalled[0]
     assert 9.0 <= took < 12.0, took
     assert conns[0].close_reason == "write timeout"

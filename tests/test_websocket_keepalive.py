@@ -23,7 +23,7 @@ def _parked_app(config: WSConfig) -> tuple[Any, list[gstream.WebSocket]]:
 
     def handler(ws: gstream.WebSocket) -> None:
         conns.append(ws)
-        ws.closed.wait(5)
+        ws.wait_closed(5)
 
     return websocket_app(handler, config), conns
 
@@ -66,13 +66,13 @@ def test_peer_that_never_pongs_is_closed_after_pong_timeout(serve: Any) -> None:
     assert code == 1011 and b"ping timeout" in reason
     assert r.at_eof()
     assert time.monotonic() - t0 < 1.5
-    assert wait_until(lambda: conns[0].closed.is_set(), 2)
+    assert wait_until(lambda: conns[0].wait_closed(0), 2)
     assert conns[0].close_code == 1011
     sock.close()
 
 
 def test_negative_sentinel_disables_keepalive(serve: Any) -> None:
-    srv = serve(websocket_app(lambda ws: ws.closed.wait(1), WSConfig(read_idle_timeout=None)))
+    srv = serve(websocket_app(lambda ws: ws.wait_closed(1), WSConfig(read_idle_timeout=None)))
     sock, _, _, rest = wsraw.handshake(srv.port)
     sock.settimeout(0.4)
     with pytest.raises(socket.timeout):
@@ -95,7 +95,7 @@ def test_peer_that_stops_reading_is_closed_after_write_timeout(serve: Any) -> No
     srv = serve(websocket_app(handler, WSConfig(write_timeout=0.3)))
     sock, _, _, _ = wsraw.handshake(srv.port)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    assert wait_until(lambda: conns and conns[0].closed.is_set(), 4)
+    assert wait_until(lambda: conns and conns[0].wait_closed(0), 4)
     assert conns[0].close_code == 1006 and conns[0].close_reason == "write timeout"
     sock.close()
 
@@ -106,7 +106,7 @@ def test_app_that_never_receives(serve: Any, policy: str) -> None:
 
     def handler(ws: gstream.WebSocket) -> None:
         conns.append(ws)
-        ws.closed.wait(3)
+        ws.wait_closed(3)
 
     cfg = WSConfig(max_queue=4, inbound_overflow=policy, close_timeout=0.3)
     srv = serve(websocket_app(handler, cfg))
@@ -193,7 +193,7 @@ def test_pings_keep_the_idle_pace_when_the_pong_wait_is_longer(serve: Any) -> No
 
 
 def test_keepalive_sweep_is_shared_and_goes_away_with_its_last_connection(serve: Any) -> None:
-    from gstream import wskeepalive
+    from gstream.websocket import keepalive as wskeepalive
 
     app, conns = _parked_app(WSConfig(read_idle_timeout=0.05, pong_timeout=0.5))
     srv = serve(app)
@@ -206,5 +206,5 @@ def test_keepalive_sweep_is_shared_and_goes_away_with_its_last_connection(serve:
         ws.close()
     for s in socks:
         s.close()
-    assert wait_until(lambda: all(ws.closed.is_set() for ws in conns), 3)
+    assert wait_until(lambda: all(ws.wait_closed(0) for ws in conns), 3)
     assert (0.05, 0.5) not in wskeepalive._sweeps.get(gevent.get_hub(), {})

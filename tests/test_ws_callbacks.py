@@ -19,7 +19,7 @@ from gstream import WSConfig, websocket_callback_app
 from gstream.client import connect
 from gstream.handler import GStreamHandler
 from gstream.hub import Hub
-from gstream.wssession import detached_sessions
+from gstream.websocket import detached_sessions
 from tests import wsraw
 from tests.helpers import wait_until
 from tests.leakcheck import LeakCheck, hub_greenlets

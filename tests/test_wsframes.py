@@ -1,4 +1,4 @@
-"""gstream encodes unmasked server frames itself (gstream/wsframes.py): they
+"""gstream encodes unmasked server frames itself (gstream/websocket/frames.py): they
 must be exactly what websockets' own serializer produces and parse back
 through websockets' Sans-I/O parser, at every length boundary."""
 
@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from websockets.frames import Frame, Opcode
 from websockets.streams import StreamReader
 
-from gstream.wsframes import BINARY, PING, TEXT, encode_frame, prepare
+from gstream.websocket.frames import BINARY, PING, TEXT, encode_frame, prepare
 
 
 def _parse(data: bytes) -> Frame:

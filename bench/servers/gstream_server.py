@@ -57,7 +57,7 @@ def _find(name: str, *modules: str):  # type: ignore[no-untyped-def]
             err = exc
             continue
         where = os.path.dirname(os.path.abspath(sys.modules[obj.__module__].__file__ or ""))
-        if where != GSTREAM_DIR:
+        if where != GSTREAM_DIR and not where.startswith(GSTREAM_DIR + os.sep):  # sub-packages
             raise ImportError(f"{name} comes from {where}, not {GSTREAM_DIR}")
         return obj
     raise err
@@ -74,7 +74,7 @@ def _optional(name: str, *modules: str):  # type: ignore[no-untyped-def]
 SSEBroker = _optional("SSEBroker", "gstream.broker")  # PLUG-IN: names of issues 3-6
 websocket_app = _optional("websocket_app", "gstream.websocket", "gstream.wsupgrade")
 Hub = _optional("Hub", "gstream.hub")
-websocket_callback_app = _optional("websocket_callback_app", "gstream.wsupgrade")
+websocket_callback_app = _optional("websocket_callback_app", "gstream.websocket", "gstream.wsupgrade")
 
 
 def _accepts(fn, name: str) -> bool:  # type: ignore[no-untyped-def]

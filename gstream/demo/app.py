@@ -21,9 +21,7 @@ from ..errors import BackplaneUnavailable
 from ..events import Event
 from ..sse import query_param
 from ..types import Environ, StartResponse
-from ..websocket import WebSocket
-from ..wsconfig import WSConfig
-from ..wsupgrade import websocket_app
+from ..websocket import WebSocket, WSConfig, websocket_app
 from .chat import ChatRoom
 
 __all__ = ["DemoApp", "make_app", "MAX_PUBLISH_BODY", "MAX_PUBLISH_COUNT"]

@@ -17,9 +17,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from ..errors import HandshakeError
-from ..websocket import WebSocket
-from ..wsconfig import WSConfig
-from ..wsupgrade import reject_response, upgrade
+from ..websocket import WebSocket, WSConfig, reject_response, upgrade
 
 __all__ = ["ChatRoom", "MAX_MESSAGE"]
 

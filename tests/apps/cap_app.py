@@ -73,7 +73,7 @@ def _chunked(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
 def _ws_handler(ws: Any) -> None:
     seen = len(_pokes)
     ws.send("hello")
-    while not ws.closed.is_set():
+    while not ws.closed:
         message, seen = _next_message(seen)
         ws.send(message)
 

@@ -39,9 +39,7 @@ from gstream.errors import Closed
 from gstream.events import Event
 from gstream.lifecycle import lifecycle
 from gstream.sse import SSE_HEADERS, ChunkedWriter, SSEWriter, stream_events
-from gstream.websocket import WebSocket, open_connections
-from gstream.wsconfig import WSConfig
-from gstream.wsupgrade import websocket_app
+from gstream.websocket import WebSocket, WSConfig, open_connections, websocket_app
 
 
 def _rss() -> int:

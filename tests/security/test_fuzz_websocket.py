@@ -14,8 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gstream.client import connect
-from gstream.websocket import open_connections
-from gstream.wsconfig import WSConfig
+from gstream.websocket import WSConfig, open_connections
 from tests import wsraw
 from tests.helpers import read_response_head, wait_until
 from tests.leakcheck import LeakCheck

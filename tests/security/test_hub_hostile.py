@@ -216,7 +216,7 @@ def test_200_members_20_never_read(gserver, errors, policy):
         assert st["closed_slow"] == n_hostile and hub.count == n_healthy
         # Removed at once; a peer that never reads is cut by write_timeout.
         bound = cfg.write_timeout + cfg.close_timeout + 2.0
-        assert wait_until(lambda: all(ws.closed.is_set() for ws in hostile_ws), bound)
+        assert wait_until(lambda: all(ws.wait_closed(0) for ws in hostile_ws), bound)
         assert [ws.close_code for ws in hostile_ws] == [1013] * n_hostile
         assert all(ws.close_reason == "too slow" for ws in hostile_ws)
     # ~20-50 ms on an idle machine. The bound is loose because this process

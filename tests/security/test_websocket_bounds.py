@@ -19,8 +19,7 @@ import pytest
 from gstream.broker import SSEBroker
 from gstream.client import connect
 from gstream.lifecycle import lifecycle
-from gstream.websocket import open_connections
-from gstream.wsconfig import WSConfig
+from gstream.websocket import WSConfig, open_connections
 from tests import wsraw
 from tests.helpers import SSEStream, wait_until
 from tests.leakcheck import LeakCheck

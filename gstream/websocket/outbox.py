@@ -1,18 +1,8 @@
-"""The outbound half of a WebSocket connection: send API, queue, coalesced sends, writer.
+"""The outbound half of a WebSocket connection: send API, send queue, coalesced flushes, writer.
 
-``send``/``try_send``/``send_prepared``/... check the connection, apply the
-``send_buffer`` backpressure and queue one encoded frame (ours on a plain
-connection, websockets' with permessage-deflate).
-
-Frames are queued as plain ``bytes`` (control frames as :class:`_Control`,
-which the send buffer does not count) and flushed from one loop
-callback per loop iteration (:class:`_Flusher`) with a single non-blocking
-``send`` of the queued frames joined (up to 256 KiB). Only when the kernel
-buffer is full is a writer greenlet started; it waits for writability under
-the write timeout and exits once the queue is empty, so at most one writer
-exists per connection and writes are serialized. A hub queues shared frames
-with :meth:`OutboundQueue._push_shared` and flushes once per batch.
-See docs/websocket.md.
+Frames are queued as ``bytes`` and flushed once per loop iteration with one non-blocking
+``send``; a writer greenlet exists only while the kernel buffer is full. A hub queues with
+:meth:`OutboundQueue.push_shared` and sends with :meth:`OutboundQueue.flush`. docs/websocket.md.
 """
 
 from __future__ import annotations
@@ -27,17 +17,17 @@ import gevent
 from gevent.socket import wait_write
 from websockets.protocol import OPEN
 
-from .errors import Closed
-from .tlsio import os_socket
-from .wsframes import BINARY, TEXT, Message, PreparedMessage, encode_frame
+from ..errors import Closed
+from ..tlsio import os_socket
+from .frames import BINARY, TEXT, Message, PreparedMessage, encode_frame
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     import gevent.event
 
-    from .wsconfig import WSConfig
-    from .wsprotocol import GStreamProtocol
+    from .config import WSConfig
+    from .protocol import GStreamProtocol
 
 __all__ = ["OutboundQueue"]
 
@@ -57,8 +47,8 @@ class _Control(bytes):
     A marker type rather than a ``(frame, is_message)`` pair: queueing a
     message then allocates nothing the garbage collector tracks, so a hub
     burst to thousands of members (one queued frame each per message) does
-    not drive the collector into a full pass over every connection (~70 ms
-    at 5,000 connections, measured).
+    not drive the collector into a full pass over every connection
+    (docs/performance.md, third round).
     """
 
     __slots__ = ()
@@ -261,17 +251,17 @@ class OutboundQueue:
             self._take_output(True)
             return
         # A plain connection takes an unmasked frame as is: encoded here (a
-        # few microseconds less per message than a websockets Frame) unless
+        # less work per message than a websockets Frame) unless
         # a broadcast already encoded it once for everyone.
         if frame is None:
             frame = encode_frame(TEXT if is_text else BINARY, payload)
         self._queue_frame(frame)
 
-    def _push_shared(self, frame: bytes) -> bool:
+    def push_shared(self, frame: bytes) -> bool:
         """Hub fast path: queue a shared frame *without* scheduling a flush.
 
         Only for connections that share frames (no extension). The caller
-        must call :meth:`_flush_pending` afterwards (a hub does it once per
+        must call :meth:`flush` afterwards (a hub does it once per
         batch, so many queued frames leave in one ``send``). Returns False
         when the send buffer is full; raises :class:`Closed` once closing.
         """
@@ -286,10 +276,9 @@ class OutboundQueue:
     def _queue_frame(self, frame: bytes) -> None:
         """Queue one encoded message frame and schedule a flush.
 
-        Never written at once, even to an idle connection: measured, writing
-        a reply straight away cut echo throughput at 50 clients from ~56-72k
-        to ~39-46k round trips/s (each reply woke the client on its own; the
-        end-of-iteration flush hands the clients their replies in batches).
+        Never written at once, even to an idle connection: the end-of-iteration
+        flush hands the clients their replies in batches, which measured faster
+        than one wake-up per reply (docs/websocket.md, "I/O model").
         """
         self._out.append(frame)
         self._out_bytes += len(frame)
@@ -305,11 +294,11 @@ class OutboundQueue:
         self._out.append(_Control(frame))
         self._out_bytes += len(frame)
         if now:
-            self._flush_pending()
+            self.flush()
         else:
             self._schedule_flush()
 
-    def _flush_pending(self) -> None:
+    def flush(self) -> None:
         """Send what is queued, now, from the calling greenlet, unless a flush
         is already due or a writer owns the connection (they will send it)."""
         if self._out and self._writer is None and not self._flush_scheduled and not self._finalized:

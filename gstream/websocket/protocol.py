@@ -1,20 +1,7 @@
 """websockets' ``ServerProtocol`` with the two strictness fixes gstream needs.
 
-websockets still parses every frame; this subclass only changes what happens
-when the parser gives up (:meth:`GStreamProtocol.fail`):
-
-- A Close between the fragments of a message (allowed by RFC 6455 5.4/5.5:
-  control frames may come between fragments) is answered with the peer's
-  own close code, as any Close is, instead of 1002 "incomplete fragmented
-  message" (Autobahn 7.1.5).
-- While the connection reads (``hold_failures``), a failure is held instead
-  of sent, so that the messages parsed before the bad frame in the same read
-  reach the application, and its answers leave, before the Close
-  (Autobahn 3.2, 3.3, 4.1.3, 4.1.4, 4.2.3, 4.2.4, 5.15).
-  :meth:`release_failure` then fails the connection for real.
-
-Both rely on the public ``fail``/``close_rcvd``/``state`` of websockets 13 to
-the current release. See docs/websocket.md ("Strictness").
+A Close between fragments is answered with the peer's code, and a parser failure can be held
+until the messages before it are answered. docs/websocket.md, "Strictness".
 """
 
 from __future__ import annotations

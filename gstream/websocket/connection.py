@@ -1,25 +1,11 @@
 """The WebSocket connection: gevent I/O around websockets' Sans-I/O protocol.
 
-Design (see docs/websocket.md): no greenlet per connection in the steady
-state. Reading is a libev io watcher whose callback runs in the hub: it does a
-non-blocking ``recv``, feeds websockets' ``ServerProtocol`` (as
-:class:`gstream.wsprotocol.GStreamProtocol`), answers
-control frames (pongs, close echoes) and queues complete messages, whether or
-not the application ever calls :meth:`WebSocket.receive`. Keepalive and the
-close wait are libev timers. Writes are queued and flushed from a loop
-callback with one non-blocking ``send`` of all queued frames joined
-(:mod:`gstream.wsoutput`). An idle connection therefore costs the
-application's own greenlet plus a few small objects, and not even that when
-it is served by callbacks (:mod:`gstream.wssession`).
-
-Frame parsing, masking, control-frame rules, close codes and permessage-deflate
-(with inflation bounded by ``read_limit``) are websockets'; message reassembly
-and incremental UTF-8 validation are ours.
+No greenlet of its own: a libev read watcher feeds the protocol from the hub, keepalive is a
+shared sweep, writes go through the outbox (outbox.py). Why: docs/websocket.md, "I/O model".
 """
 
 from __future__ import annotations
 
-import codecs
 import logging
 import socket
 import time
@@ -33,16 +19,17 @@ from gevent.hub import Waiter
 from websockets.frames import Close, Frame, Opcode
 from websockets.protocol import CLOSED, OPEN
 
-from .errors import Closed
-from .hijack import Hijack
-from .lifecycle import lifecycle
-from .tlsio import TLSTransport, is_tls, os_socket
-from .wsconfig import WSConfig
-from .wsframes import PING, Message, PreparedMessage, encode_frame, prepare
-from .wskeepalive import KeepaliveSweep, join_sweep
-from .wsoutput import OutboundQueue, flusher_for
-from .wsprotocol import GStreamProtocol
-from .wssession import CallbackSession, _discard
+from ..errors import Closed
+from ..hijack import Hijack
+from ..lifecycle import lifecycle
+from ..tlsio import TLSTransport, is_tls, os_socket
+from .assembler import Assembler, MessageError, whole_message
+from .callbacks import CallbackSession, _discard
+from .config import WSConfig
+from .frames import PING, Message, PreparedMessage, encode_frame, prepare
+from .keepalive import KeepaliveSweep, join_sweep
+from .outbox import OutboundQueue, flusher_for
+from .protocol import GStreamProtocol
 
 __all__ = ["WebSocket", "PreparedMessage", "prepare", "close_all", "open_connections"]
 
@@ -82,9 +69,7 @@ def close_all(timeout: float | None = None, code: int = 1001,
     if timeout is None:
         timeout = max((ws.config.close_timeout for ws in conns), default=0) + 0.5
     deadline = time.monotonic() + timeout
-    for ws in conns:
-        ws.closed.wait(max(0.0, deadline - time.monotonic()))
-    late = [ws for ws in conns if not ws.closed.is_set()]
+    late = [ws for ws in conns if not ws.wait_closed(max(0.0, deadline - time.monotonic()))]
     for ws in late:
         ws.abort("close timeout")
     return len(late)
@@ -96,8 +81,6 @@ class WebSocket(OutboundQueue, CallbackSession):
     Attributes:
         environ: the WSGI environ of the upgrade request.
         subprotocol: the negotiated subprotocol, or None.
-        closed: a :class:`gevent.event.Event` set once the connection is fully
-            closed (handshake done or given up, TCP shut down).
         close_code, close_reason: why it closed: the peer's code if it sent a
             close frame, else ours, else 1006 (no close frame). None while open.
         dropped_inbound: messages dropped by the ``"drop"`` inbound policy.
@@ -105,10 +88,10 @@ class WebSocket(OutboundQueue, CallbackSession):
     """
 
     __slots__ = (
-        "__weakref__", "environ", "config", "subprotocol", "closed", "close_code",
+        "__weakref__", "environ", "config", "subprotocol", "_closed", "close_code",
         "close_reason", "dropped_inbound", "latency", "_p", "_hijack", "_sock", "_raw",
         "_fd", "_tls", "_loop", "_hub", "_flusher", "_inbound", "_waiter", "_recv_done", "_paused", "_failed",
-        "_frag_op", "_frag_parts", "_frag_size", "_decoder", "_out", "_out_bytes",
+        "_frag", "_out", "_out_bytes",
         "_out_msgs", "_eof_pending", "_eof_sent", "_flush_scheduled", "_writer", "_space",
         "_reader", "_reading", "_keepalive", "_close_timer", "_last_rx", "_ping_nonce",
         "_ping_sent_at", "_ping_count", "_finalized", "_callbacks", "_peer_eof",
@@ -120,7 +103,7 @@ class WebSocket(OutboundQueue, CallbackSession):
         self.environ = environ
         self.config = config
         self.subprotocol: str | None = protocol.subprotocol
-        self.closed = gevent.event.Event()
+        self._closed = gevent.event.Event()  # set once fully closed (wait_closed)
         self.close_code: int | None = None
         self.close_reason = ""
         self.dropped_inbound = 0
@@ -135,8 +118,8 @@ class WebSocket(OutboundQueue, CallbackSession):
         self._fd = hijack.sock.fileno()
         self._hub = gevent.get_hub()
         self._loop = self._hub.loop
-        # Lists, not deques: an idle deque keeps a 64-slot block (~600 bytes)
-        # for the life of the connection; an empty list is 56 bytes. Both
+        # Lists, not deques: an idle deque keeps a 64-slot block for the life
+        # of the connection, an empty list a bare header. Both
         # queues are short (max_queue, send_buffer) and drained from the
         # front in one slice (see _consume).
         self._inbound: list[Message] = []
@@ -150,11 +133,8 @@ class WebSocket(OutboundQueue, CallbackSession):
         # keepalive ping (reset when the pause starts).
         self._pause_budget = 0
         self._failed = False
-        self._frag_op: Opcode | None = None
-        self._frag_parts: list[Any] = []
-        self._frag_size = 0
-        self._decoder: Any = None
-        self._out: list[bytes] = []  # frames; control frames as wsoutput._Control
+        self._frag: Assembler | None = None  # the fragmented message under way
+        self._out: list[bytes] = []  # frames; control frames as outbox._Control
         self._out_bytes = 0
         self._out_msgs = 0
         self._eof_pending = False
@@ -208,6 +188,21 @@ class WebSocket(OutboundQueue, CallbackSession):
     def open(self) -> bool:
         """True until a close frame was sent or received or the TCP link is gone."""
         return not self._finalized and self._p.state is OPEN
+
+    @property
+    def closed(self) -> bool:
+        """True once the connection is closing or closed: ``not ws.open``.
+
+        A bool, as ``closed`` is in aiohttp and websockets, so that
+        ``while not ws.closed: ws.send(...)`` loops until the peer goes away.
+        To wait for the end of the closing handshake, use :meth:`wait_closed`.
+        """
+        return self._finalized or self._p.state is not OPEN
+
+    def wait_closed(self, timeout: float | None = None) -> bool:
+        """Block until the connection is fully closed (closing handshake done or
+        given up, TCP shut down); False if ``timeout`` seconds passed first."""
+        return self._closed.wait(timeout)
 
     def receive(self, timeout: float | None = None) -> Message:
         """Return the next message: ``str`` for text, ``bytes`` for binary.
@@ -281,7 +276,7 @@ class WebSocket(OutboundQueue, CallbackSession):
             self._check_state()
         if wait and gevent.getcurrent() is not gevent.get_hub():
             bound = self.config.close_timeout + (self.config.write_timeout or 0) + 1.0
-            if not self.closed.wait(bound):
+            if not self._closed.wait(bound):
                 self.abort("close timeout")
 
     def abort(self, reason: str = "aborted") -> None:
@@ -445,23 +440,12 @@ class WebSocket(OutboundQueue, CallbackSession):
         self._last_rx = _monotonic()
         op = frame.opcode
         if (op is _OP_TEXT or op is _OP_BINARY) and frame.fin and not self._failed:
-            # The common case, a whole message in one frame: no incremental
-            # decoder, no parts list (a few microseconds per message).
-            data = frame.data
-            if not isinstance(data, bytes):
-                data = bytes(data)
-            if len(data) > self.config.read_limit:  # also enforced by websockets
-                self._fail(1009, "message too big")
+            try:
+                msg = whole_message(frame.data, op is _OP_TEXT, self.config.read_limit)
+            except MessageError as exc:
+                self._fail(exc.code, exc.reason)
                 return
-            if op is _OP_TEXT:
-                try:
-                    text = data.decode("utf-8")
-                except UnicodeDecodeError:
-                    self._fail(1007, "invalid UTF-8")
-                    return
-                self._deliver(text)
-                return
-            self._deliver(data)
+            self._deliver(msg)
             return
         if op is _OP_PONG:
             if self._ping_nonce is not None and frame.data == self._ping_nonce:
@@ -471,31 +455,19 @@ class WebSocket(OutboundQueue, CallbackSession):
         if op is _OP_PING or op is _OP_CLOSE or self._failed:
             return  # websockets answers pings and echoes closes itself
         if op is not _OP_CONT:
-            self._frag_op = op
-            self._frag_parts = []
-            self._frag_size = 0
-            self._decoder = codecs.getincrementaldecoder("utf-8")() if op is _OP_TEXT else None
-        self._frag_size += len(frame.data)
-        if self._frag_size > self.config.read_limit:  # also enforced by websockets
-            self._fail(1009, "message too big")
+            self._frag = Assembler(op is _OP_TEXT, self.config.read_limit)
+        frag = self._frag
+        if frag is None:
+            return  # a continuation with nothing to continue: websockets fails it
+        try:
+            done = frag.add(frame.data, frame.fin)
+        except MessageError as exc:
+            self._frag = None
+            self._fail(exc.code, exc.reason)
             return
-        if self._decoder is not None:
-            try:
-                self._frag_parts.append(self._decoder.decode(frame.data, frame.fin))
-            except UnicodeDecodeError:
-                self._fail(1007, "invalid UTF-8")
-                return
-        else:
-            self._frag_parts.append(frame.data)
-        if not frame.fin:
-            return
-        parts, self._frag_parts = self._frag_parts, []
-        if self._decoder is not None:
-            msg: Message = parts[0] if len(parts) == 1 else "".join(parts)
-        else:
-            msg = parts[0] if len(parts) == 1 else b"".join(parts)
-        self._decoder = None
-        self._deliver(msg)
+        if done is not None:
+            self._frag = None
+            self._deliver(done)
 
     def _deliver(self, msg: Message) -> None:
         if self._on_message is _discard:
@@ -553,7 +525,7 @@ class WebSocket(OutboundQueue, CallbackSession):
         self._ping_nonce = self._ping_count.to_bytes(4, "big")
         self._ping_sent_at = now
         # Encoded here, not by websockets' send_ping: the same frame, with
-        # less work per heartbeat (10,000 idle connections ping every interval).
+        # less work per heartbeat (every idle connection pings every interval).
         # The sweep sends every due ping in this one loop iteration anyway:
         # nothing to batch, so no flush callback per ping.
         self._queue_control(encode_frame(PING, self._ping_nonce), now=True)
@@ -624,7 +596,7 @@ class WebSocket(OutboundQueue, CallbackSession):
         self._wake_reader()
         if self._space is not None:
             self._space.set()
-        self.closed.set()
+        self._closed.set()
         lifecycle.unregister(self)
         _open.discard(self)
         self._close_detached()

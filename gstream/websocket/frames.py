@@ -1,18 +1,14 @@
 """Unmasked server-to-client data frames, encoded once (RFC 6455, section 5.2).
 
-The one piece of framing gstream does itself, because it is on every hot
-path: a frame a server sends is a 2-, 4- or 10-byte header and the payload,
-never masked, and without an extension it is the same bytes for every
-connection (:class:`PreparedMessage`: encode once, queue to thousands).
-Parsing client frames, control frames, close codes and permessage-deflate
-stay with websockets' Sans-I/O protocol.
+The one piece of framing gstream does itself, because it is on every send and broadcast;
+parsing stays with websockets. docs/websocket.md, "I/O model".
 """
 
 from __future__ import annotations
 
 import struct
 
-from .types import Message
+from ..types import Message
 
 __all__ = ["Message", "PreparedMessage", "encode_frame", "prepare"]
 

@@ -1,13 +1,7 @@
-"""The opening handshake from inside a WSGI application.
+"""The opening handshake from inside a WSGI application: ``upgrade`` and the WSGI apps.
 
-The server has already parsed the request, so websockets' ``Request`` is
-built from the environ (the path plus the ``HTTP_*`` headers) and handed to
-``ServerProtocol.accept``, which validates the handshake headers, negotiates
-extensions and builds the 101. gstream decides the cases websockets leaves to the caller or
-answers differently from what we want: method (405), version (426 with
-``Sec-WebSocket-Version: 13``), origin (403, same-origin by default),
-subprotocol (server preference, no match is not an error) and "is this
-server supported at all" (501), all before anything is written.
+gstream checks method, version, origin and server support (405/426/403/501) before anything is
+written; websockets' ``ServerProtocol.accept`` validates the rest and builds the 101.
 """
 
 from __future__ import annotations
@@ -25,12 +19,12 @@ from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFact
 from websockets.http11 import Request
 from websockets.protocol import OPEN
 
-from . import hijack as _hijack
-from .errors import Closed, HandshakeError
-from .lifecycle import lifecycle
-from .websocket import WebSocket
-from .wsconfig import WSConfig
-from .wsprotocol import GStreamProtocol
+from .. import hijack as _hijack
+from ..errors import Closed, HandshakeError
+from ..lifecycle import lifecycle
+from .config import WSConfig
+from .connection import WebSocket
+from .protocol import GStreamProtocol
 
 __all__ = ["upgrade", "websocket_app", "websocket_callback_app", "reject_response"]
 
@@ -53,8 +47,8 @@ def _request(environ: dict[str, Any]) -> Request:
     """The upgrade request as websockets' ``Request``, from what the server parsed.
 
     Built directly rather than replayed as bytes for websockets to parse a
-    second time (the server has parsed the head already): ~90 us less CPU per
-    connection, which adds up when 10,000 clients reconnect after a restart.
+    second time (the server has parsed the head already): it matters when
+    thousands of clients reconnect at once (docs/websocket.md).
     Header values come from the server's parser and go into no byte stream,
     so nothing here can inject a header. Raises :class:`HandshakeError` (400)
     for a value with characters a field value may not hold (control characters).
@@ -274,7 +268,7 @@ def websocket_callback_app(
             return ws.wsgi_result()
         if ws._serve_by_callbacks(on_message):
             return []  # detached: the session lives on without this greenlet
-        ws.closed.wait()
+        ws.wait_closed()
         return ws.wsgi_result()
 
     return app

@@ -1,19 +1,7 @@
 """WebSocket keepalive: one sweep timer per event loop and setting, not one per connection.
 
-Every connection of a loop that shares ``(read_idle_timeout, pong_timeout)``
-joins one :class:`KeepaliveSweep`. Its repeating timer fires four times per
-``min(read_idle_timeout, pong_timeout)`` and picks the connections that are
-due: silent for ``read_idle_timeout`` (send a ping) or waiting longer than
-``pong_timeout`` for the pong (close with 1011). A ping therefore leaves
-after 1 to 1.25 idle periods of silence, and a missing pong is noticed within
-1.25 pong timeouts.
-
-Why: with a timer per connection, each heartbeat of each connection was a
-loop wake-up of its own (the timer, the ping's flush, then the pong) and a
-timer re-created twice per heartbeat; at 10,000 idle connections with a 2 s
-heartbeat that cost 14.5-16.2% of a core. A sweep sends the due pings in one
-loop iteration, one flush callback for all of them, and the pongs come back
-in bursts that one ``epoll_wait`` returns together.
+The sweep fires four times per ``min(read_idle_timeout, pong_timeout)`` and pings the silent
+connections or fails the ones whose pong is late. Why: docs/websocket.md, docs/design.md.
 """
 
 from __future__ import annotations
@@ -23,7 +11,7 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .websocket import WebSocket
+    from .connection import WebSocket
 
 __all__ = ["KeepaliveSweep", "join_sweep"]
 

@@ -1,11 +1,7 @@
 """Callback-served WebSocket sessions (:func:`gstream.websocket_callback_app`).
 
-After ``on_open`` the session is handed to ``on_message`` callbacks, run by a
-greenlet spawned per burst of inbound messages, and, under gstream's own
-server, detached from the request greenlet: the descriptor moves to a new
-socket object (the server's close at the end of the request closes nothing)
-and the server keeps counting the session under ``max_connections`` until it
-is finalized. An idle session then holds no greenlet. See docs/websocket.md.
+``on_message`` runs in a greenlet spawned per burst; under gstream's server the session is
+detached from its request greenlet, so an idle session holds none. docs/websocket.md.
 """
 
 from __future__ import annotations
@@ -15,15 +11,15 @@ from typing import TYPE_CHECKING, Any, cast
 
 import gevent
 
-from .errors import Closed
-from .tlsio import os_socket
+from ..errors import Closed
+from ..tlsio import os_socket
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from .hijack import Hijack
-    from .websocket import Message, WebSocket
-    from .wsconfig import WSConfig
+    from ..hijack import Hijack
+    from .config import WSConfig
+    from .connection import Message, WebSocket
 
 __all__ = ["CallbackSession", "detached_sessions"]
 

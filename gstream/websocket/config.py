@@ -1,10 +1,7 @@
 """WebSocket configuration: limits, timeouts, origin policy, subprotocols.
 
-Every value is validated when the config is built, so a typo fails at import
-time with a clear :class:`ValueError` instead of at the first connection.
-Defaults follow the reference (1 MiB messages, 32-message send buffer, 10 s
-write timeout, 60 s read-idle ping, 10 s pong timeout, 1 s close timeout) and
-are tuned for many idle connections: compression is off unless asked for.
+Every value is validated when the config is built, so a typo fails at import time with a
+clear :class:`ValueError` instead of at the first connection.
 """
 
 from __future__ import annotations
@@ -15,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from .policies import InboundOverflow
+from ..policies import InboundOverflow
 
 __all__ = ["WSConfig", "same_origin", "OriginPolicy", "INBOUND_POLICIES"]
 
@@ -138,7 +135,7 @@ class WSConfig:
     on_close: Callable[[Any], None] | None = None
     """Called once with the WebSocket after it is fully closed."""
     compression: bool = False
-    """Negotiate permessage-deflate (window bits 12, memLevel 5; ~50-64 KiB per connection)."""
+    """Negotiate permessage-deflate (window bits 12, memLevel 5: tens of KiB per connection, docs/performance.md)."""
     max_queue: int = 16
     """Complete incoming messages buffered for ``receive()``."""
     inbound_overflow: InboundOverflow | str = InboundOverflow.PAUSE
