@@ -2,24 +2,5 @@
 
 from __future__ import annotations
 
-from .contrib.locust import (
-    Disconnected,
-    DuplicateEvent,
-    MissedEvents,
-    SSEUser,
-    StreamCounters,
-    WebSocketUser,
-    json_timestamp,
-    stream_counters,
-)
-
-__all__ = [
-    "SSEUser",
-    "WebSocketUser",
-    "StreamCounters",
-    "stream_counters",
-    "MissedEvents",
-    "DuplicateEvent",
-    "Disconnected",
-    "json_timestamp",
-]
+from .contrib.locust import *  # noqa: F403 (the alias re-exports the package's public names)
+from .contrib.locust import __all__ as __all__

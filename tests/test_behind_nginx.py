@@ -99,12 +99,16 @@ http {{
                                    "-e", str(d / "error.log")],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         self.url = f"https://127.0.0.1:{self.port}"
-        with gevent.Timeout(10, AssertionError(f"nginx did not start: {self.errors()}")):
+        self.wait_listening(10, "nginx")
+
+    def wait_listening(self, seconds: float, name: str) -> None:
+        """Until the proxy accepts on its port; fails if it exits or takes longer."""
+        with gevent.Timeout(seconds, AssertionError(f"{name} did not start: {self.errors()}")):
             while True:
                 assert self.p.poll() is None, self.errors()
                 try:
                     socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                    break
+                    return
                 except OSError:
                     gevent.sleep(0.05)
 
@@ -156,14 +160,7 @@ class Caddy(Nginx):
         with open(self.log_path, "w") as log:
             self.p = subprocess.Popen([CADDY, "run", "--config", str(config), "--adapter", "caddyfile"],
                                       stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.dir)
-        with gevent.Timeout(15, AssertionError(f"caddy did not start: {self.errors()}")):
-            while True:
-                assert self.p.poll() is None, self.errors()
-                try:
-                    socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                    break
-                except OSError:
-                    gevent.sleep(0.05)
+        self.wait_listening(15, "caddy")
 
     def errors(self) -> str:
         return self.log_path.read_text()[-3000:] if self.log_path.exists() else ""

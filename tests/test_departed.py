@@ -52,6 +52,16 @@ def _leave(sock: Any, reset: bool) -> None:
     sock.close()
 
 
+def _read_through_count(stream: Any) -> bytes:
+    """Everything until the pipelined /count's JSON body has arrived (fails if cut)."""
+    buf = b""
+    while b"application/json" not in buf or not buf.endswith(b"}"):
+        data = stream.recv(65536)
+        assert data, f"stream cut: {buf!r}"
+        buf += data
+    return buf
+
+
 def _leave_all(socks: list[Any]) -> float:
     """Half close, half reset; return when the last one left."""
     for i, sock in enumerate(socks):
@@ -136,11 +146,7 @@ def test_pipelining_client_is_not_cut(served: Any) -> None:
         gevent.sleep(0.1)
         _leave(gone, reset=False)
         assert wait_until(lambda: app.broker.subscriber_count == 0, timeout=WITHIN)
-        buf = b""
-        while b"application/json" not in buf or not buf.endswith(b"}"):
-            data = stream.recv(65536)
-            assert data, f"stream cut: {buf!r}"
-            buf += data
+        buf = _read_through_count(stream)
         stream.close()
     assert b"two\n" in buf and b"0\r\n\r\n" in buf, buf
     assert buf.count(b"HTTP/1.1 200 ") == 1  # the stream's head came before this read
@@ -215,11 +221,7 @@ def test_gunicorn_workers_free_departed_streams(tmp_path: Path, worker: str) -> 
             # A request pipelined behind a stream is still answered.
             stream = _open(srv.port, "/finite?ms=300")
             stream.sendall(b"GET /count HTTP/1.1\r\nHost: t\r\n\r\n")
-            buf = b""
-            while b"application/json" not in buf or not buf.endswith(b"}"):
-                data = stream.recv(65536)
-                assert data, f"stream cut: {buf!r}"
-                buf += data
+            buf = _read_through_count(stream)
             stream.close()
             assert b"two\n" in buf, buf
     finally:
