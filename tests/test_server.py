@@ -15,6 +15,7 @@ import requests
 
 from gstream.client import SSEClient
 from gstream.server import Server
+from tests.apps.basic import SLOW_IN_FLIGHT
 from tests.apps.basic import app as basic_app
 from tests.helpers import raw_http, read_response_head, wait_until
 from tests.tlsutil import make_cert
@@ -125,7 +126,7 @@ def test_graceful_shutdown(start: Any) -> None:
     status, _, _ = read_response_head(idle)
     assert status == 200
     slow = gevent.spawn(get, srv.url + "/slow?t=0.6")
-    gevent.sleep(0.1)
+    assert wait_until(lambda: SLOW_IN_FLIGHT[0] == 1)  # in the app, not just connecting
     t0 = time.monotonic()
     stopper = gevent.spawn(srv.stop)
     # The idle keep-alive connection is closed at once.

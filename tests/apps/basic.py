@@ -24,6 +24,9 @@ from gstream.lifecycle import lifecycle
 from gstream.sse import SSEWriter
 
 IMPORT_TIME_SOCKET_PATCHED = monkey.is_module_patched("socket")
+#: How many ``/slow`` requests the app is inside now (tests wait on it
+#: instead of sleeping and hoping the request got there).
+SLOW_IN_FLIGHT = [0]
 
 
 class DrainableStream:
@@ -52,7 +55,11 @@ def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
                                   ("Content-Length", str(len(body)))])
         return [body]
     if path == "/slow":
-        time.sleep(float(query.get("t", ["1"])[0]))
+        SLOW_IN_FLIGHT[0] += 1
+        try:
+            time.sleep(float(query.get("t", ["1"])[0]))
+        finally:
+            SLOW_IN_FLIGHT[0] -= 1
         start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "5")])
         return [b"done\n"]
     if path == "/stream":
