@@ -32,29 +32,35 @@ pytestmark = pytest.mark.redis
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# What a stalled Redis may cost local fan-out: the design bound is the
-# backplane's publish_wait (50 ms) for SSEBroker.publish and nothing at all
-# for a hub broadcast; the assertion leaves room for a loaded 2-core box
+# What a stalled Redis may cost local fan-out: nothing at all for a hub
+# broadcast and for SSEBroker.publish (both only enqueue); past stall_limit
+# a publish is refused at once. BOUND leaves room for a loaded 2-core box
 # while staying far below the stall itself.
 STALL = 1.5
 BOUND = 0.3
 
 
-def _stall(port: int, how: str) -> socket.socket:
-    """Make Redis stop answering for STALL seconds (the reply is never awaited)."""
+def _stall(port: int, how: str, seconds: float = STALL) -> socket.socket:
+    """Make Redis stop answering for ``seconds`` (the reply is never awaited)."""
     s = socket.create_connection(("127.0.0.1", port), timeout=5)
-    ms = int(STALL * 1000)
-    cmd = [b"DEBUG", b"SLEEP", str(STALL).encode()] if how == "debug-sleep" \
-        else [b"CLIENT", b"PAUSE", str(ms).encode(), b"ALL"]
+    cmd = [b"DEBUG", b"SLEEP", str(seconds).encode()] if how == "debug-sleep" \
+        else [b"CLIENT", b"PAUSE", str(int(seconds * 1000)).encode(), b"ALL"]
     s.sendall(b"*%d\r\n" % len(cmd) + b"".join(b"$%d\r\n%s\r\n" % (len(c), c) for c in cmd))
     return s
 
 
 @pytest.mark.parametrize("how", ["debug-sleep", "client-pause"])
 def test_a_stalled_redis_does_not_stall_local_fan_out(serve: Any, how: str) -> None:
+    # The delivery rule during a stall (docs/redis.md, "Faults"): hub
+    # broadcasts reach local members at once; SSEBroker.publish returns at
+    # once (accepted, id not known yet) until the writer's round trip has
+    # been unanswered for stall_limit, then raises at once (refused,
+    # delivered nowhere); once Redis answers, every accepted event reaches
+    # the subscribers, this process's too, in order, with its Redis id.
+    stall_for, limit = 2.5, 0.5
     srv = RedisServer(extra_args=("--enable-debug-command", "yes"))
     srv.start()
-    bp = RedisBackplane(srv.url, block=0.5, backoff=0.02, backoff_cap=0.2)
+    bp = RedisBackplane(srv.url, block=0.5, backoff=0.02, backoff_cap=0.2, stall_limit=limit)
     far = RedisHubBackplane(srv.url, block=0.5)  # another process's hub
     broker = SSEBroker(topic="s", backplane=bp, heartbeat_interval=None)
     hub = Hub(name="room", backplane=bp.hub_backplane())
@@ -94,10 +100,11 @@ def test_a_stalled_redis_does_not_stall_local_fan_out(serve: Any, how: str) -> N
             except TimeoutError:
                 break
         remote.clear()
-        warm = broker.publish("warm")
+        warm = broker.publish("warm", wait_for_id=5.0)
         assert warm is not None and sub.next_event().last_event_id == warm
 
-        stall = _stall(srv.port, how)
+        stall = _stall(srv.port, how, stall_for)
+        stalled_at = time.monotonic()
         gevent.sleep(0.1)  # Redis is now sleeping / paused
         t0 = time.monotonic()
         hub.broadcast("hub-during")
@@ -106,23 +113,51 @@ def test_a_stalled_redis_does_not_stall_local_fan_out(serve: Any, how: str) -> N
         assert got == "hub-during"
         assert hub_took < BOUND, f"hub fan-out waited {hub_took:.3f}s for a stalled Redis"
         took: list[float] = []
-        published: list[str | None] = []
-        for i in range(5):
-            t0 = time.monotonic()
-            published.append(broker.publish(f"during-{i}"))
-            took.append(time.monotonic() - t0)
-        stalled_for = time.monotonic()
+        accepted: list[str] = []
+        refused = ""
+        # Publish until refused: accepted first, refused once the writer's
+        # round trip has waited stall_limit (well before the stall ends).
+        with gevent.Timeout(stall_for - 0.3):
+            while not refused:
+                t0 = time.monotonic()
+                try:
+                    assert broker.publish(f"during-{len(accepted)}") is None  # id not known yet
+                    accepted.append(f"during-{len(accepted)}")
+                except BackplaneUnavailable as exc:
+                    refused = str(exc)
+                took.append(time.monotonic() - t0)
+                gevent.sleep(0.02)
         assert max(took) < BOUND, f"publish waited {max(took):.3f}s for a stalled Redis"
-        assert published == [None] * 5  # accepted, not numbered yet
-        assert bp.stats()["queued"] >= 4  # the first one may be in the writer's pipeline
+        assert "stalled" in refused and len(accepted) >= 3, (refused, accepted)
+        # Refused again, at once; a hub broadcast now is refused towards
+        # Redis but still delivered to the local member at once.
+        t0 = time.monotonic()
+        with pytest.raises(BackplaneUnavailable, match="stalled"):
+            broker.publish("refused-2")
+        hub.broadcast("hub-late")
+        assert client.recv(timeout=5) == "hub-late"
+        assert time.monotonic() - t0 < BOUND
+        assert time.monotonic() - stalled_at < stall_for  # all that happened during the stall
+        assert bp.stats()["outbox_stalled"] >= 2 and hub.stats()["backplane_failures"] >= 1
 
-        # Once Redis answers: everything accepted arrives, in order, with Redis ids.
-        events = sub.events(5, timeout=STALL + 5)
-        assert [e.data for e in events] == [f"during-{i}" for i in range(5)]
+        # Once Redis answers: everything accepted arrives, in order, with
+        # Redis ids; nothing refused ever does (the next event is "after").
+        after: str | None = None
+        with gevent.Timeout(stall_for + 5):
+            while True:
+                try:
+                    after = broker.publish("after", wait_for_id=5.0)
+                    break
+                except BackplaneUnavailable:  # still stalled: refused, never delivered
+                    gevent.sleep(0.05)
+        assert after is not None
+        events = sub.events(len(accepted) + 1, timeout=10)
+        assert [e.data for e in events] == accepted + ["after"]
+        assert events[-1].last_event_id == after
         ids = [tuple(map(int, e.last_event_id.split("-"))) for e in events]
         assert ids == sorted(ids) and ids[0] > tuple(map(int, warm.split("-")))
-        assert time.monotonic() - stalled_for > 0.5  # they really waited for Redis
-        assert wait_until(lambda: remote == ["hub-during"], timeout=5)
+        hub.broadcast("hub-after")
+        assert wait_until(lambda: remote == ["hub-during", "hub-after"], timeout=5), remote
         assert bp.stats()["queued"] == 0 and bp.stats()["outbox_lost"] == 0
     finally:
         if stall is not None:
@@ -139,7 +174,7 @@ def test_a_stalled_redis_does_not_stall_local_fan_out(serve: Any, how: str) -> N
 def test_publish_refused_when_the_outbound_queue_is_full() -> None:
     srv = RedisServer(extra_args=("--enable-debug-command", "yes"))
     srv.start()
-    bp = RedisBackplane(srv.url, block=0.5, publish_wait=0.01, queue_limit=3)
+    bp = RedisBackplane(srv.url, block=0.5, publish_wait=0.01, queue_limit=3, stall_limit=None)
     got: list[str] = []
     bp.attach("q", lambda e, f, may_block=True: got.append(e.data) or 1)
     stall: socket.socket | None = None
