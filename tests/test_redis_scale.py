@@ -570,3 +570,31 @@ def test_sentinels_argument_follows_a_master_crash_with_nothing_accepted_lost() 
         a.close()
         b.close()
         group.stop()
+
+
+def test_publish_to_an_unreachable_redis_raises_instead_of_queueing() -> None:
+    # publish() does not wait for ids, but while Redis is not known to be up
+    # (first publish, or after a failed round trip) it waits for its own
+    # round trip (50 ms at most): a Redis that is not there is refused in
+    # the caller, nothing is queued behind its back.
+    from tests.redis_fixture import free_port
+
+    port = free_port()  # nothing listens there
+    bp = RedisBackplane(f"redis://127.0.0.1:{port}/0", block=0.5, backoff=0.02,
+                        backoff_cap=0.05)
+    broker = SSEBroker(topic="u", backplane=bp, heartbeat_interval=None)
+    try:
+        refused = 0
+        with gevent.Timeout(10):
+            for _ in range(20):
+                t0 = time.monotonic()
+                with pytest.raises(BackplaneUnavailable, match="Redis did not accept"):
+                    broker.publish("nowhere")
+                assert time.monotonic() - t0 < BOUND
+                refused += 1
+                gevent.sleep(0.03)  # past the backoff delay now and then: a new probe
+        assert refused == 20 and bp.stats()["queued"] == 0
+        assert bp.stats()["outbox_lost"] == 0 and bp.stats()["outbox_sent"] == 0
+    finally:
+        broker.close()
+        bp.close()
