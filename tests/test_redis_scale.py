@@ -598,3 +598,22 @@ def test_publish_to_an_unreachable_redis_raises_instead_of_queueing() -> None:
     finally:
         broker.close()
         bp.close()
+
+
+def test_sentinels_argument_builds_the_sentinel_url_and_rejects_bad_input() -> None:
+    # No server needed: the backplane connects lazily.
+    bp = RedisBackplane("redis://:pw@ignored:6379/2", sentinels=[("h1", 26379), ("::1", 26380)],
+                        service="my svc")
+    try:
+        assert bp.url == "redis+sentinel://:pw@h1:26379,[::1]:26380/my%20svc/2"
+    finally:
+        bp.close()
+    for kwargs, message in (
+            ({"service": "m"}, "pass sentinels= too"),
+            ({"sentinels": [("h", 26379)]}, "needs service="),
+            ({"sentinels": [], "service": "m"}, "is empty"),
+            ({"sentinels": [("h",)], "service": "m"}, "pairs"),
+            ({"sentinels": [("h", 0)], "service": "m"}, "not a sentinel address"),
+            ({"sentinels": [("h", "x")], "service": "m"}, "pairs")):
+        with pytest.raises(ValueError, match=message):
+            RedisBackplane(**kwargs)
