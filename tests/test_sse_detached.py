@@ -180,3 +180,26 @@ def test_plain_pywsgi_keeps_the_iterator_form(serve: Any) -> None:
     assert c.next_event().data == "hello"
     c.close()
     assert wait_until(lambda: broker.subscriber_count == 0, 5)
+
+
+def test_http10_stream_is_not_chunked_and_ends_with_the_connection(gserver: Any) -> None:
+    broker = SSEBroker(heartbeat_interval=None)
+    srv = gserver(broker.subscribe)
+    sock = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
+    sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+    status, headers, rest = read_response_head(sock)
+    assert status == 200 and "transfer-encoding" not in headers
+    assert wait_until(lambda: detached_streams() == 1, 5)
+    broker.publish("hi")
+    broker.close()  # the `done` event, then the server closes the connection
+    buf = rest
+    with gevent.Timeout(5):
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                break
+            buf += data
+    assert b"data: hi\n\n" in buf and b"data: [DONE]\n\n" in buf, buf
+    assert not buf.endswith(b"0\r\n\r\n")
+    sock.close()
+    assert wait_until(lambda: detached_streams() == 0 and srv.connections == 0, 5)
