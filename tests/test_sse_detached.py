@@ -209,3 +209,22 @@ def test_http10_stream_is_not_chunked_and_ends_with_the_connection(gserver: Any)
     assert not buf.endswith(b"0\r\n\r\n")
     sock.close()
     assert wait_until(lambda: detached_streams() == 0 and srv.connections == 0, 5)
+
+
+def test_flask_response_is_detached_too(gserver: Any) -> None:
+    """Werkzeug hands a direct-passthrough body to the server as is, so a Flask view's
+    broker stream is detached like the bare WSGI one."""
+    from flask import Flask
+
+    from gstream.contrib.flask import flask_response
+
+    broker = SSEBroker(heartbeat_interval=None)
+    app = Flask(__name__)
+    app.add_url_rule("/events", "events", lambda: flask_response(broker))
+    srv = gserver(app)
+    c = SSEStream(srv.port, "/events")
+    assert wait_until(lambda: broker.subscriber_count == 1 and detached_streams() == 1, 5)
+    broker.publish("hi")
+    assert c.next_event().data == "hi"
+    c.close()
+    assert wait_until(lambda: broker.subscriber_count == 0 and detached_streams() == 0, 5)
