@@ -51,6 +51,8 @@ setup(
             "sse-starlette>=2",
             "uvicorn>=0.30",
             "matplotlib>=3.5",
+            # The profiler of docs/performance.md (attach: py-spy record -p PID).
+            "py-spy>=0.3",
         ],
     },
     entry_points={"console_scripts": ["gstream=gstream.cli:main"]},

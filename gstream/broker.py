@@ -1,8 +1,10 @@
 """SSEBroker: fan events out to many Server-Sent Events subscribers.
 
-Each subscriber is served by the request's own greenlet, which reads its own
-bounded queue and yields coalesced frames to the WSGI server (see
-docs/broker.md for the design and the protocol events it emits).
+Each subscriber has its own bounded queue. Under gstream's server an idle
+subscriber holds no greenlet: once the response head is out, its frames are
+written by loop callbacks (:mod:`gstream.detached`); elsewhere the request's
+own greenlet reads the queue and yields coalesced frames to the WSGI server
+(docs/broker.md: the design and the protocol events it emits).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from gevent.event import Event as GEvent
 from gevent.hub import Waiter
 
 from .backplane import Backplane, DurableBackplane, LocalBackplane
+from .detached import DetachedStream
 from .errors import BackplaneUnavailable, BrokerClosed
 from .events import Event, EventType, encode, encode_comment, encode_retry, truncate_field
 from .lifecycle import lifecycle
@@ -190,7 +193,7 @@ class _Subscriber:
         # Waking (see SSEBroker._wake): ``parked`` is the Waiter the reader
         # sleeps on (None while it runs or writes), ``due`` marks it queued
         # for the next batched wake-up, ``beat`` asks for a heartbeat.
-        self.parked: Waiter | None = None
+        self.parked: Waiter | DetachedStream | None = None
         self.due = False
         self.beat = False
         self.last_write = 0.0
@@ -220,9 +223,31 @@ class _Subscriber:
             "connected_at": self.since,
         }
 
+    # -- gstream.detached.StreamSource: served without a greenlet ----------
+
+    def pull(self) -> tuple[bytes, bool]:
+        """What is due now, and whether the stream ends after it."""
+        return self.broker._take(self)
+
+    def stream_ready(self, stream: DetachedStream | None) -> None:
+        """Park (or unpark, while a write is pending) the detached stream."""
+        self.parked = stream  # woken with switch(), like a Waiter
+
+    def stream_closed(self) -> None:
+        """The detached stream is over: unregister."""
+        self.parked = None
+        self.broker._unregister(self)
+
+    def abort(self, reason: str = "aborted") -> None:
+        """Lifecycle hook at the shutdown deadline: close a detached stream now."""
+        stream = self.greenlet
+        if isinstance(stream, DetachedStream):
+            stream.abort(reason)
+
 
 class _Body:
-    """The WSGI body of one subscriber; ``close()`` always unregisters.
+    """The WSGI body of one subscriber; ``close()`` always unregisters
+    (unless the stream was detached: it then unregisters when it ends).
 
     A class rather than a bare generator because closing a generator that
     was never started does not run its ``finally`` block.
@@ -232,18 +257,48 @@ class _Body:
 
     def __init__(self, sub: _Subscriber, prelude: bytes) -> None:
         self._sub = sub
-        self._gen = sub.broker._run(sub, prelude)
+        self._gen: Generator[bytes, None, None] | None = sub.broker._run(sub, prelude)
 
     def __iter__(self) -> Generator[bytes, None, None]:
         # The generator itself: one Python frame less on every idle stack.
+        assert self._gen is not None
         return self._gen
 
     def __next__(self) -> bytes:
+        assert self._gen is not None
         return next(self._gen)
 
+    def detach_stream(self, make: Callable[[], DetachedStream | None]) -> bool:
+        """Go on without the request greenlet (GStreamHandler calls it once the prelude is out).
+
+        ``make`` moves the connection to a :class:`~gstream.detached.DetachedStream`
+        (None where the server does not allow it). True: the stream is served by
+        loop callbacks from now on and the handler must neither iterate nor
+        write any more.
+        """
+        sub = self._sub
+        if sub.ended or self._gen is None:
+            return False
+        stream = make()
+        if stream is None:
+            return False
+        gen, self._gen = self._gen, None
+        gen.close()  # suspended after the prelude: nothing to clean up
+        sub.greenlet = stream
+        sub.last_write = time.monotonic()
+        stream.start(sub)
+        broker = sub.broker
+        broker._start_heartbeats()
+        if sub.items or sub.final is not None:
+            broker._wake(sub)  # published while the prelude was written
+        return True
+
     def close(self) -> None:
+        gen = self._gen
+        if gen is None:
+            return  # detached: the stream unregisters when it ends
         try:
-            self._gen.close()
+            gen.close()
         finally:
             self._sub.broker._unregister(self._sub)
 
@@ -553,7 +608,9 @@ class SSEBroker:
                  sub.key, self.config.block_timeout)
         self._end(sub, self._final(CUT_EVENT, "block timeout exceeded"))
         g = sub.greenlet
-        if g is not None and g is not gevent.getcurrent():
+        if isinstance(g, DetachedStream):
+            g.abort("block timeout exceeded")  # its write is pending: close now
+        elif g is not None and g is not gevent.getcurrent():
             gevent.kill(g)  # asynchronous: raises GreenletExit in its write
 
     # -- subscribing -------------------------------------------------------
@@ -690,6 +747,8 @@ class SSEBroker:
     def _run(self, sub: _Subscriber, prelude: bytes) -> Generator[bytes, None, None]:
         # Runs in the request's greenlet; every yield is written at once by
         # the server. The server stops iterating when the client is gone.
+        # (Under gstream's server the handler detaches after the prelude and
+        # the rest is served by gstream.detached, through _take.)
         sub.greenlet = gevent.getcurrent()
         yield prelude
         del prelude  # not kept alive for the life of an idle stream
@@ -697,42 +756,49 @@ class SSEBroker:
         self._start_heartbeats()
         items = sub.items
         while True:
-            if not items and sub.final is None:
-                if not sub.beat:
-                    # Sleep until _flush_due switches here. A Waiter rather
-                    # than an Event with a timeout: nothing per-stream stays
-                    # armed while idle, and the saved stack is shallower.
-                    waiter = sub.parked = Waiter()
-                    try:
-                        waiter.get()
-                    finally:
-                        sub.parked = None
-                if not items and sub.final is None:
-                    if sub.beat:
-                        sub.beat = False
-                        yield HEARTBEAT
-                        sub.last_write = time.monotonic()
-                    continue
-                sub.beat = False  # frames are about to go: they reset the idle time
-            parts: list[bytes] = []
-            if sub.missed:
-                parts.append(encode(Event(data=json.dumps({"missed": sub.missed}, separators=(",", ":")),
-                                          name=MISSED_EVENT)))
-                sub.missed = 0
-            n = len(items)
-            parts.extend(items)
-            items.clear()
-            if sub.room is not None:
-                sub.room.set()
-            sub.delivered += n
-            self._stats["delivered"] += n
-            if sub.final is not None:
-                parts.append(sub.final)
-                yield b"".join(parts)
+            if not items and sub.final is None and not sub.beat:
+                # Sleep until _flush_due switches here. A Waiter rather
+                # than an Event with a timeout: nothing per-stream stays
+                # armed while idle, and the saved stack is shallower.
+                waiter = sub.parked = Waiter()
+                try:
+                    waiter.get()
+                finally:
+                    sub.parked = None
+            data, last = self._take(sub)
+            if data:
+                yield data
+            if last:
                 return
-            if parts:
-                yield parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _take(self, sub: _Subscriber) -> tuple[bytes, bool]:
+        """The frames due to ``sub`` now, joined (a heartbeat if asked and none
+        is queued), and whether the stream ends after them."""
+        items = sub.items
+        if not items and sub.final is None:
+            if sub.beat:
+                sub.beat = False
                 sub.last_write = time.monotonic()
+                return HEARTBEAT, False
+            return b"", False
+        sub.beat = False  # frames are about to go: they reset the idle time
+        parts: list[bytes] = []
+        if sub.missed:
+            parts.append(encode(Event(data=json.dumps({"missed": sub.missed}, separators=(",", ":")),
+                                      name=MISSED_EVENT)))
+            sub.missed = 0
+        n = len(items)
+        parts.extend(items)
+        items.clear()
+        if sub.room is not None:
+            sub.room.set()
+        sub.delivered += n
+        self._stats["delivered"] += n
+        if sub.final is not None:
+            parts.append(sub.final)
+            return b"".join(parts), True
+        sub.last_write = time.monotonic()
+        return (parts[0] if len(parts) == 1 else b"".join(parts)), False
 
     def _end(self, sub: _Subscriber, final: bytes) -> None:
         """Stop routing to ``sub`` and let its reader send ``final`` and end."""

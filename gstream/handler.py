@@ -22,7 +22,8 @@ from gevent.socket import socket as GeventSocket
 
 from .accessline import AccessLine
 from .deadline import HeadDeadline
-from .departure import DepartureWatching, has_buffered
+from .departure import DepartureWatching, has_buffered, unwatch
+from .detached import DetachedStream
 from .fairness import FairKeepAlive
 from .hijack import CLOSED_READER, SWITCHED_READER, drain_buffered, empty_input, mark_switched
 from .proxy import ProxyHeaders
@@ -119,8 +120,13 @@ class GStreamHandler(AccessLine, FairKeepAlive, HeadDeadline, StrictRequests, De
         under ``max_connections`` until the returned release is called.
         Returns None (stay attached) anywhere else or while draining.
         """
+        if not self._hijacked:
+            return None
+        return self._move_connection()
+
+    def _move_connection(self) -> tuple[Any, Callable[[], None]] | None:
         claim = getattr(self.server, "claim_detached", None)
-        if not self._hijacked or claim is None or is_tls(self.socket):
+        if claim is None or is_tls(self.socket):
             return None  # a TLS socket's state cannot move to a new socket object
         release = claim()
         if release is None:
@@ -133,6 +139,19 @@ class GStreamHandler(AccessLine, FairKeepAlive, HeadDeadline, StrictRequests, De
         sock = _socket.socket(family, kind, proto, fileno=old.detach())
         sock.setblocking(False)
         return sock, release
+
+    def _detach_stream(self) -> DetachedStream | None:
+        """Move a streaming response's connection to a :class:`DetachedStream`
+        (its body's ``detach_stream`` asks); None where not allowed."""
+        if self._hijacked or type(self.socket) is not GeventSocket:
+            return None
+        moved = self._move_connection()
+        if moved is None:
+            return None
+        unwatch()  # the stream watches for the client's departure itself
+        self.close_connection = True  # the connection ends with the stream
+        sock, release = moved
+        return DetachedStream(sock, release, bool(self.response_use_chunked))
 
     # pywsgi's writes all go through these; after a hijack they must not.
     def write(self, data: bytes) -> None:
@@ -155,8 +174,10 @@ class GStreamHandler(AccessLine, FairKeepAlive, HeadDeadline, StrictRequests, De
             super().process_result()  # a sized body: pywsgi sets Content-Length
             return
         # A streaming body (generator, SSE stream): maybe long-lived, so give
-        # back what it does not need once its headers are out.
+        # back what it does not need once its headers are out, and hand it to
+        # loop callbacks if it can be served so (gstream.detached).
         checked = released = False  # locals, not attributes: see _LAYOUT
+        detach = getattr(self.result, "detach_stream", None)
         try:
             for data in self.result:
                 if data:
@@ -164,6 +185,9 @@ class GStreamHandler(AccessLine, FairKeepAlive, HeadDeadline, StrictRequests, De
                     if not checked and self.headers_sent:
                         checked = True
                         released = self._release_request()
+                        if released and detach is not None and detach(self._detach_stream):
+                            released = False  # the connection left with the stream
+                            return
             if self.status and not self.headers_sent:
                 self.write(b"")
             if self.response_use_chunked:

@@ -1,7 +1,7 @@
 """The seat count of gstream's server: one number for its connection cap.
 
 :class:`Seats` counts every holder of a seat under ``max_connections`` (a
-handler greenlet, a detached WebSocket session), the rejections in flight,
+handler greenlet, a detached WebSocket session or SSE stream), the rejections in flight,
 and the handlers waiting for a request head, so that an idle keep-alive
 connection can give its seat to a newcomer. The policy around it (queue or
 reject) is :class:`~gstream.server.Server`'s (docs/server.md, "Connection cap").

@@ -150,7 +150,7 @@ class _WSGIServer(pywsgi.WSGIServer):
 
     Seats under the cap are counted here, in the accept callback, rather
     than by a bounded :class:`gevent.pool.Pool`: a pool only knows its own
-    greenlets, while a seat can also be held by a detached WebSocket session,
+    greenlets, while a seat can also be held by a detached WebSocket session or SSE stream,
     and a bounded pool's ``spawn`` blocks, which the accept callback (run by
     the event loop itself) must never do.
     """
@@ -265,9 +265,10 @@ class _WSGIServer(pywsgi.WSGIServer):
                 ctl.seats.release()
 
     def claim_detached(self) -> Callable[[], None] | None:
-        """A seat for a WebSocket session that outlives its handler greenlet.
+        """A seat for a connection that outlives its handler greenlet.
 
-        Called by :meth:`GStreamHandler.detach`. The session takes a seat of
+        Called by :meth:`GStreamHandler.detach` (a callback-served WebSocket)
+        and for a detached streaming response (:mod:`gstream.detached`). The session takes a seat of
         its own (counted in :attr:`Server.connections`) until the returned
         release is called; its handler greenlet gives back the connection's
         seat as it ends a moment later, so for that moment the connection
@@ -431,7 +432,7 @@ class Server:
 
     @property
     def connections(self) -> int:
-        """Seats held now: connections being served, detached WebSocket sessions
+        """Seats held now: connections being served, detached WebSocket sessions and SSE streams
         included (rejections in progress are not counted)."""
         return self.seats.held
 

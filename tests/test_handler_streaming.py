@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import socket
 import sys
+from typing import Any
 
 import gevent
 import pytest
@@ -133,7 +134,17 @@ def test_handlers_keep_inline_attributes_under_a_connection_burst() -> None:
     back to a full dict each (~1.3 KiB per connection).
     """
     broker = SSEBroker(heartbeat_interval=None)
-    srv = Server(broker.subscribe, "127.0.0.1", 0)
+
+    def app(environ: Any, start_response: Any) -> Any:
+        # A plain generator around the stream: not detachable
+        # (gstream.detached), so each handler stays with its greenlet.
+        body = broker.subscribe(environ, start_response)
+        try:
+            yield from body
+        finally:
+            body.close()
+
+    srv = Server(app, "127.0.0.1", 0)
     srv.start()
     socks = []
     try:

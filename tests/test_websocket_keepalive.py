@@ -208,3 +208,33 @@ def test_keepalive_sweep_is_shared_and_goes_away_with_its_last_connection(serve:
         s.close()
     assert wait_until(lambda: all(ws.wait_closed(0) for ws in conns), 3)
     assert (0.05, 0.5) not in wskeepalive._sweeps.get(gevent.get_hub(), {})
+
+
+def test_pong_lookalike_inside_a_message_is_message_data(serve: Any) -> None:
+    """A 10-byte read that looks like our pong, but continues a frame the parser
+    has half read, is message data (the pong fast path only takes whole reads
+    at a frame boundary)."""
+    def echo(ws: gstream.WebSocket) -> None:
+        for m in ws:
+            ws.send(m)
+
+    srv = serve(websocket_app(echo, WSConfig(read_idle_timeout=0.3, pong_timeout=5)))
+    sock, _, _, rest = wsraw.handshake(srv.port)
+    r = wsraw.Reader(sock, rest)
+    op, nonce, _ = r.next(timeout=5)  # type: ignore[misc]
+    assert op == 0x9
+    lookalike = wsraw.frame(0xA, nonce)  # a valid pong, sent as payload bytes below
+    payload = b"ab" + lookalike
+    head = bytes([0x82, 0x80 | len(payload)]) + b"\0\0\0\0"  # binary, mask key 0
+    sock.sendall(head + payload[:2])
+    time.sleep(0.2)  # the server reads the first part on its own
+    sock.sendall(payload[2:])
+    deadline = time.monotonic() + 5
+    op, data = 0, b""
+    while op != 0x2 and time.monotonic() < deadline:
+        # The echo comes back (pings may come first: the lookalike was not a pong).
+        op, data, _ = r.next(timeout=5)  # type: ignore[misc]
+        if op == 0x9:
+            sock.sendall(wsraw.frame(0xA, data))
+    assert (op, data) == (0x2, payload)
+    sock.close()

@@ -8,6 +8,7 @@
 * ``/ws``: a WebSocket served by a greenlet: ``hello`` then ``tick`` every 0.3 s;
 * ``/wscb``: a WebSocket served by callbacks (detached, no greenlet): ``hello``;
 * ``/poke?m=X``: sends ``X`` to every open stream of every kind;
+* ``/detached``: how many streams are served without a greenlet (gstream.detached);
 * ``/slow?t=S``: answers after S seconds; ``/``: answers ``ok`` (keep-alive);
 * ``/hog?n=N&t=S``: holds N more open descriptors for S seconds.
 
@@ -28,6 +29,7 @@ import gevent
 import gevent.event
 
 from gstream import ChunkedWriter, Hub, SSEBroker, websocket_app, websocket_callback_app
+from gstream.detached import detached_streams
 from gstream.errors import Closed
 
 broker = SSEBroker(topic="cap", heartbeat_interval=0.3)
@@ -123,6 +125,8 @@ def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
         hub.broadcast(message)
         _bump()
         return _text(start_response, b"poked\n")
+    if path == "/detached":
+        return _text(start_response, b"%d\n" % detached_streams())
     if path == "/slow":
         time.sleep(float(query.get("t", ["1"])[0]))
         return _text(start_response, b"slow\n")
