@@ -164,7 +164,8 @@ def parse_cursor(raw: str, selectors: Iterable[str]) -> dict[str, str]:
 def event_type(topic: str, name: str) -> str:
     """The SSE ``event:`` of an event of ``topic`` on a multi-topic stream.
 
-    The topic itself for a plain message (so ``addEventListener(topic)``
-    routes it), ``topic#name`` for a named event.
+    The topic itself for a plain message or an event named like its topic
+    (so ``addEventListener(topic)`` routes it), ``topic#name`` for another
+    named event.
     """
-    return topic if name == "message" else f"{topic}#{name}"
+    return topic if name == "message" or name == topic else f"{topic}#{name}"

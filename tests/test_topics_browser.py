@@ -17,6 +17,7 @@ import pytest
 from gstream.broker import SSEBroker
 from gstream.lifecycle import lifecycle
 from gstream.server import Server
+from tests.test_demo import Proc
 
 pytestmark = pytest.mark.browser
 
@@ -103,3 +104,23 @@ def test_multi_topic_eventsource_in_chromium_resumes_after_restart(tmp_path: Pat
         ("news", "n1"), ("user/tab1", "u1"), ("news", "n2"),
         ("news", "n3"), ("user/tab1", "u2"), ("news", "n4")]  # no gap, no duplicate
     assert all(c.startswith("1;news=") and ";user/tab1=" in c for _, _, c in events)
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/bin/chromium"), reason="needs /usr/bin/chromium")
+def test_demo_tab_topic_beside_the_shared_feed(tmp_path: Path) -> None:
+    demo = Proc("demo", "--no-ticker")
+    try:
+        with gevent.Timeout(60, AssertionError("the browser driver took too long")):
+            run = subprocess.run(
+                [sys.executable, str(DRIVER), demo.url, "demo"], cwd=ROOT,
+                env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True,
+                timeout=55)
+        assert run.returncode == 0, run.stderr[-3000:]
+        seen = json.loads(run.stdout.strip().splitlines()[-1])
+    finally:
+        demo.stop()
+    assert seen["page_errors"] == []
+    assert seen["second_private"] == 0  # the other tab never saw the private message
+    assert seen["first_texts"][:2] == ["for everyone", "(this tab only) just for tab one"]
+    one, two = seen["tabs"]
+    assert one != two and one.startswith("tab/") and len(one) == 36

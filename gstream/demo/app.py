@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import mimetypes
+import re
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -34,6 +35,14 @@ MAX_PUBLISH_BODY = 64 * 1024
 MAX_PUBLISH_COUNT = 1000
 """Most events one ``POST /publish?count=N`` may publish."""
 MAX_TEXT = 4096
+#: A tab's private topic: ``tab/`` and 32 random hex digits the page draws
+#: itself (the unguessable name is the capability; docs/topics.md).
+TAB_TOPIC = re.compile(r"tab/[0-9a-f]{32}")
+
+
+def _demo_topic(environ: Environ, topic: str) -> bool:
+    """The demo's authorize hook: the shared feed and any tab's private topic."""
+    return topic == "feed" or TAB_TOPIC.fullmatch(topic) is not None
 ECHO_MAX = 1 << 20
 
 
@@ -106,7 +115,8 @@ class DemoApp:
         self.ticker = ticker
         self.tick_interval = max(0.05, tick_interval)
         self.feed = SSEBroker(topic="feed", backplane=backplane, retry=2000,
-                              heartbeat_interval=15.0, history_size=1024)
+                              heartbeat_interval=15.0, history_size=1024,
+                              authorize=_demo_topic, max_topics=2)
         # Statistics are per process: never shared through a backplane.
         self.stats_feed = SSEBroker(topic="demo.stats", retry=2000, history_size=0,
                                     heartbeat_interval=15.0)
@@ -180,15 +190,17 @@ class DemoApp:
 
     # -- feed -------------------------------------------------------------
 
-    def publish(self, text: str) -> str:
-        """Publish one feed event (``id`` = ``seq``); return its id."""
+    def publish(self, text: str, topic: str | None = None) -> str:
+        """Publish one feed event (``id`` = ``seq``), or to a tab's private ``topic``; return its id."""
         self._seq += 1
         seq = self._seq
         data = json.dumps({"seq": seq, "ts": time.time(), "text": text},
                           separators=(",", ":"), ensure_ascii=False)
         # With a durable backplane (Redis) the broker assigns the id (the
         # stream entry id); report that one, it is what clients resume from.
-        assigned = self.feed.publish(Event(name="feed", data=data, id=str(seq)))
+        # A tab's events are plain messages: typed by their topic on the stream.
+        event = Event(name="feed", data=data, id=str(seq)) if topic is None else Event(data=data)
+        assigned = self.feed.publish(event, topic=topic)
         return str(assigned) if assigned is not None else str(seq)
 
     # -- statistics ---------------------------------------------------------
@@ -286,6 +298,10 @@ class DemoApp:
             count = int(raw_count)
             if not 1 <= count <= MAX_PUBLISH_COUNT:
                 return _text_response(start_response, "400 Bad Request", "count must be 1..1000")
+        topic = query_param(environ, "topic")
+        if topic is not None and not TAB_TOPIC.fullmatch(topic):
+            return _text_response(start_response, "400 Bad Request",
+                                  "topic must be a tab's private topic (tab/<32 hex>)")
         try:
             length = int(environ.get("CONTENT_LENGTH") or 0)
         except ValueError:
@@ -306,7 +322,7 @@ class DemoApp:
         last = ""
         try:
             for _ in range(count):
-                last = self.publish(text)
+                last = self.publish(text, topic)
         except BackplaneUnavailable as exc:
             return _text_response(start_response, "503 Service Unavailable",
                                   f"backplane unavailable: {exc}", [("Retry-After", "1")])
