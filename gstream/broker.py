@@ -29,6 +29,7 @@ from .replay import History, ReplayStatus
 from .sse import SSE_HEADERS, last_event_id
 from .threadsafe import LoopBinding
 from .topics import (
+    CURSOR_VERSION,
     MAX_CURSOR,
     check_topic,
     encode_cursor,
@@ -69,6 +70,7 @@ CUT_EVENT = "gstream.cut"
 DENIED_EVENT = "gstream.denied"
 
 HEARTBEAT = encode_comment("heartbeat")
+_CURSOR_ID = f"id: {CURSOR_VERSION};".encode()
 OPEN_COMMENT = encode_comment("stream open")
 MAX_FILTER_NAMES = 32
 #: Events published back to back before sleeping readers are woken even if
@@ -296,14 +298,18 @@ class _View:
     reader, heartbeats, caps); this is all a multi-topic stream adds.
     """
 
-    __slots__ = ("sub", "selectors", "pos", "names")
+    __slots__ = ("sub", "selectors", "parts", "names")
 
     def __init__(self, sub: _Subscriber, selectors: list[str], names: frozenset[str] | None) -> None:
         self.sub = sub
         self.selectors = selectors
-        self.pos: dict[str, str] = {}
-        """Selector -> position of the last event queued (the wire cursor)."""
+        self.parts: list[bytes] = []
+        """``b"selector=position"`` per selector, in order: the wire cursor of the
+        last event queued, kept encoded so a frame costs one join."""
         self.names = names
+
+    def set_positions(self, positions: dict[str, str]) -> None:
+        self.parts = [f"{sel}={positions[sel]}".encode() for sel in self.selectors]
 
 
 class _TopicSink:
@@ -604,34 +610,52 @@ class SSEBroker:
         if self._durable is None or position is None:
             position = str(reg.append(topic, body))
         count = 0
+        tail = b"\n" + body
         if not reg.patterns:
             rec = reg.records.get(topic)
             if rec is not None and rec.members:
-                sels = (topic,)
+                # The common case inlined: one selector, the part encoded once.
+                part = f"{topic}={position}".encode()
+                stats = self._stats
                 for view in tuple(rec.members.values()):
-                    count += self._queue_topic(view, sels, position, body, name)
+                    parts = view.parts
+                    parts[view.selectors.index(topic)] = part
+                    if view.names is not None and name not in view.names:
+                        continue  # filtered out; the next frame's cursor carries the move
+                    sub = view.sub
+                    if sub.ended or sub.final is not None:
+                        continue
+                    items = sub.items
+                    if len(items) >= sub.capacity:  # topic streams are always drop-oldest
+                        sub.dropped += 1
+                        sub.missed += 1
+                        stats["dropped"] += 1
+                        del items[0]
+                    items.append(_CURSOR_ID + b";".join(parts) + tail)
+                    self._wake(sub)
+                    count += 1
         else:
             merged: dict[int, tuple[_View, list[str]]] = {}
             for sel, view in reg.targets(topic):
                 merged.setdefault(id(view), (view, []))[1].append(sel)
             for view, sels2 in merged.values():
-                count += self._queue_topic(view, sels2, position, body, name)
+                count += self._queue_topic(view, sels2, position, tail, name)
         if count:
             self._stats["enqueued"] += count
             self._burst_check()
         return position, count
 
-    def _queue_topic(self, view: _View, sels: Sequence[str], position: str, body: bytes,
+    def _queue_topic(self, view: _View, sels: Sequence[str], position: str, tail: bytes,
                      name: str) -> int:
-        pos = view.pos
+        parts = view.parts
         for sel in sels:
-            pos[sel] = position
+            parts[view.selectors.index(sel)] = f"{sel}={position}".encode()
         if view.names is not None and name not in view.names:
             return 0  # filtered out; the next frame's cursor carries the move
         sub = view.sub
         if sub.ended or sub.final is not None:
             return 0
-        frame = b"".join((b"id: ", encode_cursor(pos).encode(), b"\n", body))
+        frame = _CURSOR_ID + b";".join(parts) + tail
         items = sub.items
         if len(items) >= sub.capacity:  # topic streams are always drop-oldest
             sub.dropped += 1
@@ -757,7 +781,7 @@ class SSEBroker:
             self._end(sub, b"")
             self._unregister(sub)
             return self._busy(b"event history unavailable\n")
-        view.pos.update(bounds)
+        view.set_positions(bounds)
         prelude = [OPEN_COMMENT]
         if cfg.retry > 0:
             prelude.append(encode_retry(cfg.retry))
