@@ -273,3 +273,38 @@ def test_pattern_count_is_bounded(serve):
     assert c.status == 503
     a.close()
     c.close()
+
+
+# -- the JWT example of docs/topics.md ---------------------------------------------
+
+
+def test_jwt_example_from_the_docs(serve):
+    import re
+    import time
+    from pathlib import Path
+
+    import jwt  # PyJWT: in the test extra
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "topics.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", doc, re.S) if "import jwt" in b)
+    ns: dict = {}
+    exec(block, ns)
+    broker = ns["broker"]
+    srv = serve(broker.subscribe)
+
+    def token(subscribe, exp=60):
+        return jwt.encode({"subscribe": subscribe, "exp": int(time.time()) + exp},
+                          ns["SECRET"], algorithm="HS256")
+
+    good = token(["news", "user/42", "room/*"])
+    s = SSEStream(srv.port, f"/?topic=news&topic=user/42&topic=user/43&topic=room/7&token={good}")
+    assert s.status == 200
+    assert json.loads(s.next_event().data) == {"topics": ["user/43"]}
+    s.close()
+    via_cookie = SSEStream(srv.port, "/?topic=user/42", {"Cookie": f"jwt={good}"})
+    assert via_cookie.status == 200
+    via_cookie.close()
+    for bad in ["", token(["news"], exp=-10), "not.a.jwt", jwt.encode(
+            {"subscribe": ["user/42"], "exp": int(time.time()) + 60}, "w" * 40, algorithm="HS256")]:
+        r = requests.get(f"http://127.0.0.1:{srv.port}/?topic=user/42&token={bad}", timeout=5)
+        assert r.status_code == 403, bad
+    broker.close()
