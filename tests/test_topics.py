@@ -308,3 +308,25 @@ def test_jwt_example_from_the_docs(serve):
         r = requests.get(f"http://127.0.0.1:{srv.port}/?topic=user/42&token={bad}", timeout=5)
         assert r.status_code == 403, bad
     broker.close()
+
+
+# -- any input: a TopicError or a valid answer, nothing else ---------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.text(max_size=120), max_size=20), st.text(max_size=300))
+def test_any_selectors_and_cursor_are_refused_cleanly_or_parsed(values, raw):
+    try:
+        sels = parse_selectors(values, 16)
+    except TopicError:
+        return
+    assert 1 <= len(sels) <= 16 and len(set(sels)) == len(sels)
+    try:
+        cursor = parse_cursor(raw, sels)
+    except TopicError:
+        return
+    assert set(cursor) <= set(sels)
+    assert parse_cursor(encode_cursor(cursor), sels) == cursor  # round trip
