@@ -10,8 +10,10 @@ Reasoning (sizes, why one shared window, when a resume is reset): docs/topics.md
 from __future__ import annotations
 
 import time
+from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
+from itertools import islice
 from typing import Any, NamedTuple
 
 from .errors import TopicError
@@ -104,7 +106,7 @@ class TopicRegistry:
             return
         rec = self.records.get(selector)
         if rec is None:
-            rec = self.records[selector] = TopicRecord()
+            rec = self.records[selector] = self._new_record()
         rec.members[key] = member
         rec.idle_at = None
 
@@ -175,7 +177,7 @@ class TopicRegistry:
         now = self._clock()
         rec = self.records.get(topic)
         if rec is None:
-            rec = self.records[topic] = TopicRecord()
+            rec = self.records[topic] = self._new_record()
             rec.last = num
         rec.count += 1
         rec.idle_at = None
@@ -187,6 +189,13 @@ class TopicRegistry:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def _new_record(self) -> TopicRecord:
+        rec = TopicRecord()
+        # A topic may have had a record that was forgotten: whatever it lost
+        # is unknown, so positions older than any forgotten record are reset.
+        rec.evicted = self.forgot_upto
+        return rec
 
     def _evict(self) -> None:
         entry = self._entries.popleft()
@@ -257,9 +266,8 @@ class TopicRegistry:
         exact = {s: p for s, p in positions.items() if not is_pattern(s)}
         pats = [(Pattern(s), p) for s, p in positions.items() if is_pattern(s)]
         out: list[tuple[list[str], WindowEntry]] = []
-        for entry in self._entries:
-            if entry.num <= low:
-                continue
+        start = bisect_right(self._entries, low, key=lambda e: e.num)  # numbers increase
+        for entry in islice(self._entries, start, None):
             hit: list[str] = []
             pos = exact.get(entry.topic)
             if pos is not None and entry.num > pos:

@@ -68,6 +68,8 @@ def test_registry_window_expiry_and_idle_records():
     assert reg.status("c", 4) == "expired"
     assert "b" not in reg.records and reg.forgot_upto == 2  # idle past max_age: forgotten
     assert reg.status("b", 1) == "expired" and reg.status("b", 2) == "ok"
+    reg.join("b", "k2", view)  # a new record for a forgotten topic: what it lost is unknown
+    assert reg.status("b", 1) == "expired" and reg.status("b", 2) == "ok"
 
 
 # -- over sockets ---------------------------------------------------------------
