@@ -180,8 +180,12 @@ def main() -> None:
     ap.add_argument("--fanout", type=int, default=1000, help="subscribers in the fan-out part")
     ap.add_argument("--burst", type=int, default=200)
     ap.add_argument("--json", help="write the figures here too")
+    ap.add_argument("--fanout-only", action="store_true", help="only the fan-out part")
     args = ap.parse_args()
     result: dict[str, Any] = {"topics": args.topics, "fanout": args.fanout, "burst": args.burst}
+    if args.fanout_only:
+        print(json.dumps(measure_fanout(args.fanout, args.burst), indent=2))
+        return
     result["state_bytes"] = measure_state(args.topics)
     result["publish"] = measure_publish(args.topics)
     result["fanout_result"] = measure_fanout(args.fanout, args.burst)
