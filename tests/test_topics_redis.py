@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import requests
@@ -137,3 +138,73 @@ def test_authorization_patterns_and_bad_cursor_on_redis(redis_server: RedisServe
         s3.close()
     finally:
         a.stop()
+
+
+def check_cursors(events: list, start: dict[str, str]) -> dict[str, str]:
+    """Each event's cursor moves only its own topic's position, forward (Redis ids)."""
+    from gstream.topics import parse_cursor
+
+    pos = dict(start)
+    for e in events:
+        cur = parse_cursor(e.last_event_id, list(pos))
+        topic = e.event.split("#")[0]
+        assert {t: p for t, p in cur.items() if t != topic} == {
+            t: p for t, p in pos.items() if t != topic}, (e, pos)
+        old = tuple(map(int, pos[topic].split("-")))
+        assert tuple(map(int, cur[topic].split("-"))) > old, (e, pos)
+        pos = cur
+    return pos
+
+
+def test_resume_while_publishing_keeps_every_cursor_exact(
+        redis_server: RedisServer, serve: Any) -> None:
+    # In one process: the resume reads Redis (XRANGE, it yields) while events
+    # keep arriving live; every frame's cursor must still be exactly what the
+    # client has, and a second resume from any of them must neither repeat nor skip.
+    import gevent
+
+    from gstream.backplane.redis import RedisBackplane
+    from gstream.broker import SSEBroker
+    from gstream.events import Event
+
+    backplane = RedisBackplane(redis_server.url, block=0.5, publish_wait=5.0)
+    broker = SSEBroker(topic="default", backplane=backplane, heartbeat_interval=0.2,
+                       history_size=0)
+    app = serve(broker.subscribe)
+    sent: dict[str, list[str]] = {"p": [], "q": []}
+
+    def publish(n: int, topic: str) -> None:
+        for _ in range(n):
+            data = f"{topic}{len(sent[topic])}"
+            sent[topic].append(data)
+            broker.publish(Event(data=data), topic=topic)
+            gevent.sleep(0)
+
+    try:
+        s = SSEStream(app.port, "/?topic=p&topic=q")
+        assert wait_until(lambda: broker.stats()["topic_streams"] == 1, 10)
+        publish(3, "p")
+        publish(3, "q")
+        first = s.events(6, timeout=10)
+        cursor = first[-1].last_event_id
+        s.close()
+        publish(40, "p")  # behind the client: replayed from Redis
+        publish(40, "q")
+        live = gevent.spawn(lambda: [publish(1, t) for _ in range(40) for t in ("p", "q")])
+        s2 = SSEStream(app.port, "/?topic=p&topic=q", {"Last-Event-ID": cursor})
+        got = s2.events(100, timeout=20)
+        s2.close()
+        live.join(20)
+        from gstream.topics import parse_cursor
+
+        check_cursors(got, parse_cursor(cursor, ["p", "q"]))
+        cut = got[-1].last_event_id  # resume again from where the second stream stopped
+        s3 = SSEStream(app.port, "/?topic=p&topic=q", {"Last-Event-ID": cut})
+        rest = s3.events(160 - 100, timeout=20)
+        s3.close()
+        check_cursors(rest, parse_cursor(cut, ["p", "q"]))
+        received = per_topic(first + got + rest)
+        assert received == sent  # every event of both topics once, in order
+    finally:
+        broker.close()
+        backplane.close()
