@@ -332,3 +332,36 @@ def test_any_selectors_and_cursor_are_refused_cleanly_or_parsed(values, raw):
         return
     assert set(cursor) <= set(sels)
     assert parse_cursor(encode_cursor(cursor), sels) == cursor  # round trip
+
+
+def test_topic_streams_share_the_broker_caps_eviction_drops_and_close(serve):
+    broker, srv = start(serve, principal=lambda environ: "alice", max_subscribers=2,
+                        default_buffer=2)
+    first = SSEStream(srv.port, "/?topic=a&subscriber_id=tab")
+    assert wait_until(lambda: broker.subscriber_count == 1, 5)
+    second = SSEStream(srv.port, "/?topic=a&topic=b&subscriber_id=tab")  # same caller and id
+    ends = first.read_until_end(5)
+    assert [e.event for e in ends] == ["gstream.evicted"]
+    plain = SSEStream(srv.port, "/")
+    assert wait_until(lambda: broker.subscriber_count == 2, 5)
+    assert requests.get(f"http://127.0.0.1:{srv.port}/?topic=a", timeout=5).status_code == 503
+    assert broker.topic_subscribers("a") == 1  # the evicted stream left its topics
+    broker.close()
+    assert [e.event for e in second.read_until_end(5)] == ["done"]
+    assert [e.event for e in plain.read_until_end(5)] == ["done"]
+    assert broker.stats()["topic_streams"] == 0 and broker.topic_subscribers("b") == 0
+    for s in (first, second, plain):
+        s.close()
+
+
+def test_a_slow_topic_stream_drops_oldest_and_is_told(serve):
+    broker, srv = start(serve, default_buffer=2)
+    s = SSEStream(srv.port, "/?topic=a")
+    assert wait_until(lambda: broker.subscriber_count == 1, 5)
+    for i in range(5):  # no yield between: the reader cannot run, its queue holds 2
+        broker.publish(str(i), topic="a")
+    got = s.events(3)
+    assert (got[0].event, json.loads(got[0].data)) == ("gstream.missed", {"missed": 3})
+    assert [e.data for e in got[1:]] == ["3", "4"]
+    assert broker.stats()["dropped"] == 3
+    s.close()
