@@ -447,8 +447,9 @@ class SSEBroker:
 
     # -- publishing --------------------------------------------------------
 
-    def publish(self, event: Event | str, topic: str | None = None) -> str | None:
-        """Send ``event`` to every matching subscriber; return its id.
+    def publish(self, event: Event | str, topic: str | None = None, *,
+                wait_for_id: float | None = None) -> str | None:
+        """Send ``event`` to every matching subscriber; return its id (None if not known yet).
 
         ``topic`` names a topic for multi-topic streams (docs/topics.md); None
         (or the broker's own ``config.topic``) is the default topic, served
@@ -464,10 +465,12 @@ class SSEBroker:
 
         With a durable backplane (Redis), the id is always the one the
         backplane assigns (a publisher-given id is ignored), and delivery,
-        here too, follows asynchronously through the backplane. ``publish``
-        then waits at most the backplane's ``publish_wait`` (50 ms) for that
-        id; a stalled Redis makes it return None instead (the event is
-        accepted and delivered, with its id, when Redis answers).
+        here too, follows asynchronously through the backplane, in the same
+        order in every process. ``publish`` then returns as soon as the
+        event is queued, with None (the backplane's ``publish_wait``, 0 by
+        default); ``wait_for_id=seconds`` waits up to that long for the id
+        (None again if Redis has not numbered it by then: still accepted).
+        Without a durable backplane ``wait_for_id`` is ignored.
 
         Raises:
             BrokerClosed: after :meth:`close`.
@@ -495,10 +498,11 @@ class SSEBroker:
             self._binding.call_soon(self._on_foreign)
             return None
         if topic is not None:
-            return self._publish_topic(topic, event)
-        return self._publish_here(event)
+            return self._publish_topic(topic, event, wait_for_id)
+        return self._publish_here(event, wait_for_id)
 
-    def publish_many(self, events: Sequence[Event | str], topic: str | None = None) -> list[str | None]:
+    def publish_many(self, events: Sequence[Event | str], topic: str | None = None, *,
+                     wait_for_id: float | None = None) -> list[str | None]:
         """Publish ``events`` in order; return their ids (as :meth:`publish`).
 
         With a durable backplane they travel in one pipeline and one wait
@@ -518,15 +522,16 @@ class SSEBroker:
             check_topic(topic)
         if self._durable is None or not self._in_hub_thread():
             return [self.publish(e, topic) for e in batch]
-        ids = self._durable.append_many(self.config.topic if topic is None else topic, batch)
+        ids = self._durable.append_many(self.config.topic if topic is None else topic, batch,
+                                        wait_for_id=wait_for_id)
         self._stats["published"] += len(batch)
         return ids
 
-    def _publish_here(self, event: Event) -> str | None:
+    def _publish_here(self, event: Event, wait_for_id: float | None = None) -> str | None:
         if self._durable is not None:
             # Delivery comes back through the backplane's reader, in the
             # global order, exactly once (never also delivered here).
-            event_id = self._durable.append(self.config.topic, event)
+            event_id = self._durable.append(self.config.topic, event, wait_for_id=wait_for_id)
             self._stats["published"] += 1
             return event_id
         if event.id is None or not truncate_field(event.id):
@@ -585,12 +590,12 @@ class SSEBroker:
 
     # -- topics (multi-topic streams; docs/topics.md) --------------------------
 
-    def _publish_topic(self, topic: str, event: Event) -> str | None:
+    def _publish_topic(self, topic: str, event: Event, wait_for_id: float | None = None) -> str | None:
         self._stats["published"] += 1
         if self._durable is not None:
             # Delivered when the backplane's reader hands it to the topic's
             # sink (only while a local stream subscribes to the topic).
-            return self._durable.append(topic, event)
+            return self._durable.append(topic, event, wait_for_id=wait_for_id)
         self._topics_used = True
         return self._fan_topic(topic, event, None)[0]
 

@@ -43,6 +43,9 @@ TAB_TOPIC = re.compile(r"tab/[0-9a-f]{32}")
 def _demo_topic(environ: Environ, topic: str) -> bool:
     """The demo's authorize hook: the shared feed and any tab's private topic."""
     return topic == "feed" or TAB_TOPIC.fullmatch(topic) is not None
+#: Longest ``POST /publish`` waits for a durable backplane (Redis) to number
+#: its last event, so that ``last_id`` is an id clients can resume from.
+LAST_ID_WAIT = 0.05
 ECHO_MAX = 1 << 20
 
 
@@ -190,18 +193,25 @@ class DemoApp:
 
     # -- feed -------------------------------------------------------------
 
-    def publish(self, text: str, topic: str | None = None) -> str:
-        """Publish one feed event (``id`` = ``seq``), or to a tab's private ``topic``; return its id."""
+    def publish(self, text: str, topic: str | None = None, *,
+                wait_for_id: float | None = None) -> str | None:
+        """Publish one feed event, or one to a tab's private ``topic``; return its id, None if not known yet.
+
+        In memory the id is ``seq`` (a tab topic's: its position). With a
+        durable backplane (Redis) it is the stream entry's id, returned only
+        if Redis numbered the event within ``wait_for_id`` seconds (default:
+        not waited for).
+        """
         self._seq += 1
         seq = self._seq
         data = json.dumps({"seq": seq, "ts": time.time(), "text": text},
                           separators=(",", ":"), ensure_ascii=False)
         # With a durable backplane (Redis) the broker assigns the id (the
         # stream entry id); report that one, it is what clients resume from.
+        # (seq is never a resumable id there: None says "not known yet").
         # A tab's events are plain messages: typed by their topic on the stream.
         event = Event(name="feed", data=data, id=str(seq)) if topic is None else Event(data=data)
-        assigned = self.feed.publish(event, topic=topic)
-        return str(assigned) if assigned is not None else str(seq)
+        return self.feed.publish(event, topic=topic, wait_for_id=wait_for_id)
 
     # -- statistics ---------------------------------------------------------
 
@@ -319,10 +329,11 @@ class DemoApp:
         else:
             body = b""
         text = self._text_of(body, environ.get("CONTENT_TYPE", ""))
-        last = ""
+        last: str | None = None
         try:
-            for _ in range(count):
-                last = self.publish(text, topic)
+            for i in range(count):
+                last = self.publish(text, topic,
+                                    wait_for_id=LAST_ID_WAIT if i == count - 1 else None)
         except BackplaneUnavailable as exc:
             return _text_response(start_response, "503 Service Unavailable",
                                   f"backplane unavailable: {exc}", [("Retry-After", "1")])
