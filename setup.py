@@ -13,6 +13,8 @@ TEST = [
     "websocket-client>=1.5",
     "ruff>=0.4",
     "mypy>=1.5",
+    # docs/topics.md's JWT example runs in tests/test_topics.py (not a gstream dependency).
+    "PyJWT>=2.8",
 ]
 
 setup(

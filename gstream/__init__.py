@@ -14,6 +14,7 @@ from .errors import (
     Closed,
     GStreamError,
     HandshakeError,
+    TopicError,
 )
 from .events import Event, EventType, encode, encode_comment, encode_retry, json_event
 from .hub import Hub, HubConfig
@@ -71,6 +72,7 @@ __all__ = [
     "SSEWriter",
     "SSE_HEADERS",
     "Server",
+    "TopicError",
     "WSConfig",
     "WebSocket",
     "close_all",

@@ -23,14 +23,25 @@ import gevent
 from gevent.event import Event as GEvent
 from gevent.hub import Waiter
 
-from .backplane import Backplane, DurableBackplane, LocalBackplane
+from .backplane import Backplane, DurableBackplane, LocalBackplane, TopicHistory
 from .detached import DetachedStream
-from .errors import BackplaneUnavailable, BrokerClosed
+from .errors import BackplaneUnavailable, BrokerClosed, TopicError
 from .events import Event, EventType, encode, encode_comment, encode_retry, truncate_field
 from .lifecycle import lifecycle
 from .replay import History, ReplayStatus
 from .sse import SSE_HEADERS, last_event_id
 from .threadsafe import LoopBinding
+from .topics import (
+    CURSOR_VERSION,
+    MAX_CURSOR,
+    check_topic,
+    encode_cursor,
+    event_type,
+    is_pattern,
+    parse_cursor,
+    parse_selectors,
+)
+from .topicstate import TopicRegistry
 from .types import Environ, StartResponse
 
 __all__ = [
@@ -43,6 +54,7 @@ __all__ = [
     "EVICTED_EVENT",
     "SHUTDOWN_EVENT",
     "CUT_EVENT",
+    "DENIED_EVENT",
 ]
 
 log = logging.getLogger("gstream.broker")
@@ -57,8 +69,11 @@ EVICTED_EVENT = "gstream.evicted"
 SHUTDOWN_EVENT = "gstream.shutdown"
 #: Event name for a block-mode subscriber cut loose after its block timeout.
 CUT_EVENT = "gstream.cut"
+#: Event name listing the topics a multi-topic stream asked for and was refused.
+DENIED_EVENT = "gstream.denied"
 
 HEARTBEAT = encode_comment("heartbeat")
+_CURSOR_ID = f"id: {CURSOR_VERSION};".encode()
 OPEN_COMMENT = encode_comment("stream open")
 MAX_FILTER_NAMES = 32
 #: Events published back to back before sleeping readers are woken even if
@@ -108,6 +123,15 @@ class BrokerConfig:
     """Cross-process transport; None means in-process only. A
     :class:`~gstream.backplane.DurableBackplane` (Redis) assigns the ids
     and answers resumes the in-memory window cannot."""
+    authorize: Callable[[Environ, str], bool] | None = field(default=None, repr=False)
+    """``(environ, topic) -> bool`` at subscribe time, for each topic or pattern
+    asked for (the default topic too); None allows everything. See docs/topics.md."""
+    max_topics: int = 16
+    """Most topics and patterns on one stream (``?topic=`` values); more is a 400."""
+    topic_history: int = 10_000
+    """Events of all topics kept in memory for multi-topic resumes (``history_max_age`` applies)."""
+    max_patterns: int = 1000
+    """Most distinct patterns subscribed at once on this broker."""
 
     def __post_init__(self) -> None:
         if self.max_buffer <= 0:
@@ -124,6 +148,9 @@ class BrokerConfig:
         self.history_size = max(0, int(self.history_size))
         self.max_subscriber_id = max(1, int(self.max_subscriber_id))
         self.foreign_queue = max(1, int(self.foreign_queue))
+        self.max_topics = max(1, int(self.max_topics))
+        self.topic_history = max(0, int(self.topic_history))
+        self.max_patterns = max(1, int(self.max_patterns))
 
 
 class BrokerCounters(TypedDict):
@@ -166,6 +193,10 @@ class BrokerStats(BrokerCounters):
     last_id: str | None
     """Id of the latest event."""
     closed: bool
+    topics: int
+    """Topic records now (subscribed topics, and recent ones kept to answer resumes)."""
+    topic_streams: int
+    """Open multi-topic streams now."""
 
 
 class _Subscriber:
@@ -303,6 +334,54 @@ class _Body:
             self._sub.broker._unregister(self._sub)
 
 
+def _type_name(topic: str, body: bytes) -> str:
+    # The event name inside a topic frame body ("event: <topic>#<name>").
+    line = body.split(b"\n", 1)[0].decode("utf-8", "replace")
+    kind = line[len("event: "):] if line.startswith("event: ") else topic
+    return kind[len(topic) + 1:] if kind.startswith(topic + "#") else "message"
+
+
+def _durable_wait(backplane: Any) -> float:
+    """Longest a subscribe waits for a topic being attached elsewhere (the catch-up bound)."""
+    return float(getattr(backplane, "catch_up_timeout", 2.0) or 2.0)
+
+
+class _View:
+    """A multi-topic stream's subscriptions: its selectors and the position of each.
+
+    The stream itself is an ordinary :class:`_Subscriber` (its queue, its
+    reader, heartbeats, caps); this is all a multi-topic stream adds.
+    """
+
+    __slots__ = ("sub", "selectors", "parts", "names")
+
+    def __init__(self, sub: _Subscriber, selectors: list[str], names: frozenset[str] | None) -> None:
+        self.sub = sub
+        self.selectors = selectors
+        self.parts: list[bytes] = []
+        """``b"selector=position"`` per selector, in order: the wire cursor of the
+        last event queued, kept encoded so a frame costs one join."""
+        self.names = names
+
+    def set_positions(self, positions: dict[str, str]) -> None:
+        self.parts = [f"{sel}={positions[sel]}".encode() for sel in self.selectors]
+
+
+class _TopicSink:
+    """A durable backplane's delivery entry point for one topic of this broker."""
+
+    __slots__ = ("broker", "topic", "users", "ready")
+
+    def __init__(self, broker: SSEBroker, topic: str) -> None:
+        self.broker = broker
+        self.topic = topic
+        self.users = 0
+        self.ready = GEvent()
+
+    def __call__(self, event: Event, frame: bytes, *, may_block: bool = True) -> int:
+        return self.broker._deliver_topic(self.topic, event, event.id)
+
+
 def _header(environ: Environ, name: str) -> str | None:
     raw = environ.get(name)
     if raw is None:
@@ -349,10 +428,15 @@ class SSEBroker:
         self._subs: dict[str, _Subscriber] = {}
         self._history = History(cfg.history_size, cfg.history_max_age)
         self._next_id = cfg.first_id if cfg.first_id is not None else time.time_ns() // 1000
+        # Multi-topic streams (docs/topics.md): their views by key, the topic
+        # state, and (durable backplane) one sink per attached topic.
+        self._views: dict[str, _View] = {}
+        self._topic_sinks: dict[str, _TopicSink] = {}
+        self._topics_used = False
         self._seq = 0
         self._closed = False
         self._stats = cast(BrokerCounters, dict.fromkeys(BrokerCounters.__annotations__, 0))
-        self._foreign: deque[Event] = deque()
+        self._foreign: deque[tuple[str | None, Event]] = deque()
         self._pump: Any = None
         self._binding = LoopBinding()
         # Batched wake-ups: readers with new frames are queued here and woken
@@ -373,6 +457,10 @@ class SSEBroker:
         self._backplane: Backplane = cfg.backplane if cfg.backplane is not None else LocalBackplane()
         self._durable: DurableBackplane | None = (
             self._backplane if isinstance(self._backplane, DurableBackplane) else None)
+        self._topics = TopicRegistry(0 if self._durable is not None else cfg.topic_history,
+                                     cfg.history_max_age, self._next_id,
+                                     max_idle=0 if self._durable is not None else 100_000,
+                                     max_patterns=cfg.max_patterns)
         self._backplane.attach(cfg.topic, self._deliver_local)
 
     # -- threads -----------------------------------------------------------
@@ -398,10 +486,13 @@ class SSEBroker:
     def _drain_foreign(self) -> None:
         try:
             while self._foreign:
-                event = self._foreign.popleft()
+                topic, event = self._foreign.popleft()
                 if not self._closed:
                     try:
-                        self._publish_here(event)
+                        if topic is None:
+                            self._publish_here(event)
+                        else:
+                            self._publish_topic(topic, event)
                     except BackplaneUnavailable as exc:
                         # The thread that published is long gone: count and log.
                         self._stats["foreign_failed"] += 1
@@ -411,8 +502,16 @@ class SSEBroker:
 
     # -- publishing --------------------------------------------------------
 
-    def publish(self, event: Event | str, *, wait_for_id: float | None = None) -> str | None:
+    def publish(self, event: Event | str, topic: str | None = None, *,
+                wait_for_id: float | None = None) -> str | None:
         """Send ``event`` to every matching subscriber; return its id (None if not known yet).
+
+        ``topic`` names a topic for multi-topic streams (docs/topics.md); None
+        (or the broker's own ``config.topic``) is the default topic, served
+        exactly as a single-topic broker. For another topic the returned id is
+        the topic position (a broker-wide number in memory, the Redis stream id
+        with a durable backplane); a publisher-given id is not sent to topic
+        streams, whose ``id:`` is their cursor.
 
         A ``str`` is sent as a plain message. Without an id, the broker
         assigns the next one of this topic (monotonic). Called from a native
@@ -432,11 +531,16 @@ class SSEBroker:
             BrokerClosed: after :meth:`close`.
             BackplaneUnavailable: the backplane did not accept the event
                 (nothing was delivered anywhere).
+            TopicError: ``topic`` is not a valid topic name.
         """
         if self._closed:
             raise BrokerClosed("broker is closed")
         if isinstance(event, str):
             event = Event(data=event)
+        if topic == self.config.topic:
+            topic = None
+        elif topic is not None:
+            check_topic(topic)
         if not self._in_hub_thread():
             if len(self._foreign) >= self.config.foreign_queue:
                 try:
@@ -444,13 +548,15 @@ class SSEBroker:
                     self._stats["foreign_dropped"] += 1
                 except IndexError:  # drained by the hub meanwhile
                     pass
-            self._foreign.append(event)
+            self._foreign.append((topic, event))
             self._stats["foreign"] += 1
             self._binding.call_soon(self._on_foreign)
             return None
+        if topic is not None:
+            return self._publish_topic(topic, event, wait_for_id)
         return self._publish_here(event, wait_for_id)
 
-    def publish_many(self, events: Sequence[Event | str], *,
+    def publish_many(self, events: Sequence[Event | str], topic: str | None = None, *,
                      wait_for_id: float | None = None) -> list[str | None]:
         """Publish ``events`` in order; return their ids (as :meth:`publish`).
 
@@ -465,9 +571,14 @@ class SSEBroker:
         if self._closed:
             raise BrokerClosed("broker is closed")
         batch = [Event(data=e) if isinstance(e, str) else e for e in events]
+        if topic == self.config.topic:
+            topic = None
+        elif topic is not None:
+            check_topic(topic)
         if self._durable is None or not self._in_hub_thread():
-            return [self.publish(e) for e in batch]
-        ids = self._durable.append_many(self.config.topic, batch, wait_for_id=wait_for_id)
+            return [self.publish(e, topic) for e in batch]
+        ids = self._durable.append_many(self.config.topic if topic is None else topic, batch,
+                                        wait_for_id=wait_for_id)
         self._stats["published"] += len(batch)
         return ids
 
@@ -517,6 +628,13 @@ class SSEBroker:
         if waiting:
             count += self._wait_for_room(waiting, frame)
         stats["enqueued"] += count
+        self._burst_check()
+        if self._topics_used and self.config.topic:
+            # Multi-topic streams naming the default topic (or a matching pattern).
+            count += self._deliver_topic(self.config.topic, event, event.id)
+        return count
+
+    def _burst_check(self) -> None:
         if self._due:
             self._pending += 1
             if self._pending >= MAX_BATCH and not self._flush_soon:
@@ -524,7 +642,304 @@ class SSEBroker:
                 # turn so the first events are not held back by the last.
                 self._flush_soon = True
                 self._loop.run_callback(self._flush_due)
-        return count
+
+    # -- topics (multi-topic streams; docs/topics.md) --------------------------
+
+    def _publish_topic(self, topic: str, event: Event, wait_for_id: float | None = None) -> str | None:
+        self._stats["published"] += 1
+        if self._durable is not None:
+            # Delivered when the backplane's reader hands it to the topic's
+            # sink (only while a local stream subscribes to the topic).
+            return self._durable.append(topic, event, wait_for_id=wait_for_id)
+        self._topics_used = True
+        return self._fan_topic(topic, event, None)[0]
+
+    def _deliver_topic(self, topic: str, event: Event, position: str | None) -> int:
+        """Queue ``event`` of ``topic`` for the multi-topic streams it reaches."""
+        return self._fan_topic(topic, event, position)[1]
+
+    def _fan_topic(self, topic: str, event: Event, position: str | None) -> tuple[str, int]:
+        """Queue ``event`` of ``topic`` for its streams; return its position and how many.
+
+        The frame body (``event: <topic>`` and the data) is encoded once; each
+        stream's frame is its own ``id:`` line (its cursor) and that body.
+        """
+        name = event.event_name
+        body = encode(Event(data=event.data, name=event_type(topic, name), retry=event.retry))
+        reg = self._topics
+        if self._durable is None or position is None:
+            position = str(reg.append(topic, body))
+        count = 0
+        tail = b"\n" + body
+        if not reg.patterns:
+            rec = reg.records.get(topic)
+            if rec is not None and rec.members:
+                # The common case inlined: one selector, the part encoded once.
+                part = f"{topic}={position}".encode()
+                stats = self._stats
+                for view in tuple(rec.members.values()):
+                    parts = view.parts
+                    parts[view.selectors.index(topic)] = part
+                    if view.names is not None and name not in view.names:
+                        continue  # filtered out; the next frame's cursor carries the move
+                    sub = view.sub
+                    if sub.ended or sub.final is not None:
+                        continue
+                    items = sub.items
+                    if len(items) >= sub.capacity:  # topic streams are always drop-oldest
+                        sub.dropped += 1
+                        sub.missed += 1
+                        stats["dropped"] += 1
+                        del items[0]
+                    items.append(_CURSOR_ID + b";".join(parts) + tail)
+                    self._wake(sub)
+                    count += 1
+        else:
+            merged: dict[int, tuple[_View, list[str]]] = {}
+            for sel, view in reg.targets(topic):
+                merged.setdefault(id(view), (view, []))[1].append(sel)
+            for view, sels2 in merged.values():
+                count += self._queue_topic(view, sels2, position, tail, name)
+        if count:
+            self._stats["enqueued"] += count
+            self._burst_check()
+        return position, count
+
+    def _queue_topic(self, view: _View, sels: Sequence[str], position: str, tail: bytes,
+                     name: str) -> int:
+        parts = view.parts
+        for sel in sels:
+            parts[view.selectors.index(sel)] = f"{sel}={position}".encode()
+        if view.names is not None and name not in view.names:
+            return 0  # filtered out; the next frame's cursor carries the move
+        sub = view.sub
+        if sub.ended or sub.final is not None:
+            return 0
+        frame = _CURSOR_ID + b";".join(parts) + tail
+        items = sub.items
+        if len(items) >= sub.capacity:  # topic streams are always drop-oldest
+            sub.dropped += 1
+            sub.missed += 1
+            self._stats["dropped"] += 1
+            del items[0]
+        items.append(frame)
+        self._wake(sub)
+        return 1
+
+    def _allowed(self, environ: Environ, topic: str) -> bool:
+        hook = self.config.authorize
+        if hook is None:
+            return True
+        try:
+            return bool(hook(environ, topic))
+        except Exception:  # a broken hook denies, it does not crash the stream
+            log.exception("authorize hook failed for topic %r; denying it", topic)
+            return False
+
+    def _hold_sink(self, topic: str) -> _TopicSink:
+        # Durable backplane: the topic is read from Redis while a stream uses it.
+        sink = self._topic_sinks.get(topic)
+        if sink is None:
+            sink = self._topic_sinks[topic] = _TopicSink(self, topic)
+            sink.users += 1
+            try:
+                self._backplane.attach(topic, sink)  # may yield
+            except Exception:
+                sink.ready.set()
+                self._release_sink(sink)
+                raise
+            sink.ready.set()
+        else:
+            sink.users += 1
+        return sink
+
+    def _release_sink(self, sink: _TopicSink) -> None:
+        sink.users -= 1
+        if sink.users <= 0 and self._topic_sinks.get(sink.topic) is sink:
+            del self._topic_sinks[sink.topic]
+            self._backplane.detach(sink.topic, sink)
+
+    def _drop_view(self, sub: _Subscriber) -> None:
+        view = self._views.get(sub.key)
+        if view is None or view.sub is not sub:
+            return
+        del self._views[sub.key]
+        for sel in view.selectors:
+            self._topics.leave(sel, sub.key, view)
+            sink = self._topic_sinks.get(sel)
+            if sink is not None:
+                self._release_sink(sink)
+
+    def _stream_topics(self, environ: Environ, values: list[str], names: list[str],
+                       capacity: int, sid: str, principal: str
+                       ) -> tuple[str, list[tuple[str, str]], Any]:
+        cfg = self.config
+        durable = self._durable
+        try:
+            selectors = parse_selectors(values, cfg.max_topics)
+        except TopicError as exc:
+            return "400 Bad Request", list(_TEXT), [f"{exc}\n".encode()]
+        if durable is not None:
+            if any(is_pattern(sel) for sel in selectors):
+                return "400 Bad Request", list(_TEXT), [
+                    b"topic patterns need the in-memory backplane (docs/topics.md)\n"]
+            if not isinstance(durable, TopicHistory):
+                return "500 Internal Server Error", list(_TEXT), [
+                    b"this backplane cannot serve topic streams\n"]
+        allowed = [sel for sel in selectors if self._allowed(environ, sel)]
+        denied = [sel for sel in selectors if sel not in allowed]
+        if not allowed:
+            return "403 Forbidden", list(_TEXT), [b"no topic allowed\n"]
+        raw = last_event_id(environ, MAX_CURSOR + 1)
+        try:
+            cursor = parse_cursor(raw, allowed) if raw else {}
+        except TopicError as exc:
+            return "400 Bad Request", list(_TEXT), [f"{exc}\n".encode()]
+        self._topics_used = True
+        held: list[_TopicSink] = []
+        if durable is not None:
+            try:
+                for sel in allowed:
+                    if sel != cfg.topic:
+                        held.append(self._hold_sink(sel))  # may yield
+                for sink in held:
+                    sink.ready.wait(_durable_wait(durable))
+                for sel, pos in cursor.items():
+                    durable.catch_up(sel, pos)  # may yield
+            except BackplaneUnavailable:
+                for sink in held:
+                    self._release_sink(sink)
+                return self._busy(b"event history unavailable\n")
+            if self._closed:
+                for sink in held:
+                    self._release_sink(sink)
+                return "503 Service Unavailable", list(_TEXT), [b"broker closed\n"]
+
+        # Atomic from here to the bounds: cap, eviction, registration.
+        key = self._admit(sid, principal)
+        if key is None:
+            for sink in held:
+                self._release_sink(sink)
+            return self._busy(b"too many subscribers\n")
+        # names=frozenset(): the default topic's own loop never serves this
+        # stream; its frames come through _deliver_topic with its cursor.
+        sub = _Subscriber(self, key, sid, principal, frozenset(), False, capacity)
+        view = _View(sub, allowed, frozenset(names) if names else None)
+        self._subs[key] = sub
+        self._views[key] = view
+        lifecycle.register(sub)
+        try:
+            for sel in allowed:
+                self._topics.join(sel, key, view)
+        except TopicError as exc:  # too many distinct patterns
+            self._end(sub, b"")
+            self._unregister(sub)
+            return self._busy(f"{exc}\n".encode())
+        # The sinks in ``held`` belong to the view now: _drop_view releases them.
+        bounds = self._topic_bounds(allowed)
+        if bounds is None:
+            self._end(sub, b"")
+            self._unregister(sub)
+            return self._busy(b"event history unavailable\n")
+        view.set_positions(bounds)
+        prelude = [OPEN_COMMENT]
+        if cfg.retry > 0:
+            prelude.append(encode_retry(cfg.retry))
+        if denied:
+            data = json.dumps({"topics": denied}, separators=(",", ":"))
+            prelude.append(encode(Event(data=data, name=DENIED_EVENT)))
+        replay = self._replay_topics(view, cursor, bounds)  # may yield (durable)
+        if replay is None:
+            self._end(sub, b"")
+            self._unregister(sub)
+            return self._busy(b"event history unavailable\n")
+        prelude.extend(replay)
+        prelude.append(b"id: " + encode_cursor(bounds).encode() + b"\n\n")
+        return "200 OK", list(SSE_HEADERS), _Body(sub, b"".join(prelude))
+
+    def _topic_bounds(self, selectors: list[str]) -> dict[str, str] | None:
+        """Where each selector's live delivery starts (read without yielding)."""
+        if self._durable is None:
+            last = str(self._topics.last)
+            return dict.fromkeys(selectors, last)
+        history = cast(TopicHistory, self._durable)
+        out: dict[str, str] = {}
+        for sel in selectors:
+            pos = history.position(sel)
+            if pos is None:
+                return None
+            out[sel] = pos
+        return out
+
+    def _reset_frame(self, sel: str, pos: str, reason: str, latest: str) -> bytes:
+        self._stats["resets"] += 1
+        data = json.dumps({"topic": sel, "last_event_id": pos, "reason": reason,
+                           "latest_id": latest}, separators=(",", ":"))
+        return encode(Event(data=data, name=RESET_EVENT))
+
+    def _replay_topics(self, view: _View, cursor: dict[str, str],
+                       bounds: dict[str, str]) -> list[bytes] | None:
+        """Frames a resuming topic stream missed, each with its cursor; None: history unreadable."""
+        cur = {sel: cursor.get(sel, bounds[sel]) for sel in view.selectors}
+        names = view.names
+        frames: list[bytes] = []
+        if self._durable is None:
+            reg = self._topics
+            ok: dict[str, int] = {}
+            for sel, pos in cursor.items():
+                num = int(pos) if pos.isdigit() else -1
+                status = str(reg.status(sel, num) if num >= 0 else ReplayStatus.UNKNOWN)
+                if status == ReplayStatus.OK:
+                    ok[sel] = num
+                else:
+                    frames.append(self._reset_frame(sel, pos, str(status), bounds[sel]))
+                    cur[sel] = bounds[sel]
+            for hits, entry in reg.since(ok):
+                for sel in hits:
+                    cur[sel] = str(entry.num)
+                if names is not None and _type_name(entry.topic, entry.body) not in names:
+                    continue
+                frames.append(b"id: " + encode_cursor(cur).encode() + b"\n" + entry.body)
+        else:
+            history = cast(TopicHistory, self._durable)
+            for sel, pos in cursor.items():
+                if pos == bounds[sel]:
+                    continue
+                status, events = history.events_between(sel, pos, bounds[sel])  # may yield
+                if status == ReplayStatus.UNAVAILABLE:
+                    return None
+                if status != ReplayStatus.OK:
+                    frames.append(self._reset_frame(sel, pos, str(status), bounds[sel]))
+                    cur[sel] = bounds[sel]
+                    continue
+                for event in events:
+                    cur[sel] = event.id or cur[sel]
+                    name = event.event_name
+                    if names is not None and name not in names:
+                        continue
+                    body = encode(Event(data=event.data, name=event_type(sel, name), retry=event.retry))
+                    frames.append(b"id: " + encode_cursor(cur).encode() + b"\n" + body)
+        replayed = sum(1 for f in frames if f.startswith(b"id: "))
+        self._stats["replayed"] += replayed
+        return frames
+
+    def _admit(self, sid: str, principal: str) -> str | None:
+        """Pick the new stream's key, evicting the caller's previous stream; None at the cap."""
+        cfg = self.config
+        key = sid
+        incumbent = self._subs.get(sid)
+        replacing = incumbent is not None and bool(principal) and incumbent.principal == principal
+        if incumbent is not None and not replacing:
+            while key in self._subs:  # unrelated collision: coexist
+                key = f"{sid}#{secrets.token_hex(4)}"
+        if cfg.max_subscribers and not replacing and len(self._subs) >= cfg.max_subscribers:
+            self._stats["rejected"] += 1
+            return None
+        if replacing:
+            assert incumbent is not None
+            self._stats["evicted"] += 1
+            self._end(incumbent, self._final(EVICTED_EVENT, "replaced by a newer stream"))
+        return key
 
     def _wait_for_room(self, waiting: list[_Subscriber], frame: bytes) -> int:
         deadline = time.monotonic() + self.config.block_timeout
@@ -660,6 +1075,11 @@ class SSEBroker:
         block = cfg.allow_client_slow_mode and (
             params.get("slow") == "block" or environ.get("HTTP_X_SSE_SLOW") == "block")
         principal = self._principal(environ)
+        topics = [v for k, v in query if k == "topic"]
+        if topics:
+            return self._stream_topics(environ, topics, names, capacity, sid, principal)
+        if cfg.authorize is not None and not self._allowed(environ, cfg.topic):
+            return "403 Forbidden", list(_TEXT), [b"topic not allowed\n"]
         last_id = last_event_id(environ)
         if last_id and self._durable is not None:
             # May yield: must come before the atomic section below.
@@ -669,19 +1089,9 @@ class SSEBroker:
 
         # From here to the end of the method nothing yields: the cap check,
         # the eviction, the registration and the history snapshot are atomic.
-        key = sid
-        incumbent = self._subs.get(sid)
-        replacing = incumbent is not None and bool(principal) and incumbent.principal == principal
-        if incumbent is not None and not replacing:
-            while key in self._subs:  # unrelated collision: coexist
-                key = f"{sid}#{secrets.token_hex(4)}"
-        if cfg.max_subscribers and not replacing and len(self._subs) >= cfg.max_subscribers:
-            self._stats["rejected"] += 1
+        key = self._admit(sid, principal)
+        if key is None:
             return self._busy(b"too many subscribers\n")
-        if replacing:
-            assert incumbent is not None
-            self._stats["evicted"] += 1
-            self._end(incumbent, self._final(EVICTED_EVENT, "replaced by a newer stream"))
         sub = _Subscriber(self, key, sid, principal, frozenset(names) if names else None,
                           block, capacity)
         self._subs[key] = sub
@@ -804,6 +1214,8 @@ class SSEBroker:
         """Stop routing to ``sub`` and let its reader send ``final`` and end."""
         if self._subs.get(sub.key) is sub:
             del self._subs[sub.key]
+        if self._views:
+            self._drop_view(sub)
         if sub.final is None:
             sub.final = final
         self._wake(sub)
@@ -814,6 +1226,8 @@ class SSEBroker:
         sub.ended = True
         if self._subs.get(sub.key) is sub:
             del self._subs[sub.key]
+        if self._views:
+            self._drop_view(sub)
         lifecycle.unregister(sub)
         sub.items.clear()
         if sub.room is not None:
@@ -836,6 +1250,9 @@ class SSEBroker:
             self._end(sub, done)
         # Detach only: a backplane may serve other brokers; its creator closes it.
         self._backplane.detach(self.config.topic, self._deliver_local)
+        for sink in tuple(self._topic_sinks.values()):
+            self._backplane.detach(sink.topic, sink)
+        self._topic_sinks.clear()
         self._foreign.clear()
 
     @property
@@ -854,11 +1271,24 @@ class SSEBroker:
         return self._history.last_id
 
     def subscribers(self) -> list[dict[str, Any]]:
-        """Per-subscriber details: id, mode, buffer, queue depth, drops, deliveries."""
-        return [sub.info() for sub in self._subs.values()]
+        """Per-subscriber details: id, mode, buffer, queue depth, drops, deliveries (and topics)."""
+        out = []
+        for sub in self._subs.values():
+            info = sub.info()
+            view = self._views.get(sub.key)
+            if view is not None and view.sub is sub:
+                info["topics"] = list(view.selectors)
+                info["events"] = sorted(view.names) if view.names else None
+            out.append(info)
+        return out
+
+    def topic_subscribers(self, topic: str) -> int:
+        """Streams of this process subscribed to ``topic`` (or to the pattern ``topic``) by name."""
+        return self._topics.member_count(topic)
 
     def stats(self) -> BrokerStats:
         """Totals since start (:class:`BrokerCounters`) and the state now; a plain dict."""
         return BrokerStats(**self._stats, topic=self.config.topic, subscribers=len(self._subs),
                            history=len(self._history), last_id=self._history.last_id,
-                           closed=self._closed)
+                           closed=self._closed, topics=len(self._topics.records),
+                           topic_streams=len(self._views))

@@ -11,7 +11,7 @@ from greenlet import GreenletExit
 
 __all__ = ["GStreamError", "Closed", "BrokerClosed", "HandshakeError", "InvalidRequest", "BackplaneUnavailable",
            "ClientDeparted", "Unsupported", "HTTPError", "SSEError",
-           "MissedEvents", "DuplicateEvent", "Disconnected"]
+           "MissedEvents", "DuplicateEvent", "Disconnected", "TopicError"]
 
 
 class GStreamError(Exception):
@@ -155,3 +155,12 @@ class DuplicateEvent(GStreamError):
 
 class Disconnected(GStreamError):
     """Reported (as the failure of ``disconnect``) when an open connection breaks."""
+
+
+class TopicError(GStreamError, ValueError):
+    """A topic name, topic pattern or topic cursor that gstream refuses.
+
+    Raised by :meth:`gstream.broker.SSEBroker.publish` for a bad topic name;
+    a subscriber asking for one gets a ``400`` whose body is this message
+    (rules: docs/topics.md).
+    """

@@ -30,6 +30,7 @@ __all__ = [
     "MemoryBackplane",
     "Publisher",
     "ResumeResult",
+    "TopicHistory",
     "RedisBackplane",
     "RedisHubBackplane",
 ]
@@ -131,6 +132,30 @@ class DurableBackplane(Backplane, Protocol):
         yield in between (the upper bound is read synchronously). The result's
         ``latest_id`` is that bound. Status ``"unavailable"`` means the history
         could not be read (the broker answers 503 so the client retries).
+        """
+
+
+@runtime_checkable
+class TopicHistory(Protocol):
+    """What a durable backplane adds to serve multi-topic streams (docs/topics.md).
+
+    A stream subscribes to several topics at once, so the broker reads every
+    topic's bound first (:meth:`position`, no I/O) and then each range.
+    """
+
+    def position(self, topic: str) -> str | None:
+        """The id this process has delivered ``topic`` up to; None if not known yet.
+
+        Read synchronously (no yield): live delivery to a stream registered
+        now starts right after it.
+        """
+
+    def events_between(self, topic: str, after: str, upto: str) -> tuple[str, list[Event]]:
+        """Events of ``topic`` with ids in ``(after, upto]``, oldest first, with their ids.
+
+        The status is ``"ok"``, ``"unknown"`` (``after`` was never issued),
+        ``"expired"`` (trimmed, or more than the replay limit) or
+        ``"unavailable"`` (the log could not be read).
         """
 
 

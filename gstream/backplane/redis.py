@@ -389,27 +389,9 @@ class RedisBackplane:
             return ResumeResult("unknown", [], bound)
         if target == upper:
             return ResumeResult("ok", [], bound)
-        key = self._key(topic)
-        try:
-            pipe = self._pub.pipeline(transaction=False)
-            pipe.xinfo_stream(key)
-            pipe.xrange(key, min=f"({last_id}", max=bound, count=self.replay_limit + 1)
-            info, entries = pipe.execute()
-        except TRANSIENT as exc:
-            if _no_such_key(exc):
-                return ResumeResult("expired", [], bound)
-            log.warning("redis backplane: cannot read history of %r: %s", topic, exc)
-            return ResumeResult("unavailable", [], bound)
-        trimmed = parse_id(info.get("max-deleted-entry-id"))
-        if trimmed is None:  # Redis < 7: judge by the oldest entry kept
-            first = info.get("first-entry")
-            oldest = parse_id(first[0]) if first else None
-            if oldest is not None and oldest > target:
-                return ResumeResult("expired", [], bound)
-        elif trimmed > target:
-            return ResumeResult("expired", [], bound)
-        if len(entries) > self.replay_limit:
-            return ResumeResult("expired", [], bound)
+        status, entries = self._range(topic, last_id, str(bound), target)
+        if status != "ok":
+            return ResumeResult(status, [], bound)
         frames: list[bytes] = []
         for entry_id, fields in entries:
             event = self._decode(entry_id, fields)
@@ -417,6 +399,52 @@ class RedisBackplane:
                 frames.append(encode(event))
         self._counts["replays"] += 1
         return ResumeResult("ok", frames, bound)
+
+    # -- the TopicHistory protocol (multi-topic streams) ------------------------
+
+    def position(self, topic: str) -> str | None:
+        """The id this process has delivered ``topic`` up to (None: not known yet)."""
+        return self._pos.get(topic)
+
+    def events_between(self, topic: str, after: str, upto: str) -> tuple[str, list[Event]]:
+        """Events of ``topic`` with ids in ``(after, upto]`` (see :class:`~gstream.backplane.TopicHistory`)."""
+        target, upper = parse_id(after), parse_id(upto)
+        if upper is None:
+            return "unavailable", []
+        if target is None or target > upper:
+            return "unknown", []
+        if target == upper:
+            return "ok", []
+        status, entries = self._range(topic, after, upto, target)
+        if status != "ok":
+            return status, []
+        events = [e for e in (self._decode(i, f) for i, f in entries) if e is not None]
+        self._counts["replays"] += 1
+        return "ok", events
+
+    def _range(self, topic: str, after: str, upto: str, target: Any) -> tuple[str, list[Any]]:
+        key = self._key(topic)
+        try:
+            pipe = self._pub.pipeline(transaction=False)
+            pipe.xinfo_stream(key)
+            pipe.xrange(key, min=f"({after}", max=upto, count=self.replay_limit + 1)
+            info, entries = pipe.execute()
+        except TRANSIENT as exc:
+            if _no_such_key(exc):
+                return "expired", []
+            log.warning("redis backplane: cannot read history of %r: %s", topic, exc)
+            return "unavailable", []
+        trimmed = parse_id(info.get("max-deleted-entry-id"))
+        if trimmed is None:  # Redis < 7: judge by the oldest entry kept
+            first = info.get("first-entry")
+            oldest = parse_id(first[0]) if first else None
+            if oldest is not None and oldest > target:
+                return "expired", []
+        elif trimmed > target:
+            return "expired", []
+        if len(entries) > self.replay_limit:
+            return "expired", []
+        return "ok", entries
 
     # -- hub ------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import mimetypes
+import re
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -34,6 +35,14 @@ MAX_PUBLISH_BODY = 64 * 1024
 MAX_PUBLISH_COUNT = 1000
 """Most events one ``POST /publish?count=N`` may publish."""
 MAX_TEXT = 4096
+#: A tab's private topic: ``tab/`` and 32 random hex digits the page draws
+#: itself (the unguessable name is the capability; docs/topics.md).
+TAB_TOPIC = re.compile(r"tab/[0-9a-f]{32}")
+
+
+def _demo_topic(environ: Environ, topic: str) -> bool:
+    """The demo's authorize hook: the shared feed and any tab's private topic."""
+    return topic == "feed" or TAB_TOPIC.fullmatch(topic) is not None
 #: Longest ``POST /publish`` waits for a durable backplane (Redis) to number
 #: its last event, so that ``last_id`` is an id clients can resume from.
 LAST_ID_WAIT = 0.05
@@ -109,7 +118,8 @@ class DemoApp:
         self.ticker = ticker
         self.tick_interval = max(0.05, tick_interval)
         self.feed = SSEBroker(topic="feed", backplane=backplane, retry=2000,
-                              heartbeat_interval=15.0, history_size=1024)
+                              heartbeat_interval=15.0, history_size=1024,
+                              authorize=_demo_topic, max_topics=2)
         # Statistics are per process: never shared through a backplane.
         self.stats_feed = SSEBroker(topic="demo.stats", retry=2000, history_size=0,
                                     heartbeat_interval=15.0)
@@ -183,12 +193,14 @@ class DemoApp:
 
     # -- feed -------------------------------------------------------------
 
-    def publish(self, text: str, *, wait_for_id: float | None = None) -> str | None:
-        """Publish one feed event; return its id, None if not known yet.
+    def publish(self, text: str, topic: str | None = None, *,
+                wait_for_id: float | None = None) -> str | None:
+        """Publish one feed event, or one to a tab's private ``topic``; return its id, None if not known yet.
 
-        In memory the id is ``seq``. With a durable backplane (Redis) it is
-        the stream entry's id, returned only if Redis numbered the event
-        within ``wait_for_id`` seconds (default: not waited for).
+        In memory the id is ``seq`` (a tab topic's: its position). With a
+        durable backplane (Redis) it is the stream entry's id, returned only
+        if Redis numbered the event within ``wait_for_id`` seconds (default:
+        not waited for).
         """
         self._seq += 1
         seq = self._seq
@@ -197,8 +209,9 @@ class DemoApp:
         # With a durable backplane (Redis) the broker assigns the id (the
         # stream entry id); report that one, it is what clients resume from.
         # (seq is never a resumable id there: None says "not known yet").
-        return self.feed.publish(Event(name="feed", data=data, id=str(seq)),
-                                 wait_for_id=wait_for_id)
+        # A tab's events are plain messages: typed by their topic on the stream.
+        event = Event(name="feed", data=data, id=str(seq)) if topic is None else Event(data=data)
+        return self.feed.publish(event, topic=topic, wait_for_id=wait_for_id)
 
     # -- statistics ---------------------------------------------------------
 
@@ -295,6 +308,10 @@ class DemoApp:
             count = int(raw_count)
             if not 1 <= count <= MAX_PUBLISH_COUNT:
                 return _text_response(start_response, "400 Bad Request", "count must be 1..1000")
+        topic = query_param(environ, "topic")
+        if topic is not None and not TAB_TOPIC.fullmatch(topic):
+            return _text_response(start_response, "400 Bad Request",
+                                  "topic must be a tab's private topic (tab/<32 hex>)")
         try:
             length = int(environ.get("CONTENT_LENGTH") or 0)
         except ValueError:
@@ -315,7 +332,8 @@ class DemoApp:
         last: str | None = None
         try:
             for i in range(count):
-                last = self.publish(text, wait_for_id=LAST_ID_WAIT if i == count - 1 else None)
+                last = self.publish(text, topic,
+                                    wait_for_id=LAST_ID_WAIT if i == count - 1 else None)
         except BackplaneUnavailable as exc:
             return _text_response(start_response, "503 Service Unavailable",
                                   f"backplane unavailable: {exc}", [("Retry-After", "1")])

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
+from urllib.parse import urlencode
 
 from gevent import GreenletExit
 
@@ -14,6 +16,9 @@ from ...sseparse import ParsedEvent
 from ._base import StreamingUser, log
 
 __all__ = ["SSEUser"]
+
+#: Most topics whose sequence one stream tracks (a pattern may match many).
+MAX_TRACKED_TOPICS = 10_000
 
 # -- Server-Sent Events -------------------------------------------------------
 
@@ -54,6 +59,7 @@ class _SSEStream:
                  last_event_id: str | None) -> None:
         self.user = user
         self.last_id: int | None = None
+        self.topic_last: dict[str, int] = {}
         self.connected = False
         self.first_pending = False
         self.attempt_start = 0.0
@@ -116,8 +122,27 @@ class _SSEStream:
                 user.report("duplicate", 0.0, 1, DuplicateEvent("event id repeated or went back"))
             if last is None or seq > last:
                 self.last_id = seq
+        found = user.topic_sequence(event)
+        if found is not None:
+            self.check_topic(*found)
         user.report(user.event_stat_name(event), user.event_latency_ms(event), size)
         user.on_event(event)
+
+    def check_topic(self, topic: str, seq: int) -> None:
+        """Per-topic gap and duplicate detection (multi-topic streams)."""
+        user, counters = self.user, self.user.counters
+        last = self.topic_last.get(topic)
+        if last is not None and seq > last + 1:
+            missed = seq - last - 1
+            counters.missed += missed
+            user.topic_missed[topic] = user.topic_missed.get(topic, 0) + missed
+            user.report(f"missed {topic}", 0.0, missed, MissedEvents(f"gap in topic {topic}"))
+        elif last is not None and seq <= last:
+            counters.duplicates += 1
+            user.report(f"duplicate {topic}", 0.0, 1, DuplicateEvent(f"repeat in topic {topic}"))
+        if (last is None or seq > last) and (
+                last is not None or len(self.topic_last) < MAX_TRACKED_TOPICS):
+            self.topic_last[topic] = seq
 
     def run(self) -> None:
         try:
@@ -154,6 +179,16 @@ class SSEUser(StreamingUser):
             def on_event(self, event):
                 ...                  # your own checks
 
+    Several topics on one stream (docs/topics.md)::
+
+        class Reader(SSEUser):
+            path = "/events"
+            topics = ["news", "user/42"]   # ?topic=news&topic=user/42
+            sequence_field = "seq"         # per-topic gaps from {"seq": n} in the data
+
+    reports a gap in topic ``t`` as ``missed t`` (and counts it in
+    :attr:`topic_missed`); override :meth:`topic_sequence` for another scheme.
+
     Override :meth:`event_id` (numeric id used for gap detection),
     :meth:`event_latency_ms` / ``timestamp_field`` (delivery latency) and
     :meth:`event_stat_name`. Set ``autostart = False`` and call
@@ -180,11 +215,17 @@ class SSEUser(StreamingUser):
     """Reconnection delay until the server sends ``retry:``."""
     max_retry_ms: int = 10_000
     """Upper bound of any reconnection delay."""
+    topics: Sequence[str] = ()
+    """Topics (or patterns) each stream subscribes to, added to ``path`` as ``topic=`` parameters."""
+    sequence_field: str = "seq"
+    """JSON field of the event data holding a per-topic sequence number (1, 2, 3, ...)."""
 
     def __init__(self, environment: Any) -> None:
         super().__init__(environment)
         self.sse_streams: list[_SSEStream] = []
         """The user's open streams (their ``client`` is a :class:`gstream.client.SSEClient`)."""
+        self.topic_missed: dict[str, int] = {}
+        """Events missing per topic, summed over this user's streams."""
 
     def on_start(self) -> None:
         """Open ``streams`` streams when ``autostart`` (call super() when overriding)."""
@@ -195,7 +236,10 @@ class SSEUser(StreamingUser):
     def open_stream(self, path: str | None = None, *, headers: Mapping[str, str] | None = None,
                     last_event_id: str | None = None) -> SSEClient:
         """Open one more stream (read by an owned greenlet); returns its client."""
-        stream = _SSEStream(self, self.url_for(path or self.path),
+        url = self.url_for(path or self.path)
+        if self.topics:
+            url += ("&" if "?" in url else "?") + urlencode([("topic", t) for t in self.topics])
+        stream = _SSEStream(self, url,
                             {**self.headers, **(headers or {})}, last_event_id)
         self.sse_streams.append(stream)
         self.spawn_owned(stream.run)
@@ -209,6 +253,24 @@ class SSEUser(StreamingUser):
         """The event's numeric id for gap detection (default: the SSE id, if all digits)."""
         value = event.last_event_id
         return int(value) if value.isdigit() and event.id_field_seen else None
+
+    def topic_sequence(self, event: ParsedEvent) -> tuple[str, int] | None:
+        """``(topic, sequence)`` of an event of a multi-topic stream, for per-topic gaps.
+
+        Default: when :attr:`topics` is set, the topic from the event type
+        (``topic`` or ``topic#name``) and the integer ``sequence_field`` of
+        JSON data; None for anything else (``gstream.*`` events, other data).
+        """
+        if not self.topics or event.event.startswith("gstream."):
+            return None
+        try:
+            value = json.loads(event.data)
+        except ValueError:
+            return None
+        seq = value.get(self.sequence_field) if isinstance(value, dict) else None
+        if not isinstance(seq, int) or isinstance(seq, bool):
+            return None
+        return event.event.split("#", 1)[0], seq
 
     def event_latency_ms(self, event: ParsedEvent) -> float:
         """Delivery latency of ``event`` in ms (default: from ``timestamp_field`` of JSON data)."""

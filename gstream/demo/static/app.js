@@ -17,11 +17,26 @@ function fmtTime(ts) {
 }
 
 // ---------------------------------------------------------------- feed (SSE)
-// EventSource reconnects by itself and sends Last-Event-ID. It gives up only
-// when the server answers something other than 200 text/event-stream (e.g.
-// 503 while restarting); then we open a new one ourselves, resuming with
-// ?last_event_id= because a fresh EventSource starts without the header.
-const feed = { es: null, lastId: "", count: 0, reconnects: 0, retryMs: 1000, opened: false };
+// One EventSource carries two topics: the shared feed and this tab's private
+// topic (tab/<32 hex>, drawn once per tab and kept in sessionStorage). Events
+// are typed by topic; the id is the stream's cursor (every topic's position),
+// which EventSource sends back as Last-Event-ID when it reconnects by itself.
+// It gives up only when the server answers something other than 200
+// text/event-stream (e.g. 503 while restarting); then we open a new one
+// ourselves, resuming with ?last_event_id= (a fresh EventSource has no header).
+const feed = { es: null, lastId: "", lastSeq: "", count: 0, reconnects: 0, retryMs: 1000,
+               opened: false, tab: tabTopic() };
+
+function tabTopic() {
+  let id = sessionStorage.getItem("gstream-demo-tab") || "";
+  if (!/^[0-9a-f]{32}$/.test(id)) {
+    const bytes = new Uint8Array(16);
+    crypto.getRandomValues(bytes);
+    id = Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+    sessionStorage.setItem("gstream-demo-tab", id);
+  }
+  return "tab/" + id;
+}
 
 function feedNote(text, cls) {
   const li = document.createElement("li");
@@ -36,15 +51,42 @@ function prependFeed(li) {
   while (list.children.length > MAX_FEED) list.lastChild.remove();
 }
 
+function feedEvent(e, cls) {
+  feed.lastId = e.lastEventId;
+  feed.count += 1;
+  let msg;
+  try { msg = JSON.parse(e.data); } catch (err) { msg = { text: e.data, ts: Date.now() / 1000 }; }
+  const seq = String(msg.seq !== undefined ? msg.seq : feed.count);
+  feed.lastSeq = seq;
+  $("feed-last-id").textContent = seq;
+  $("feed-count").textContent = feed.count;
+  const li = document.createElement("li");
+  li.className = "event " + cls;
+  li.dataset.id = seq;
+  const id = document.createElement("code");
+  id.className = "id";
+  id.textContent = "#" + seq;
+  const time = document.createElement("span");
+  time.className = "time";
+  time.textContent = fmtTime(msg.ts);
+  const text = document.createElement("span");
+  text.className = "text";
+  text.textContent = cls === "private" ? "(this tab only) " + msg.text : msg.text;
+  li.append(id, time, text);
+  prependFeed(li);
+}
+
 function openFeed() {
-  const url = feed.lastId ? "/events?last_event_id=" + encodeURIComponent(feed.lastId) : "/events";
+  $("feed-tab").textContent = feed.tab.slice(0, 12) + "…";
+  let url = "/events?topic=feed&topic=" + encodeURIComponent(feed.tab);
+  if (feed.lastId) url += "&last_event_id=" + encodeURIComponent(feed.lastId);
   const es = new EventSource(url);
   feed.es = es;
   es.onopen = () => {
     if (feed.opened) {
       feed.reconnects += 1;
       $("feed-reconnects").textContent = feed.reconnects;
-      feedNote("reconnected — resumed after id " + (feed.lastId || "(none)"), "ok");
+      feedNote("reconnected — resumed after id #" + (feed.lastSeq || "(none)"), "ok");
     }
     feed.opened = true;
     feed.retryMs = 1000;
@@ -60,28 +102,8 @@ function openFeed() {
       setStatus($("feed-status"), "reconnecting", "reconnecting…");
     }
   };
-  es.addEventListener("feed", (e) => {
-    feed.lastId = e.lastEventId;
-    feed.count += 1;
-    $("feed-last-id").textContent = e.lastEventId;
-    $("feed-count").textContent = feed.count;
-    let msg;
-    try { msg = JSON.parse(e.data); } catch (err) { msg = { text: e.data, ts: Date.now() / 1000 }; }
-    const li = document.createElement("li");
-    li.className = "event";
-    li.dataset.id = e.lastEventId;
-    const id = document.createElement("code");
-    id.className = "id";
-    id.textContent = "#" + e.lastEventId;
-    const time = document.createElement("span");
-    time.className = "time";
-    time.textContent = fmtTime(msg.ts);
-    const text = document.createElement("span");
-    text.className = "text";
-    text.textContent = msg.text;
-    li.append(id, time, text);
-    prependFeed(li);
-  });
+  es.addEventListener("feed", (e) => feedEvent(e, "shared"));
+  es.addEventListener(feed.tab, (e) => feedEvent(e, "private"));
   es.addEventListener("gstream.missed", (e) => {
     let n = "?";
     try { n = JSON.parse(e.data).missed; } catch (err) { /* keep "?" */ }
@@ -103,6 +125,17 @@ $("publish-form").addEventListener("submit", (e) => {
   const text = input.value.trim();
   if (!text) return;
   fetch("/publish", {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ text }),
+  }).then((r) => { if (r.ok) input.value = ""; });
+});
+
+$("publish-tab").addEventListener("click", () => {
+  const input = $("publish-text");
+  const text = input.value.trim();
+  if (!text) return;
+  fetch("/publish?topic=" + encodeURIComponent(feed.tab), {
     method: "POST",
     headers: { "Content-Type": "application/json" },
     body: JSON.stringify({ text }),
