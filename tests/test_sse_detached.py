@@ -228,3 +228,23 @@ def test_flask_response_is_detached_too(gserver: Any) -> None:
     assert c.next_event().data == "hi"
     c.close()
     assert wait_until(lambda: broker.subscriber_count == 0 and detached_streams() == 0, 5)
+
+
+def test_multi_topic_streams_are_detached_too(gserver: Any) -> None:
+    # A topic stream (docs/topics.md) is a subscriber like any other: served
+    # by callbacks once its prelude is out, its topics' events still arrive.
+    broker = SSEBroker()
+    srv = gserver(broker.subscribe)
+    baseline = hub_greenlets()
+    clients = [SSEStream(srv.port, "/?topic=a&topic=b") for _ in range(10)]
+    assert all(c.status == 200 for c in clients)
+    assert wait_until(lambda: broker.subscriber_count == 10 and detached_streams() == 10, 5)
+    assert wait_until(lambda: hub_greenlets() <= baseline + 2, 3), (hub_greenlets(), baseline)
+    broker.publish(Event(data="to a"), topic="a")
+    broker.publish(Event(data="to b"), topic="b")
+    broker.publish(Event(data="to c"), topic="c")  # nobody asked for c
+    for c in clients:
+        assert [(e.event, e.data) for e in c.events(2)] == [("a", "to a"), ("b", "to b")]
+    for c in clients:
+        c.close()
+    assert wait_until(lambda: srv.connections == 0 and detached_streams() == 0, 5)
