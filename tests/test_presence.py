@@ -14,12 +14,13 @@ import gevent
 import pytest
 
 from gstream import Closed, websocket_app
-from gstream.client import connect
+from gstream.broker import SSEBroker
+from gstream.client import SSEClient, connect
 from gstream.errors import PresenceRefused
 from gstream.hub import Hub, HubConfig
 from gstream.presence import MemoryPresence, PresenceChange, PresenceConfig, PresenceEvent
 from tests import wsraw
-from tests.helpers import wait_until
+from tests.helpers import SSEStream, wait_until
 
 RST = struct.pack("ii", 1, 0)
 
@@ -275,3 +276,60 @@ def test_hub_stop_leaves_presence() -> None:
     hub.stop()
     with pytest.raises(RuntimeError):
         Hub(name="x").presence_count()
+
+
+# -- SSE subscribers (BrokerConfig.presence) -------------------------------------
+
+def _user(environ: dict[str, Any]) -> str | None:
+    return parse_qs(environ.get("QUERY_STRING", "")).get("user", [None])[0]
+
+
+def test_sse_subscribers_join_as_their_principal_and_get_join_leave_events(gserver: Any) -> None:
+    p = MemoryPresence(PresenceConfig(max_members=4))
+    broker = SSEBroker(topic="news", presence=p, presence_events=True, principal=_user,
+                       presence_meta=lambda env: {"ua": env.get("HTTP_USER_AGENT", "")[:20]})
+    srv = gserver(broker.subscribe)
+    port = srv.address[1]
+    events: list[Any] = []
+    watcher = SSEClient(f"http://127.0.0.1:{port}/?user=watcher", reconnect=False)
+
+    def read() -> None:
+        for ev in watcher:
+            events.append((ev.event, json.loads(ev.data)))
+
+    reader = gevent.spawn(read)
+    try:
+        assert wait_until(lambda: p.count("news") == 1)
+        tabs = [SSEStream(port, "/?user=alice"), SSEStream(port, "/?user=alice")]
+        anon = SSEStream(port, "/")  # no principal: listed as anon:<its stream key>
+        assert wait_until(lambda: p.count("news") == 3)
+        assert p.members("news").members["alice"].connections == 2
+        assert [m for m in p.members("news").members if m.startswith("anon:")]
+        # Only-leave-events subscribers: the broker's event filter applies.
+        only_leaves = SSEStream(port, "/?user=filter&event=gstream.leave")
+        assert wait_until(lambda: p.count("news") == 4)
+        refused = SSEStream(port, "/?user=one-too-many")  # max_members=4
+        assert refused.status == 503
+        refused.close()
+        tabs[0].close()
+        gevent.sleep(0.1)
+        assert p.count("news") == 4  # alice still has a tab
+        tabs[1].sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RST)
+        tabs[1].close()  # RST, no write due: the departure watch frees it at once
+        assert wait_until(lambda: p.count("news") == 3, 5)
+        ev = only_leaves.next_event()
+        assert ev.event == "gstream.leave" and json.loads(ev.data)["member"] == "alice"
+        assert wait_until(lambda: ("gstream.leave", "alice") in
+                          [(k, d["member"]) for k, d in events], 5)
+        joins = [d["member"] for k, d in events if k == "gstream.join"]
+        assert joins.count("alice") == 1 and "filter" in joins
+        alice_join = [d for k, d in events if k == "gstream.join" and d["member"] == "alice"][0]
+        assert alice_join["meta"] == {"ua": ""} and alice_join["topic"] == "news"
+        anon.close()
+        only_leaves.close()
+        assert wait_until(lambda: p.count("news") == 1, 5)
+        broker.close()
+        assert wait_until(lambda: p.count("news") == 0, 5)
+    finally:
+        watcher.close()
+        reader.kill()
