@@ -25,7 +25,7 @@ from .backplane import Backplane, DurableBackplane, LocalBackplane
 from .errors import BackplaneUnavailable, BrokerClosed, PresenceRefused
 from .events import Event, EventType, encode, encode_comment, encode_retry, truncate_field
 from .lifecycle import lifecycle
-from .presence import JOIN_EVENT, LEAVE_EVENT, Presence, PresenceChange, PresenceEvent
+from .presence import JOIN_EVENT, LEAVE_EVENT, UPDATE_EVENT, Presence, PresenceChange, PresenceEvent
 from .replay import History, ReplayStatus
 from .sse import SSE_HEADERS, last_event_id
 from .threadsafe import LoopBinding
@@ -111,7 +111,7 @@ class BrokerConfig:
     """Each subscriber joins this presence for :attr:`topic` while its stream
     is open, as its principal (``anon:<subscriber id>`` without one)."""
     presence_events: bool = False
-    """Send subscribers ``gstream.join`` / ``gstream.leave`` events."""
+    """Send subscribers ``gstream.join`` / ``gstream.leave`` / ``gstream.update`` events."""
     presence_meta: Callable[[Environ], Any] | None = None
     """The meta (a JSON value) a subscriber is listed with; None: none."""
     # -- end of the presence hook --
@@ -802,7 +802,8 @@ class SSEBroker:
         # the replay history (presence is now, not a past to replay).
         if self._closed:
             return
-        name = JOIN_EVENT if event.kind is PresenceChange.JOIN else LEAVE_EVENT
+        name = (JOIN_EVENT if event.kind is PresenceChange.JOIN else
+                LEAVE_EVENT if event.kind is PresenceChange.LEAVE else UPDATE_EVENT)
         frame = encode(Event(data=json.dumps(event.as_dict(), separators=(",", ":"),
                                              ensure_ascii=False), name=name))
         for sub in tuple(self._subs.values()):

@@ -370,7 +370,8 @@ class Hub:
         Returns False, changing nothing, after :meth:`stop`, for a connection
         that is no longer open, at ``max_members``, or when the presence
         refuses it (``presence_refused``). Registering again only updates the
-        key (and its presence entry). The connection leaves by itself when
+        key (and its presence entry, and its meta when one is given: an
+        ``update`` presence event). The connection leaves by itself when
         it closes. With a presence, ``str(key)`` is the member id and
         ``meta`` (a JSON value) is listed with it.
         """
@@ -384,7 +385,7 @@ class Hub:
             return False
         m = self._members.get(ws)
         if m is not None:
-            if self._presence is not None and key != m.key:
+            if self._presence is not None and (key != m.key or meta is not None):
                 old = m.presence
                 if not self._join_presence(m, key, meta):
                     return False

@@ -23,7 +23,7 @@ from .errors import PresenceRefused
 
 __all__ = ["Presence", "PresenceConfig", "PresenceChange", "PresenceEvent", "PresenceMember",
            "PresenceSnapshot", "MemoryPresence", "PresenceRefused", "Watcher", "EventDispatcher",
-           "check_join", "JOIN_EVENT", "LEAVE_EVENT"]
+           "check_join", "JOIN_EVENT", "LEAVE_EVENT", "UPDATE_EVENT"]
 
 log = logging.getLogger("gstream.presence")
 
@@ -31,6 +31,8 @@ log = logging.getLogger("gstream.presence")
 JOIN_EVENT = "gstream.join"
 #: SSE event name of a leave sent to a topic's subscribers.
 LEAVE_EVENT = "gstream.leave"
+#: SSE event name of a meta change sent to a topic's subscribers.
+UPDATE_EVENT = "gstream.update"
 
 
 class PresenceChange(str, enum.Enum):
@@ -40,6 +42,8 @@ class PresenceChange(str, enum.Enum):
     """Its first connection joined."""
     LEAVE = "leave"
     """Its last connection left (or its process died and was reaped)."""
+    UPDATE = "update"
+    """A present member's meta changed (it joined again with another meta)."""
 
 
 @dataclass(frozen=True)
@@ -228,8 +232,9 @@ class Presence(Protocol):
         """Add one connection of ``member`` to ``topic``; return its connection id.
 
         ``meta`` (any JSON value, e.g. a display name) is shown with the
-        member; a later join of the same member replaces it. The member's
-        first connection emits a join event. Never blocks.
+        member. The member's first connection emits a join event; a later
+        join with another meta replaces it and emits an update event.
+        Never blocks.
 
         Raises:
             PresenceRefused: a bound (:class:`PresenceConfig`) was reached.
@@ -313,15 +318,17 @@ class MemoryPresence:
             entry = t[member] = _Entry(text)
         elif entry.conns >= cfg.max_connections:
             raise PresenceRefused("connections", f"{cfg.max_connections} per member")
-        elif text is not None:
+        changed = entry.conns > 0 and text is not None and text != entry.meta
+        if changed:
             entry.meta = text
         entry.conns += 1
         self._seq += 1
         conn = f"{self._seq:x}"
         self._conns[conn] = (topic, member)
-        if entry.conns == 1:
+        if entry.conns == 1 or changed:
             self._version += 1
-            self._emit(PresenceChange.JOIN, topic, member, text, len(t))
+            kind = PresenceChange.UPDATE if changed else PresenceChange.JOIN
+            self._emit(kind, topic, member, entry.meta, len(t))
         return conn
 
     def leave(self, conn: str) -> None:

@@ -282,10 +282,13 @@ def test_a_redis_outage_blocks_nothing_and_presence_converges_after() -> None:
         assert wait_until(lambda: _members(p) == {"keep", "new"}, 15)
         q = RedisPresence(srv.url, prefix="outage", lease=LEASE)
         q.watch("t", seen.append)
-        q.join("t", "other")
+        q.join("t", "other", {"name": "O"})
+        q.join("t", "other", {"name": "Renamed"})  # a second connection, another meta
         assert wait_until(lambda: [(e.kind, e.member) for e in seen] ==
-                          [(PresenceChange.JOIN, "other")], 10)
+                          [(PresenceChange.JOIN, "other"), (PresenceChange.UPDATE, "other")], 10)
+        assert seen[1].meta == {"name": "Renamed"} and seen[1].version > seen[0].version
         assert q.count("t") == 3
+        assert q.members("t").members["other"].connections == 2
     finally:
         p.close()
         if q is not None:
@@ -296,5 +299,56 @@ def test_a_redis_outage_blocks_nothing_and_presence_converges_after() -> None:
 def _members(p: RedisPresence) -> set[str]:
     try:
         return set(p.members("t").members)
+    except Exception:
+        return set()
+
+
+def test_a_stalled_redis_never_stalls_the_room(gserver: Any) -> None:
+    """SIGSTOP the Redis: members still join the room, broadcasts still arrive; once
+    Redis answers again the presence catches up with the room."""
+    from gstream import websocket_app
+    from gstream.hub import Hub, HubConfig
+
+    srv = RedisServer()
+    srv.start()
+    p = RedisPresence(srv.url, prefix="stall", lease=LEASE, socket_timeout=0.5, backoff_cap=0.2)
+    hub = Hub(HubConfig(presence=p, presence_events=True), name="room")
+    hub.start()
+
+    def member(ws: Any) -> None:
+        user = ws.environ.get("QUERY_STRING", "").partition("=")[2]
+        hub.register(ws, key=user)
+        for _ in ws:
+            pass
+
+    port = gserver(websocket_app(member)).address[1]
+    clients: list[Any] = []
+    try:
+        clients.append(connect(f"ws://127.0.0.1:{port}/?user=before"))
+        assert wait_until(lambda: p.count("room") == 1, 5)
+        assert srv.proc is not None
+        srv.proc.send_signal(signal.SIGSTOP)
+        try:
+            clients += [connect(f"ws://127.0.0.1:{port}/?user=u{i}") for i in range(3)]
+            assert wait_until(lambda: hub.count == 4, 5)
+            hub.broadcast("while redis is stopped")
+            for c in clients:
+                with gevent.Timeout(5):
+                    while c.recv() != "while redis is stopped":
+                        pass  # presence messages that came first
+        finally:
+            srv.proc.send_signal(signal.SIGCONT)
+        assert wait_until(lambda: _room(p) == {"before", "u0", "u1", "u2"}, 15)
+    finally:
+        for c in clients:
+            c.close()
+        hub.stop()
+        p.close()
+        srv.stop()
+
+
+def _room(p: RedisPresence) -> set[str]:
+    try:
+        return set(p.members("room").members)
     except Exception:
         return set()

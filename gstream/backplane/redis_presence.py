@@ -92,10 +92,19 @@ if n >= tonumber(ARGV[9]) then
   return -2
 end
 redis.call('HINCRBY', mk, member, 1)
-if meta ~= '' then redis.call('HSET', b .. ':meta:' .. topic, member, meta) end
+local metak = b .. ':meta:' .. topic
+local kind = nil
 if n <= 0 then
+  kind = 'join'
+  if meta ~= '' then redis.call('HSET', metak, member, meta) end
+elseif meta ~= '' and redis.call('HGET', metak, member) ~= meta then
+  kind = 'update'
+  redis.call('HSET', metak, member, meta)
+end
+if kind then
   local v = redis.call('INCR', b .. ':v')
-  redis.call('PUBLISH', ch, cjson.encode({'join', topic, member, meta, redis.call('HLEN', mk), v}))
+  meta = redis.call('HGET', metak, member) or ''
+  redis.call('PUBLISH', ch, cjson.encode({kind, topic, member, meta, redis.call('HLEN', mk), v}))
 end
 return 1
 """
