@@ -127,12 +127,13 @@ class HubStats(HubCounters):
 
 
 class _Member:
-    __slots__ = ("ws", "key", "drops", "shares", "pending", "presence")
+    __slots__ = ("ws", "key", "drops", "shares", "pending", "presence", "deaf")
 
     def __init__(self, ws: WebSocket, key: Any) -> None:
         self.ws = ws
         self.key = key
         self.presence: str | None = None  # presence connection id
+        self.deaf = False  # gets no presence messages
         self.drops = 0
         self.shares = ws.shares_frames  # fixed at the handshake
         self.pending = False  # frames queued in this batch, flush due
@@ -363,7 +364,8 @@ class Hub:
 
     # -- membership ------------------------------------------------------------
 
-    def register(self, ws: WebSocket, *, key: Any = None, meta: Any = None) -> bool:
+    def register(self, ws: WebSocket, *, key: Any = None, meta: Any = None,
+                 presence_events: bool = True) -> bool:
         """Add ``ws`` (with an optional ``key``, e.g. a user id, for ``where``).
 
         Never blocks (from a native thread it waits for the hub's thread).
@@ -373,14 +375,16 @@ class Hub:
         key (and its presence entry, and its meta when one is given: an
         ``update`` presence event). The connection leaves by itself when
         it closes. With a presence, ``str(key)`` is the member id and
-        ``meta`` (a JSON value) is listed with it.
+        ``meta`` (a JSON value) is listed with it; ``presence_events=False``
+        spares this member the presence messages (``HubConfig.presence_events``).
         """
         if not self._binding.here():
-            return self._binding.call(self._register, ws, key, meta,
+            return self._binding.call(self._register, ws, key, meta, presence_events,
                                       timeout=_THREAD_CALL_TIMEOUT)
-        return self._register(ws, key, meta)
+        return self._register(ws, key, meta, presence_events)
 
-    def _register(self, ws: WebSocket, key: Any, meta: Any = None) -> bool:
+    def _register(self, ws: WebSocket, key: Any, meta: Any = None,
+                  presence_events: bool = True) -> bool:
         if self._stopped or not ws.open:
             return False
         m = self._members.get(ws)
@@ -400,7 +404,9 @@ class Hub:
         if self._presence is not None and not self._join_presence(m, key, meta):
             return False
         self._members[ws] = m
-        if self._presence is not None and self.config.presence_events:
+        if not presence_events:
+            m.deaf = True
+        elif self._presence is not None and self.config.presence_events:
             gevent.spawn(self._send_sync, ws)
         self._snapshot = None
         self._stats["registered"] += 1
@@ -448,7 +454,12 @@ class Hub:
     def _on_presence(self, event: PresenceEvent) -> None:
         if not self._stopped:
             self._local(json.dumps({"type": "presence", **event.as_dict()},
-                                   separators=(",", ":"), ensure_ascii=False))
+                                   separators=(",", ":"), ensure_ascii=False),
+                        self._listens)  # decided at fan-out: members may register meanwhile
+
+    def _listens(self, ws: WebSocket) -> bool:
+        m = self._members.get(ws)
+        return m is not None and not m.deaf
 
     def _send_sync(self, ws: WebSocket) -> None:
         # Its own greenlet: reading a shared presence store may wait.

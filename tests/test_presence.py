@@ -156,7 +156,7 @@ class Room:
         q = parse_qs(ws.environ.get("QUERY_STRING", ""))
         user = q.get("user", [None])[0]
         meta = {"name": q["name"][0]} if "name" in q else None
-        if not self.hub.register(ws, key=user, meta=meta):
+        if not self.hub.register(ws, key=user, meta=meta, presence_events="deaf" not in q):
             self.refused += 1
             ws.close(1008, "presence refused")
             return
@@ -221,6 +221,23 @@ def test_hub_without_presence_events_sends_nothing_but_lists(gserver: Any) -> No
         assert a.recv(timeout=5) == "hello"  # no presence message came first
         a.close()
         assert wait_until(lambda: room.hub.presence_count() == 0)
+    finally:
+        room.stop()
+
+
+def test_a_member_registered_without_presence_events_gets_none(gserver: Any) -> None:
+    room = Room(gserver, MemoryPresence())
+    try:
+        deaf = connect(room.url + "?user=deaf&deaf=1")
+        assert wait_until(lambda: room.hub.presence_count() == 1)
+        hearing = connect(room.url + "?user=hearing")
+        got = presence_messages(hearing, 2)
+        assert {m["event"] for m in got} == {"sync", "join"}
+        room.hub.broadcast("marker")
+        assert deaf.recv(timeout=5) == "marker"  # nothing about presence before it
+        assert room.hub.presence_count() == 2  # listed all the same
+        deaf.close()
+        hearing.close()
     finally:
         room.stop()
 
