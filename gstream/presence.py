@@ -182,6 +182,11 @@ class EventDispatcher:
 
         return unwatch
 
+    @property
+    def idle(self) -> bool:
+        """True when nobody watches any topic."""
+        return not self._watchers
+
     def watched(self, topic: str) -> bool:
         """True if some watcher would get an event of ``topic``."""
         return topic in self._watchers or None in self._watchers

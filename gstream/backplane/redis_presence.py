@@ -47,7 +47,8 @@ log = logging.getLogger("gstream.backplane.redis")
 
 _BATCH = 512  # joins/leaves per pipeline
 _REAP_BATCH = 500  # connections of a dead process reaped per script call
-_REAP_CALLS = 40  # script calls per lease tick (then the next tick goes on)
+_REAP_SECONDS = 1.0  # reaping work per lease tick at most (then the next tick goes on)
+_REAP_CALLS = 1000  # script calls per lease tick at most
 
 # Shared by the scripts. Keys (all under one hash tag, so one slot):
 #   B:nodes          sorted set: node id -> lease expiry (ms, Redis clock)
@@ -332,11 +333,14 @@ class RedisPresence:
         live = self._scripts["refresh"](args=[self._base, self.node, int(self.lease * 1000)])
         if not int(live) and self._conns:
             self._rewrite = True
+        until = time.monotonic() + _REAP_SECONDS
         for _ in range(_REAP_CALLS):
             done = self._reap()
             if not done:
                 break
             self.counts["reaped"] += done - 1
+            if time.monotonic() > until:
+                break
 
     def _write_loop(self) -> None:
         backoff = Backoff(*self._backoff)
@@ -445,6 +449,8 @@ class RedisPresence:
             disconnect_client(client)
 
     def _receive(self, data: Any) -> None:
+        if self._events.idle:
+            return  # nobody here watches: don't even decode
         try:
             kind, topic, member, meta, count, version = json.loads(data)
             event = PresenceEvent(PresenceChange(kind), str(topic), str(member),
