@@ -221,7 +221,7 @@ def test_kill_9_of_one_process_its_members_leave_within_the_lease_bound(
         bound = LEASE * 1.25
         print(f"kill -9: members gone from presence {took:.2f} s after the kill "
               f"(bound: lease {LEASE} s x 1.25 = {bound:.2f} s after the last refresh)")
-        assert took < bound + 3.0  # a generous margin for a loaded machine
+        assert took < bound + 5.0  # a generous margin for a loaded machine
     finally:
         if watch is not None:
             watch.stop()
