@@ -205,9 +205,10 @@ class Hub:
         if backplane is not None:
             backplane.attach(name, self._deliver_remote)
         self._presence = self.config.presence
-        self._unwatch: Callable[[], None] | None = None
+        self._unwatch: list[Callable[[], None]] = []
         if self._presence is not None and self.config.presence_events:
-            self._unwatch = self._presence.watch(name, self._on_presence)
+            self._unwatch = [self._presence.watch(name, self._on_presence),
+                             self._presence.on_resync(self._resync)]
 
     # -- the hub greenlet ----------------------------------------------------
 
@@ -461,9 +462,14 @@ class Hub:
         m = self._members.get(ws)
         return m is not None and not m.deaf
 
-    def _send_sync(self, ws: WebSocket) -> None:
+    def _resync(self) -> None:
+        # Events were missed: every listening member gets a fresh list.
+        gevent.spawn(self._send_sync, None)
+
+    def _send_sync(self, ws: WebSocket | None) -> None:
         # Its own greenlet: reading a shared presence store may wait.
-        if self._presence is None or self._stopped or ws not in self._members:
+        # ``ws`` None: to every listening member.
+        if self._presence is None or self._stopped or (ws is not None and ws not in self._members):
             return
         try:
             snapshot = self._presence.members(self.name)
@@ -472,7 +478,7 @@ class Hub:
             return
         payload = json.dumps({"type": "presence", **snapshot.as_dict()},
                              separators=(",", ":"), ensure_ascii=False)
-        self._local(payload, lambda w: w is ws)
+        self._local(payload, self._listens if ws is None else lambda w: w is ws)
 
     def presence_members(self) -> PresenceSnapshot:
         """The members of this room (all processes) and the presence version.
@@ -605,8 +611,8 @@ class Hub:
             self._stats["discarded"] += len(self._channel)
             self._channel.clear()
             members = list(self._members)
-            if self._unwatch is not None:
-                self._unwatch()
+            for unwatch in self._unwatch:
+                unwatch()
             if self._presence is not None:
                 for m in self._members.values():
                     if m.presence is not None:

@@ -163,6 +163,7 @@ class EventDispatcher:
         self._limit = max(1, limit)
         self._queue: deque[PresenceEvent] = deque()
         self._watchers: dict[str | None, list[Watcher]] = {}
+        self._resyncs: list[Callable[[], None]] = []
         self._runner: gevent.Greenlet | None = None
         self.dropped = 0
         """Events dropped because the queue was full."""
@@ -181,6 +182,25 @@ class EventDispatcher:
                     del self._watchers[topic]
 
         return unwatch
+
+    def on_resync(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback()`` when events may have been missed; return the unregister."""
+        self._resyncs.append(callback)
+
+        def remove() -> None:
+            if callback in self._resyncs:
+                self._resyncs.remove(callback)
+
+        return remove
+
+    def resync(self) -> None:
+        """Events were missed (a shared store's reader reconnected): call the resync callbacks."""
+        for callback in tuple(self._resyncs):
+            try:
+                callback()
+            except Exception:
+                self.failed += 1
+                log.exception("presence resync callback failed")
 
     @property
     def idle(self) -> bool:
@@ -220,6 +240,7 @@ class EventDispatcher:
     def clear(self) -> None:
         """Forget every watcher and queued event."""
         self._watchers.clear()
+        self._resyncs.clear()
         self._queue.clear()
 
 
@@ -268,6 +289,11 @@ class Presence(Protocol):
     def watch(self, topic: str | None, callback: Watcher) -> Callable[[], None]:
         """Call ``callback(event)`` for each join/leave of ``topic`` (None: all); return
         a function that stops it. Callbacks run in one greenlet, in order."""
+
+    def on_resync(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback()`` when events may have been missed (a shared store's
+        event reader reconnected): lists built from events must be re-read.
+        Return a function that stops it."""
 
     def close(self) -> None:
         """Leave every connection of this process and stop; idempotent."""
@@ -373,6 +399,10 @@ class MemoryPresence:
     def watch(self, topic: str | None, callback: Watcher) -> Callable[[], None]:
         """See :meth:`Presence.watch`."""
         return self._events.watch(topic, callback)
+
+    def on_resync(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """See :meth:`Presence.on_resync` (never called: nothing is missed in memory)."""
+        return self._events.on_resync(callback)
 
     def topics(self) -> list[str]:
         """Topics with at least one member."""

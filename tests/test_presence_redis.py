@@ -55,6 +55,9 @@ class Node:
         self.port = int(m.group(1))
         self.url = f"http://127.0.0.1:{self.port}"
         self.ws = f"ws://127.0.0.1:{self.port}"
+        # Events published before its reader subscribed would not reach it.
+        assert wait_until(lambda: requests.get(f"{self.url}/ready", timeout=5).ok, 20), \
+            self.logs()
 
     def logs(self) -> str:
         with open(self.log.name) as f:
@@ -73,6 +76,28 @@ class Node:
             self.p.kill()
             self.p.wait(5)
         self.log.close()
+
+
+def listed(messages: list[dict[str, Any]]) -> set[str]:
+    """The member list a client builds from presence messages (docs/presence.md)."""
+    members: set[str] = set()
+    version = -1
+    early: list[dict[str, Any]] = []
+    for msg in messages:
+        if msg["event"] == "sync":
+            members = {m["member"] for m in msg["members"]}
+            version = msg["v"]
+            pending, early = early, []
+        elif version < 0:
+            early.append(msg)
+            continue
+        else:
+            pending = [msg]
+        for e in pending:
+            if e["v"] > version:
+                (members.discard if e["event"] == "leave" else members.add)(e["member"])
+                version = e["v"]
+    return members
 
 
 class Messages:
@@ -352,3 +377,41 @@ def _room(p: RedisPresence) -> set[str]:
         return set(p.members("room").members)
     except Exception:
         return set()
+
+
+def test_after_a_redis_restart_listening_members_get_a_fresh_list(gserver: Any) -> None:
+    """Pub/sub misses the events of an outage: when the reader is subscribed again,
+    the hub sends every listening member a new sync."""
+    from gstream import websocket_app
+    from gstream.hub import Hub, HubConfig
+
+    srv = RedisServer()
+    srv.start()
+    p = RedisPresence(srv.url, prefix="resync", lease=LEASE, backoff_cap=0.2)
+    other = None
+    hub = Hub(HubConfig(presence=p, presence_events=True), name="room")
+    hub.start()
+
+    def member(ws: Any) -> None:
+        hub.register(ws, key=ws.environ.get("QUERY_STRING", "").partition("=")[2])
+        for _ in ws:
+            pass
+
+    port = gserver(websocket_app(member)).address[1]
+    watch = Messages(connect(f"ws://127.0.0.1:{port}/?user=watcher"))
+    try:
+        assert p.wait_ready(5)
+        assert wait_until(lambda: len(watch.of("sync")) == 1 and len(watch.of("join")) == 1, 5)
+        srv.kill()
+        srv.start()  # same port and data
+        other = RedisPresence(srv.url, prefix="resync", lease=LEASE)
+        other.join("room", "elsewhere")  # its join event may be missed; the sync is not
+        assert wait_until(lambda: len(watch.of("sync")) == 2, 15), watch.got
+        assert wait_until(lambda: listed(watch.got) == {"watcher", "elsewhere"}, 10), watch.got
+    finally:
+        watch.stop()
+        hub.stop()
+        p.close()
+        if other is not None:
+            other.close()
+        srv.stop()

@@ -212,6 +212,7 @@ class RedisPresence:
         self._closed = False
         self._events = EventDispatcher(self.config.event_queue)
         self._work = GEvent()
+        self._subscribed = GEvent()
         self._health = StateLog(log, f"redis presence {redact(url)}")
         self.counts = dict.fromkeys(("written", "refused", "reaped", "rewrites", "received",
                                      "undecodable", "failures"), 0)
@@ -282,6 +283,16 @@ class RedisPresence:
     def watch(self, topic: str | None, callback: Watcher) -> Callable[[], None]:
         """See :meth:`gstream.presence.Presence.watch` (events of every process)."""
         return self._events.watch(topic, callback)
+
+    def on_resync(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """See :meth:`gstream.presence.Presence.on_resync`: called after the event
+        reader subscribed again (events of the outage were missed)."""
+        return self._events.on_resync(callback)
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Wait until the event reader is subscribed (every later event reaches the
+        watchers); return whether it is."""
+        return bool(self._subscribed.wait(timeout))
 
     @property
     def connections(self) -> int:
@@ -421,7 +432,7 @@ class RedisPresence:
             while not self._closed:
                 try:
                     if pubsub is None:
-                        pubsub = client.pubsub(ignore_subscribe_messages=True)
+                        pubsub = client.pubsub()
                         pubsub.subscribe(self._channel)
                     message = pubsub.get_message(timeout=5.0)
                 except TRANSIENT as exc:
@@ -438,8 +449,15 @@ class RedisPresence:
                     continue
                 state.ok()
                 backoff.reset()
-                if message is not None and message.get("type") == "message":
+                kind = message.get("type") if message is not None else None
+                if kind == "message":
                     self._receive(message["data"])
+                elif kind == "subscribe":  # Redis confirmed: every later event reaches us
+                    if self._subscribed.is_set():
+                        # Subscribed again after an outage: events were missed, so
+                        # the watchers that keep lists re-read them.
+                        self._events.resync()
+                    self._subscribed.set()
         finally:
             if pubsub is not None:
                 try:

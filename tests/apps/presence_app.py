@@ -54,6 +54,12 @@ def make_app() -> Any:
             return ws_app(environ, start_response)
         if path == "/events":
             return feed.subscribe(environ, start_response)  # type: ignore[no-any-return]
+        if path == "/ready":  # the presence's event reader is subscribed
+            wait_ready = getattr(presence, "wait_ready", None)
+            ok = wait_ready is None or wait_ready(0)
+            start_response("200 OK" if ok else "503 Service Unavailable",
+                           [("Content-Length", "0")])
+            return []
         if path == "/presence":
             topic = parse_qs(environ.get("QUERY_STRING", "")).get("topic", ["room"])[0]
             body = json.dumps(presence.members(topic).as_dict()).encode()
