@@ -165,7 +165,8 @@ class PresenceRefused(GStreamError, ValueError):
             bound), ``"meta"`` (not JSON, or larger than the bound),
             ``"topic full"`` (``max_members`` members), ``"connections"``
             (that member already has ``max_connections``), ``"topics"``
-            (``max_topics`` topics), ``"local"`` (this process holds
+            (``max_topics`` topics), ``"topic"`` (not valid UTF-8),
+            ``"local"`` (this process holds
             ``max_local`` connections) or ``"closed"``.
     """
 

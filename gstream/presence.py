@@ -23,7 +23,7 @@ from .errors import PresenceRefused
 
 __all__ = ["Presence", "PresenceConfig", "PresenceChange", "PresenceEvent", "PresenceMember",
            "PresenceSnapshot", "MemoryPresence", "PresenceRefused", "Watcher", "EventDispatcher",
-           "check_join", "JOIN_EVENT", "LEAVE_EVENT", "UPDATE_EVENT"]
+           "check_join", "check_topic", "JOIN_EVENT", "LEAVE_EVENT", "UPDATE_EVENT"]
 
 log = logging.getLogger("gstream.presence")
 
@@ -137,17 +137,36 @@ def check_join(config: PresenceConfig, member: str, meta: Any) -> str | None:
     """
     if not isinstance(member, str) or not member:
         raise PresenceRefused("member id", "empty or not a str")
-    if len(member.encode("utf-8", "surrogatepass")) > config.max_member_bytes:
+    try:  # strict: a lone surrogate (from JSON "\ud800") cannot be stored or sent
+        size = len(member.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise PresenceRefused("member id", "not valid UTF-8") from None
+    if size > config.max_member_bytes:
         raise PresenceRefused("member id", f"over {config.max_member_bytes} bytes")
     if meta is None:
         return None
     try:
         text = json.dumps(meta, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    except (TypeError, ValueError) as exc:
+        size = len(text.encode("utf-8"))
+    except (TypeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError
         raise PresenceRefused("meta", f"not JSON: {exc}") from None
-    if len(text.encode("utf-8", "surrogatepass")) > config.max_meta_bytes:
+    if size > config.max_meta_bytes:
         raise PresenceRefused("meta", f"over {config.max_meta_bytes} bytes")
     return text
+
+
+def check_topic(topic: str) -> None:
+    """Validate a topic name (the application's, but it travels to Redis).
+
+    Raises:
+        PresenceRefused: not a str, or not valid UTF-8 (reason ``"topic"``).
+    """
+    if not isinstance(topic, str):
+        raise PresenceRefused("topic", "not a str")
+    try:
+        topic.encode("utf-8")
+    except UnicodeEncodeError:
+        raise PresenceRefused("topic", "not valid UTF-8") from None
 
 
 class EventDispatcher:
@@ -334,6 +353,7 @@ class MemoryPresence:
         if self._closed:
             raise PresenceRefused("closed")
         cfg = self.config
+        check_topic(topic)
         text = check_join(cfg, member, meta)
         if len(self._conns) >= cfg.max_local:
             raise PresenceRefused("local", f"{cfg.max_local} connections")

@@ -78,6 +78,8 @@ def test_snapshot_version_orders_events_around_it() -> None:
     ("m", {"blob": "x" * 2000}, "meta"),
     ("m", {"bad": object()}, "meta"),
     ("m", float("nan"), "meta"),
+    ("\ud800", None, "member id"),  # a lone surrogate, as json.loads gives for "\ud800"
+    ("m", {"name": "\udfff"}, "meta"),
 ])
 def test_hostile_member_ids_and_meta_are_refused(member: str, meta: Any, reason: str) -> None:
     p = MemoryPresence()

@@ -270,6 +270,13 @@ def test_bounds_hold_across_processes_and_hostile_meta_is_refused(
             p1.join("t", "m", {"x": "y" * 100})
         with pytest.raises(PresenceRefused, match="member id"):
             p1.join("t", "x" * 300)
+        for bad in ("\ud800", "a\udfffb"):  # would poison the writer's pipeline
+            with pytest.raises(PresenceRefused, match="member id"):
+                p1.join("t", bad)
+            with pytest.raises(PresenceRefused, match="meta"):
+                p1.join("t", "m", {"name": bad})
+            with pytest.raises(PresenceRefused, match="topic"):
+                p1.join(bad, "m")
         p1.join("t", "a")
         p1.join("t", "b")
         assert wait_until(lambda: p1.count("t") == 2, 5)

@@ -29,6 +29,7 @@ from ..presence import (
     PresenceSnapshot,
     Watcher,
     check_join,
+    check_topic,
 )
 from ._redisutil import (
     DEFAULT_URL,
@@ -229,6 +230,7 @@ class RedisPresence:
         """
         if self._closed:
             raise PresenceRefused("closed")
+        check_topic(topic)
         text = check_join(self.config, member, meta) or ""
         if len(self._conns) >= self.config.max_local:
             raise PresenceRefused("local", f"{self.config.max_local} connections")
@@ -388,6 +390,11 @@ class RedisPresence:
                 self._health.failed(exc)
                 gevent.sleep(backoff.next())
                 continue
+            except Exception:  # a bug must not end the writer (and the lease) silently
+                self.counts["failures"] += 1
+                log.exception("redis presence writer failed; retrying")
+                gevent.sleep(backoff.next())
+                continue
             self._work.clear()
             if not self._dirty and not self._wipe and not self._closed:
                 self._work.wait(max(0.0, next_tick - time.monotonic()))
@@ -408,11 +415,17 @@ class RedisPresence:
                                                 topic, member, meta, cfg.max_members,
                                                 cfg.max_connections], client=pipe)
             replies = pipe.execute()
-        except BaseException:
+        except TRANSIENT:
             for conn, entry in batch:  # newer changes of the same connection win
                 if entry[1] is None or conn in self._conns:
                     self._dirty.setdefault(conn, entry)
             raise
+        except Exception:
+            # Not Redis being away: retrying the same batch would fail forever
+            # and stop every later write. Drop it, loudly.
+            self.counts["failures"] += 1
+            log.exception("redis presence: %d changes dropped", len(batch))
+            return
         self.counts["written"] += len(batch)
         for (_conn, (topic, member, _meta)), reply in zip(batch, replies, strict=True):
             if member is not None and int(reply) < 0:
