@@ -72,6 +72,46 @@ def memory_costs(n: int, watcher: bool) -> tuple[float, float]:
     return (joined - started) / n * 1e6, (left - joined) / n * 1e6
 
 
+def sse_overhead(n: int) -> float:
+    """Heap per SSE subscriber with presence minus without (server and clients in this
+    process; the difference is the presence's share: store entry, broker entry, id)."""
+    import socket
+
+    from gstream.broker import SSEBroker
+    from gstream.server import Server
+
+    def user(environ: dict[str, str]) -> str:
+        return environ.get("QUERY_STRING", "")[5:]
+
+    def run(presence: MemoryPresence | None) -> int:
+        broker = SSEBroker(topic="t", presence=presence, principal=user)
+        srv = Server(broker.subscribe, "127.0.0.1", 0)
+        srv.start()
+        port = srv.address[1]
+        gc.collect()
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        socks = []
+        for i in range(n):
+            s = socket.create_connection(("127.0.0.1", port))
+            s.sendall(f"GET /?user=u{i} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            socks.append(s)
+        while broker.subscriber_count < n:
+            gevent.sleep(0.01)
+        gc.collect()
+        used = tracemalloc.get_traced_memory()[0] - before
+        tracemalloc.stop()
+        for s in socks:
+            s.close()
+        srv.stop(timeout=2)
+        return used
+
+    run(None)  # warm up: first-use allocations are nobody's share
+    without = run(None)
+    with_presence = run(MemoryPresence(max_members=n, max_local=n))
+    return (with_presence - without) / n
+
+
 def redis_figures(n: int) -> dict[str, float]:
     from gstream.backplane.redis_presence import RedisPresence
     from tests.redis_fixture import RedisServer
@@ -138,6 +178,9 @@ def main() -> None:
         what = "one watcher" if watcher else "no watcher"
         print(f"| join, {what} (us) | {j:.2f} |")
         print(f"| leave, {what} (us) | {lv:.2f} |")
+    sse_n = min(n, 2000)
+    print(f"| SSE subscriber with presence, extra heap (B, {sse_n:,} streams) | "
+          f"{sse_overhead(sse_n):.0f} |")
     if not args.no_redis:
         print("\n| Redis | value |\n|---|---|")
         for k, v in redis_figures(n).items():
