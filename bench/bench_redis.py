@@ -16,8 +16,9 @@ Subscribers are raw-socket SSE readers in this process (gevent). Measured:
 * deliveries per second: a burst of events published back to back,
   subscribers x burst / (last arrival - first publish). ``--publish many``
   (default) publishes the burst with ``SSEBroker.publish_many`` in chunks of
-  64 (one pipeline and one wait per chunk on Redis); ``--publish single``
-  calls ``publish()`` per event (one wait for the Redis id per event);
+  64 (one pipeline per chunk on Redis); ``--publish single`` calls
+  ``publish()`` per event (it returns once the event is queued;
+  ``--publish-wait 0.05`` makes it wait for each Redis id, as before 2026-12-06);
 * lost: events a subscriber never received (must be 0; subscriber buffers
   are large so drop-oldest never triggers).
 
@@ -41,7 +42,7 @@ import time
 
 HERE = os.path.abspath(__file__)
 PUBLISH = "many"  # how the servers publish a burst (--publish)
-PUBLISH_WAIT = 0.05  # the servers' RedisBackplane(publish_wait=...)
+PUBLISH_WAIT: float | None = None  # the servers' RedisBackplane(publish_wait=...); None: default
 ROOT = os.path.dirname(os.path.dirname(HERE))
 
 
@@ -59,8 +60,8 @@ def run_server(args: argparse.Namespace) -> None:
     if args.backplane == "redis":
         from gstream.backplane.redis import RedisBackplane
 
-        backplane = RedisBackplane(args.redis_url, maxlen=100_000,
-                                   publish_wait=args.publish_wait)
+        extra = {} if args.publish_wait is None else {"publish_wait": args.publish_wait}
+        backplane = RedisBackplane(args.redis_url, maxlen=100_000, **extra)
     broker = SSEBroker(topic="bench", backplane=backplane, default_buffer=65536,
                        max_buffer=65536, heartbeat_interval=None, history_size=16)
 
@@ -123,7 +124,8 @@ def start_server(backplane: str, redis_url: str) -> tuple[subprocess.Popen[str],
     env = dict(os.environ, PYTHONPATH=ROOT)
     p = subprocess.Popen([sys.executable, HERE, "--role", "server", "--backplane", backplane,
                           "--redis-url", redis_url, "--publish", PUBLISH,
-                          "--publish-wait", str(PUBLISH_WAIT)], env=env,
+                          *(["--publish-wait", str(PUBLISH_WAIT)] if PUBLISH_WAIT is not None
+                            else [])], env=env,
                          stdout=subprocess.PIPE, text=True)
     assert p.stdout is not None
     return p, int(p.stdout.readline())
@@ -193,8 +195,9 @@ def main() -> None:
     ap.add_argument("--burst", type=int, default=2000, help="events in the throughput burst")
     ap.add_argument("--publish", default="many", choices=("many", "single"),
                     help="burst with publish_many (chunks of 64) or publish() per event")
-    ap.add_argument("--publish-wait", type=float, default=0.05,
-                    help="RedisBackplane(publish_wait=...): 0 makes publish() never wait for ids")
+    ap.add_argument("--publish-wait", type=float, default=None,
+                    help="RedisBackplane(publish_wait=...) (default: the backplane's, 0: "
+                         "publish() never waits for ids); 0.05 was the default before")
     ap.add_argument("--json", help="also write the rows to this file")
     args = ap.parse_args()
     global PUBLISH, PUBLISH_WAIT

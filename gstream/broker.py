@@ -371,8 +371,8 @@ class SSEBroker:
 
     # -- publishing --------------------------------------------------------
 
-    def publish(self, event: Event | str) -> str | None:
-        """Send ``event`` to every matching subscriber; return its id.
+    def publish(self, event: Event | str, *, wait_for_id: float | None = None) -> str | None:
+        """Send ``event`` to every matching subscriber; return its id (None if not known yet).
 
         A ``str`` is sent as a plain message. Without an id, the broker
         assigns the next one of this topic (monotonic). Called from a native
@@ -381,10 +381,12 @@ class SSEBroker:
 
         With a durable backplane (Redis), the id is always the one the
         backplane assigns (a publisher-given id is ignored), and delivery,
-        here too, follows asynchronously through the backplane. ``publish``
-        then waits at most the backplane's ``publish_wait`` (50 ms) for that
-        id; a stalled Redis makes it return None instead (the event is
-        accepted and delivered, with its id, when Redis answers).
+        here too, follows asynchronously through the backplane, in the same
+        order in every process. ``publish`` then returns as soon as the
+        event is queued, with None (the backplane's ``publish_wait``, 0 by
+        default); ``wait_for_id=seconds`` waits up to that long for the id
+        (None again if Redis has not numbered it by then: still accepted).
+        Without a durable backplane ``wait_for_id`` is ignored.
 
         Raises:
             BrokerClosed: after :meth:`close`.
@@ -406,9 +408,10 @@ class SSEBroker:
             self._stats["foreign"] += 1
             self._binding.call_soon(self._on_foreign)
             return None
-        return self._publish_here(event)
+        return self._publish_here(event, wait_for_id)
 
-    def publish_many(self, events: Sequence[Event | str]) -> list[str | None]:
+    def publish_many(self, events: Sequence[Event | str], *,
+                     wait_for_id: float | None = None) -> list[str | None]:
         """Publish ``events`` in order; return their ids (as :meth:`publish`).
 
         With a durable backplane they travel in one pipeline and one wait
@@ -424,15 +427,15 @@ class SSEBroker:
         batch = [Event(data=e) if isinstance(e, str) else e for e in events]
         if self._durable is None or not self._in_hub_thread():
             return [self.publish(e) for e in batch]
-        ids = self._durable.append_many(self.config.topic, batch)
+        ids = self._durable.append_many(self.config.topic, batch, wait_for_id=wait_for_id)
         self._stats["published"] += len(batch)
         return ids
 
-    def _publish_here(self, event: Event) -> str | None:
+    def _publish_here(self, event: Event, wait_for_id: float | None = None) -> str | None:
         if self._durable is not None:
             # Delivery comes back through the backplane's reader, in the
             # global order, exactly once (never also delivered here).
-            event_id = self._durable.append(self.config.topic, event)
+            event_id = self._durable.append(self.config.topic, event, wait_for_id=wait_for_id)
             self._stats["published"] += 1
             return event_id
         if event.id is None or not truncate_field(event.id):

@@ -20,6 +20,7 @@ from typing import Any
 from gevent.pywsgi import WSGIHandler
 from gevent.socket import socket as GeventSocket
 
+from .accessline import AccessLine
 from .deadline import HeadDeadline
 from .departure import DepartureWatching, has_buffered
 from .fairness import FairKeepAlive
@@ -58,7 +59,7 @@ _LAYOUT = (
 )
 
 
-class GStreamHandler(FairKeepAlive, HeadDeadline, StrictRequests, DepartureWatching, WSGIHandler):
+class GStreamHandler(AccessLine, FairKeepAlive, HeadDeadline, StrictRequests, DepartureWatching, WSGIHandler):
     """A pywsgi handler that supports a clean hijack (see module docstring)."""
 
     #: Honour proxy headers from these peers (see :mod:`gstream.proxy`);

@@ -16,7 +16,6 @@ import logging
 import signal
 import time
 from collections.abc import Callable, Iterable
-from datetime import datetime
 from typing import Any
 
 import gevent
@@ -26,6 +25,7 @@ from gevent import socket as gsocket
 from gevent.pool import Pool
 
 from . import limits
+from .accessline import AccessLine
 from .deadline import HeadDeadline
 from .handler import GStreamHandler as _DefaultHandler
 from .lifecycle import Lifecycle
@@ -80,9 +80,10 @@ class _HeadReader:
 
 def _managed_handler(base: Any) -> Any:
     """Subclass ``base`` (a pywsgi handler) with gstream's server bookkeeping
-    and, if ``base`` lacks them, the request-head deadline (gstream.deadline)
-    and strict request parsing (gstream.strict)."""
-    bases = tuple(m for m in (HeadDeadline, StrictRequests) if not issubclass(base, m)) + (base,)
+    and, if ``base`` lacks them, the access line (gstream.accessline), the
+    request-head deadline (gstream.deadline) and strict request parsing
+    (gstream.strict)."""
+    bases = tuple(m for m in (AccessLine, HeadDeadline, StrictRequests) if not issubclass(base, m)) + (base,)
 
     class Managed(*bases):  # type: ignore[misc]
         # No instance attribute of its own (see _LAYOUT in handler.py): past
@@ -98,9 +99,6 @@ def _managed_handler(base: Any) -> Any:
             if ctl.draining:
                 return None
             seats = ctl.seats
-            # The last request's environ is no longer this one's: not for the
-            # access line of a head that fails (format_request).
-            self.environ = None
             # Once a response went out on this connection (pywsgi's status
             # stays set until the next one), it is kept alive: a seat a
             # waiting client may take (Seats.reclaim).
@@ -136,27 +134,6 @@ def _managed_handler(base: Any) -> Any:
             if proxy is not None:  # behind a reverse proxy: the client's view
                 proxy.apply(env)
             return env
-
-        def format_request(self) -> str:
-            # pywsgi's access line with two fixes. The client: pywsgi names the
-            # peer, which behind a trusted proxy is the proxy; the environ's
-            # REMOTE_ADDR is the client it forwarded for (when the request got
-            # that far). The status: for an error answered before the
-            # application (408, 414), pywsgi names the previous response's.
-            env: dict[str, Any] | None = self.environ
-            addr = None
-            if env and self.server.controller.proxy_headers is not None:
-                addr = env.get("REMOTE_ADDR")
-            if not addr:
-                peer = self.client_address
-                addr = peer[0] if isinstance(peer, tuple) else peer
-            status = self.status
-            if isinstance(status, bytes):
-                status = status.decode("latin-1")
-            took = f"{self.time_finish - self.time_start:.6f}" if self.time_finish else "-"
-            now = datetime.now().replace(microsecond=0)
-            return (f'{addr or "-"} - - [{now}] "{self.requestline or ""}" '
-                    f'{(status or "000").split()[0]} {self.response_length or "-"} {took}')
 
         def start_response(self, status: str, headers: Any, exc_info: Any = None) -> Any:
             if self.server.controller.draining and not status.startswith("101"):

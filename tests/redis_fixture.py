@@ -1,5 +1,9 @@
 """Start a real redis-server for tests (Debian's package; scripts/test.sh
-installs it). Each server gets a free port and a temporary directory."""
+installs it). Each server gets a free port and a temporary directory.
+
+``GSTREAM_REDIS_SERVER=/path/to/valkey-server`` runs every Redis test
+against that binary instead (Valkey: docs/redis.md); sentinels are then
+started as ``<that binary> <conf> --sentinel``."""
 
 from __future__ import annotations
 
@@ -23,7 +27,8 @@ class RedisServer:
 
     def __init__(self, port: int | None = None, password: str | None = None,
                  extra_args: tuple[str, ...] = ()) -> None:
-        exe = shutil.which("redis-server") or "/usr/bin/redis-server"
+        exe = (os.environ.get("GSTREAM_REDIS_SERVER") or shutil.which("redis-server")
+               or "/usr/bin/redis-server")
         if not os.path.exists(exe):
             raise RuntimeError("redis-server is not installed (scripts/test.sh installs it)")
         self.exe = exe
@@ -104,9 +109,10 @@ class SentinelGroup:
                     f"sentinel monitor {self.service} 127.0.0.1 {self.master.port} 1\n"
                     f"sentinel down-after-milliseconds {self.service} 1000\n"
                     f"sentinel failover-timeout {self.service} 5000\n")
-        exe = shutil.which("redis-sentinel") or "/usr/bin/redis-sentinel"
-        self.proc = subprocess.Popen([exe, conf], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
+        server = os.environ.get("GSTREAM_REDIS_SERVER")
+        args = [server, conf, "--sentinel"] if server else [
+            shutil.which("redis-sentinel") or "/usr/bin/redis-sentinel", conf]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             # Ready once the sentinel knows the replica and the replica is in sync.

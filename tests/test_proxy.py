@@ -7,6 +7,7 @@ address shows that an untrusted peer cannot set its scheme, address or host.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import subprocess
@@ -224,6 +225,21 @@ def test_plain_pywsgi_opts_in_with_a_handler_subclass(serve: Any) -> None:
     assert _ws_origin_check(srv.url) == 101
     plain = serve(proxied_app, handler_class=GStreamHandler)  # not opted in: unchanged
     assert _whoami(plain.url)["scheme"] == "http" and _ws_origin_check(plain.url) == 403
+
+
+def test_plain_pywsgi_access_line_names_the_forwarded_client(serve: Any) -> None:
+    # Under plain pywsgi the access line is pywsgi's log, formatted by
+    # GStreamHandler: behind the proxy it names the client, not the proxy.
+    class Behind(GStreamHandler):
+        proxy_headers = ProxyHeaders("127.0.0.1")
+
+    for handler, first in ((Behind, "203.0.113.7 - - ["), (GStreamHandler, "127.0.0.1 - - [")):
+        out = io.StringIO()
+        srv = serve(proxied_app, handler_class=handler, log=out)
+        _whoami(srv.url)
+        assert wait_until(lambda out=out: "/whoami" in out.getvalue())
+        line = out.getvalue().splitlines()[0]
+        assert line.startswith(first) and '" 200 ' in line, line
 
 
 def test_cli_option(tmp_path: Path) -> None:

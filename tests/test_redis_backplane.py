@@ -267,7 +267,7 @@ def test_password_auth_by_url() -> None:
         assert wait_until(lambda: got == ["hello"])
         assert good.stats()["positions"]["p"] == event_id
         with pytest.raises(BackplaneUnavailable) as info:
-            bad.append("p", Event(data="nope"))
+            bad.append("p", Event(data="nope"), wait_for_id=5.0)
         assert "Redis did not accept" in str(info.value)
         assert "wrong" not in str(info.value)  # no password in the message
     finally:
@@ -463,7 +463,7 @@ def test_tls_and_password_by_url(tmp_path: Any) -> None:
         good.append("tls", Event(data="secret"))
         assert wait_until(lambda: got == ["secret"])
         with pytest.raises(BackplaneUnavailable, match="certificate verify failed"):
-            untrusted.append("tls", Event(data="nope"))
+            untrusted.append("tls", Event(data="nope"), wait_for_id=5.0)
     finally:
         good.close()
         untrusted.close()

@@ -32,29 +32,35 @@ pytestmark = pytest.mark.redis
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# What a stalled Redis may cost local fan-out: the design bound is the
-# backplane's publish_wait (50 ms) for SSEBroker.publish and nothing at all
-# for a hub broadcast; the assertion leaves room for a loaded 2-core box
+# What a stalled Redis may cost local fan-out: nothing at all for a hub
+# broadcast and for SSEBroker.publish (both only enqueue); past stall_limit
+# a publish is refused at once. BOUND leaves room for a loaded 2-core box
 # while staying far below the stall itself.
 STALL = 1.5
 BOUND = 0.3
 
 
-def _stall(port: int, how: str) -> socket.socket:
-    """Make Redis stop answering for STALL seconds (the reply is never awaited)."""
+def _stall(port: int, how: str, seconds: float = STALL) -> socket.socket:
+    """Make Redis stop answering for ``seconds`` (the reply is never awaited)."""
     s = socket.create_connection(("127.0.0.1", port), timeout=5)
-    ms = int(STALL * 1000)
-    cmd = [b"DEBUG", b"SLEEP", str(STALL).encode()] if how == "debug-sleep" \
-        else [b"CLIENT", b"PAUSE", str(ms).encode(), b"ALL"]
+    cmd = [b"DEBUG", b"SLEEP", str(seconds).encode()] if how == "debug-sleep" \
+        else [b"CLIENT", b"PAUSE", str(int(seconds * 1000)).encode(), b"ALL"]
     s.sendall(b"*%d\r\n" % len(cmd) + b"".join(b"$%d\r\n%s\r\n" % (len(c), c) for c in cmd))
     return s
 
 
 @pytest.mark.parametrize("how", ["debug-sleep", "client-pause"])
 def test_a_stalled_redis_does_not_stall_local_fan_out(serve: Any, how: str) -> None:
+    # The delivery rule during a stall (docs/redis.md, "Faults"): hub
+    # broadcasts reach local members at once; SSEBroker.publish returns at
+    # once (accepted, id not known yet) until the writer's round trip has
+    # been unanswered for stall_limit, then raises at once (refused,
+    # delivered nowhere); once Redis answers, every accepted event reaches
+    # the subscribers, this process's too, in order, with its Redis id.
+    stall_for, limit = 2.5, 0.5
     srv = RedisServer(extra_args=("--enable-debug-command", "yes"))
     srv.start()
-    bp = RedisBackplane(srv.url, block=0.5, backoff=0.02, backoff_cap=0.2)
+    bp = RedisBackplane(srv.url, block=0.5, backoff=0.02, backoff_cap=0.2, stall_limit=limit)
     far = RedisHubBackplane(srv.url, block=0.5)  # another process's hub
     broker = SSEBroker(topic="s", backplane=bp, heartbeat_interval=None)
     hub = Hub(name="room", backplane=bp.hub_backplane())
@@ -94,10 +100,11 @@ def test_a_stalled_redis_does_not_stall_local_fan_out(serve: Any, how: str) -> N
             except TimeoutError:
                 break
         remote.clear()
-        warm = broker.publish("warm")
+        warm = broker.publish("warm", wait_for_id=5.0)
         assert warm is not None and sub.next_event().last_event_id == warm
 
-        stall = _stall(srv.port, how)
+        stall = _stall(srv.port, how, stall_for)
+        stalled_at = time.monotonic()
         gevent.sleep(0.1)  # Redis is now sleeping / paused
         t0 = time.monotonic()
         hub.broadcast("hub-during")
@@ -106,23 +113,51 @@ def test_a_stalled_redis_does_not_stall_local_fan_out(serve: Any, how: str) -> N
         assert got == "hub-during"
         assert hub_took < BOUND, f"hub fan-out waited {hub_took:.3f}s for a stalled Redis"
         took: list[float] = []
-        published: list[str | None] = []
-        for i in range(5):
-            t0 = time.monotonic()
-            published.append(broker.publish(f"during-{i}"))
-            took.append(time.monotonic() - t0)
-        stalled_for = time.monotonic()
+        accepted: list[str] = []
+        refused = ""
+        # Publish until refused: accepted first, refused once the writer's
+        # round trip has waited stall_limit (well before the stall ends).
+        with gevent.Timeout(stall_for - 0.3):
+            while not refused:
+                t0 = time.monotonic()
+                try:
+                    assert broker.publish(f"during-{len(accepted)}") is None  # id not known yet
+                    accepted.append(f"during-{len(accepted)}")
+                except BackplaneUnavailable as exc:
+                    refused = str(exc)
+                took.append(time.monotonic() - t0)
+                gevent.sleep(0.02)
         assert max(took) < BOUND, f"publish waited {max(took):.3f}s for a stalled Redis"
-        assert published == [None] * 5  # accepted, not numbered yet
-        assert bp.stats()["queued"] >= 4  # the first one may be in the writer's pipeline
+        assert "stalled" in refused and len(accepted) >= 3, (refused, accepted)
+        # Refused again, at once; a hub broadcast now is refused towards
+        # Redis but still delivered to the local member at once.
+        t0 = time.monotonic()
+        with pytest.raises(BackplaneUnavailable, match="stalled"):
+            broker.publish("refused-2")
+        hub.broadcast("hub-late")
+        assert client.recv(timeout=5) == "hub-late"
+        assert time.monotonic() - t0 < BOUND
+        assert time.monotonic() - stalled_at < stall_for  # all that happened during the stall
+        assert bp.stats()["outbox_stalled"] >= 2 and hub.stats()["backplane_failures"] >= 1
 
-        # Once Redis answers: everything accepted arrives, in order, with Redis ids.
-        events = sub.events(5, timeout=STALL + 5)
-        assert [e.data for e in events] == [f"during-{i}" for i in range(5)]
+        # Once Redis answers: everything accepted arrives, in order, with
+        # Redis ids; nothing refused ever does (the next event is "after").
+        after: str | None = None
+        with gevent.Timeout(stall_for + 5):
+            while True:
+                try:
+                    after = broker.publish("after", wait_for_id=5.0)
+                    break
+                except BackplaneUnavailable:  # still stalled: refused, never delivered
+                    gevent.sleep(0.05)
+        assert after is not None
+        events = sub.events(len(accepted) + 1, timeout=10)
+        assert [e.data for e in events] == accepted + ["after"]
+        assert events[-1].last_event_id == after
         ids = [tuple(map(int, e.last_event_id.split("-"))) for e in events]
         assert ids == sorted(ids) and ids[0] > tuple(map(int, warm.split("-")))
-        assert time.monotonic() - stalled_for > 0.5  # they really waited for Redis
-        assert wait_until(lambda: remote == ["hub-during"], timeout=5)
+        hub.broadcast("hub-after")
+        assert wait_until(lambda: remote == ["hub-during", "hub-after"], timeout=5), remote
         assert bp.stats()["queued"] == 0 and bp.stats()["outbox_lost"] == 0
     finally:
         if stall is not None:
@@ -139,7 +174,7 @@ def test_a_stalled_redis_does_not_stall_local_fan_out(serve: Any, how: str) -> N
 def test_publish_refused_when_the_outbound_queue_is_full() -> None:
     srv = RedisServer(extra_args=("--enable-debug-command", "yes"))
     srv.start()
-    bp = RedisBackplane(srv.url, block=0.5, publish_wait=0.01, queue_limit=3)
+    bp = RedisBackplane(srv.url, block=0.5, publish_wait=0.01, queue_limit=3, stall_limit=None)
     got: list[str] = []
     bp.attach("q", lambda e, f, may_block=True: got.append(e.data) or 1)
     stall: socket.socket | None = None
@@ -462,3 +497,123 @@ def test_events_accepted_during_a_stall_survive_a_crash_of_redis() -> None:
             stall.close()
         bp.close()
         srv.stop()
+
+
+def test_sentinels_argument_follows_a_master_crash_with_nothing_accepted_lost() -> None:
+    # RedisBackplane(sentinels=[(host, port)], service=...) instead of a URL;
+    # the master is killed mid-stream (not a polite SENTINEL FAILOVER): every
+    # event publish() accepted (returned without raising) reaches both
+    # processes once, in order, and a client resumes on the process that has
+    # no local window from an id issued before the crash.
+    group = SentinelGroup()
+    group.start()
+    sentinels = [("127.0.0.1", group.sentinel_port)]
+    opts: dict[str, Any] = dict(block=0.5, backoff=0.02, backoff_cap=0.2)
+    a = RedisBackplane(sentinels=sentinels, service=group.service, **opts)
+    b = RedisBackplane(sentinels=sentinels, service=group.service, **opts)
+    assert a.url == f"redis+sentinel://127.0.0.1:{group.sentinel_port}/{group.service}/0"
+    feed_a = SSEBroker(topic="f", backplane=a, heartbeat_interval=None)
+    feed_b = SSEBroker(topic="f", backplane=b, heartbeat_interval=None, history_size=0)
+    got: dict[str, list[tuple[str, str]]] = {"a": [], "b": []}
+    a.attach("f", lambda e, f, may_block=True: got["a"].append((e.id or "", e.data)) or 1)
+    b.attach("f", lambda e, f, may_block=True: got["b"].append((e.id or "", e.data)) or 1)
+    try:
+        accepted: list[str] = []
+        refused = 0
+
+        def publish(data: str) -> None:
+            nonlocal refused
+            try:
+                feed_a.publish(data)  # returns once queued: the id is not awaited
+                accepted.append(data)
+            except BackplaneUnavailable:
+                refused += 1  # never delivered: checked below
+
+        for i in range(20):
+            publish(f"pre{i}")
+        assert wait_until(lambda: len(got["a"]) == len(got["b"]) == 20, timeout=10)
+        # The replica has everything (asynchronous replication: an entry it
+        # has not got when the master dies is lost with the master, Redis's
+        # own limit, docs/redis.md "Sentinel").
+        assert redis_command(group.master.port, "WAIT", "1", "5000") == b":1\r\n"
+        group.master.kill()
+        switched = 0
+        with gevent.Timeout(25):
+            i = 0
+            while not switched or len(accepted) < switched + 20:
+                publish(f"x{i}")
+                i += 1
+                if not switched and group.master_port() == group.replica.port:
+                    switched = len(accepted)
+                gevent.sleep(0.02)
+        assert refused > 0  # publishes during the failover were refused, not queued forever
+        for side in ("a", "b"):
+            assert wait_until(lambda side=side: len(got[side]) >= len(accepted), timeout=10)
+            assert [d for _, d in got[side]] == accepted, side
+        assert got["a"] == got["b"]  # same ids everywhere
+        ids = [tuple(map(int, i.split("-"))) for i, _ in got["a"]]
+        assert ids == sorted(ids) and len(set(ids)) == len(ids)
+        # Resume on B (no local window: served from the new master) from an
+        # id the old master issued.
+        mark = got["a"][10][0]
+        status, _headers, body = feed_b.stream({"REQUEST_METHOD": "GET",
+                                                "HTTP_LAST_EVENT_ID": mark})
+        assert status.startswith("200")
+        first = next(iter(body)).decode()
+        body.close()
+        assert [line[6:] for line in first.splitlines()
+                if line.startswith("data: ")] == accepted[11:]
+        assert a.stats()["outbox_lost"] == 0
+    finally:
+        feed_a.close()
+        feed_b.close()
+        a.close()
+        b.close()
+        group.stop()
+
+
+def test_publish_to_an_unreachable_redis_raises_instead_of_queueing() -> None:
+    # publish() does not wait for ids, but while Redis is not known to be up
+    # (first publish, or after a failed round trip) it waits for its own
+    # round trip (50 ms at most): a Redis that is not there is refused in
+    # the caller, nothing is queued behind its back.
+    from tests.redis_fixture import free_port
+
+    port = free_port()  # nothing listens there
+    bp = RedisBackplane(f"redis://127.0.0.1:{port}/0", block=0.5, backoff=0.02,
+                        backoff_cap=0.05)
+    broker = SSEBroker(topic="u", backplane=bp, heartbeat_interval=None)
+    try:
+        refused = 0
+        with gevent.Timeout(10):
+            for _ in range(20):
+                t0 = time.monotonic()
+                with pytest.raises(BackplaneUnavailable, match="Redis did not accept"):
+                    broker.publish("nowhere")
+                assert time.monotonic() - t0 < BOUND
+                refused += 1
+                gevent.sleep(0.03)  # past the backoff delay now and then: a new probe
+        assert refused == 20 and bp.stats()["queued"] == 0
+        assert bp.stats()["outbox_lost"] == 0 and bp.stats()["outbox_sent"] == 0
+    finally:
+        broker.close()
+        bp.close()
+
+
+def test_sentinels_argument_builds_the_sentinel_url_and_rejects_bad_input() -> None:
+    # No server needed: the backplane connects lazily.
+    bp = RedisBackplane("redis://:pw@ignored:6379/2", sentinels=[("h1", 26379), ("::1", 26380)],
+                        service="my svc")
+    try:
+        assert bp.url == "redis+sentinel://:pw@h1:26379,[::1]:26380/my%20svc/2"
+    finally:
+        bp.close()
+    for kwargs, message in (
+            ({"service": "m"}, "pass sentinels= too"),
+            ({"sentinels": [("h", 26379)]}, "needs service="),
+            ({"sentinels": [], "service": "m"}, "is empty"),
+            ({"sentinels": [("h",)], "service": "m"}, "pairs"),
+            ({"sentinels": [("h", 0)], "service": "m"}, "not a sentinel address"),
+            ({"sentinels": [("h", "x")], "service": "m"}, "pairs")):
+        with pytest.raises(ValueError, match=message):
+            RedisBackplane(**kwargs)

@@ -85,4 +85,7 @@ def events(request: HttpRequest) -> HttpResponse:
 @require_POST
 def publish(request: HttpRequest) -> HttpResponse:
     text = request.body.decode("utf-8", "replace")[:4096]
+    # The id, or None (null) when it is not known yet: on a Redis backplane
+    # publish() does not wait for Redis to number the event unless asked to
+    # (wait_for_id=0.05); an in-memory broker always knows it.
     return JsonResponse({"id": news.publish(text)})

@@ -127,6 +127,9 @@ def events() -> Any:
 @app.post("/publish")
 def publish() -> Any:
     text = request.get_data(as_text=True)[:4096]
+    # The id, or None (null) when it is not known yet: on a Redis backplane
+    # publish() does not wait for Redis to number the event unless asked to
+    # (wait_for_id=0.05); an in-memory broker always knows it.
     return jsonify(id=news.publish(text))
 
 

@@ -66,10 +66,14 @@ def _feed_app(backplane: RedisBackplane) -> Any:
             count = min(max(int(qs.get("count", "1")) if qs.get("count", "1").isdigit() else 1, 1), 1000)
             last = None
             try:
-                for _ in range(count):
+                for i in range(count):
                     seq += 1
+                    # The Redis id is known only once Redis numbered the event:
+                    # publish() does not wait for it, except for the last one,
+                    # 50 ms at most (last_id is null if Redis was slower).
                     last = broker.publish(json_event(
-                        {"seq": seq, "ts": time.time(), "text": str(text)}, name="feed"))
+                        {"seq": seq, "ts": time.time(), "text": str(text)}, name="feed"),
+                        wait_for_id=0.05 if i == count - 1 else None)
             except BackplaneUnavailable as exc:
                 # Loud, not silent: the caller learns its event went nowhere.
                 return respond(start_response, "503 Service Unavailable", {"error": str(exc)})

@@ -96,18 +96,20 @@ class DurableBackplane(Backplane, Protocol):
     when its own in-memory window cannot answer a ``Last-Event-ID``.
     """
 
-    def append(self, topic: str, event: Event) -> str | None:
+    def append(self, topic: str, event: Event, *,
+               wait_for_id: float | None = None) -> str | None:
         """Append ``event`` (its id is ignored) to the topic's shared log; return its id.
 
-        Returns None when the log did not number it within the backplane's
-        bound (a stalled transport): the event is accepted and will be
-        delivered, with its id, when the transport answers.
+        Returns None when the log did not number it within ``wait_for_id``
+        seconds (None: the backplane's default, which may be 0): the event
+        is accepted and will be delivered everywhere, with its id, in order.
 
         Raises:
             BackplaneUnavailable: the transport did not accept the event.
         """
 
-    def append_many(self, topic: str, events: Sequence[Event]) -> list[str | None]:
+    def append_many(self, topic: str, events: Sequence[Event], *,
+                    wait_for_id: float | None = None) -> list[str | None]:
         """:meth:`append` for several events in order, all or none accepted.
 
         Raises:

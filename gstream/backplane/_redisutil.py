@@ -7,9 +7,9 @@ import random
 import re
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import gevent
 from gevent.event import Event as GEvent
@@ -28,7 +28,8 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 __all__ = ["redis", "TRANSIENT", "Backoff", "StateLog", "make_client", "redact", "parse_id",
            "DEFAULT_URL", "Outbox", "Pending", "entry_fields", "stream_key", "hub_channel",
-           "hub_envelope", "require_cooperative_sockets", "is_cluster_url", "disconnect_client"]
+           "hub_envelope", "require_cooperative_sockets", "is_cluster_url", "disconnect_client",
+           "sentinel_url"]
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 
@@ -81,6 +82,43 @@ def parse_sentinel_url(url: str) -> dict[str, Any]:
     return {"sentinels": spec["hosts"], "service": path[0],
             "db": int(path[1]) if len(path) > 1 else 0,
             "username": spec["username"], "password": spec["password"]}
+
+
+def sentinel_url(url: str, sentinels: Sequence[tuple[str, int]] | None,
+                 service: str | None) -> str:
+    """``url``, or the ``redis+sentinel://`` URL of ``sentinels`` + ``service``.
+
+    With ``sentinels`` (a list of (host, port)), the credentials and db of
+    ``url`` (a ``redis://`` URL; its host is ignored) are those of the Redis
+    servers behind the sentinels.
+
+    Raises:
+        ValueError: ``sentinels`` without ``service`` (or the reverse), an
+            empty list, or a host/port that is not one.
+    """
+    if sentinels is None:
+        if service is not None:
+            raise ValueError("service= names a Sentinel service: pass sentinels= too")
+        return url
+    if not service:
+        raise ValueError("sentinels= needs service= (the name the sentinels monitor)")
+    hosts: list[str] = []
+    for item in sentinels:
+        try:
+            host, port = item
+            port = int(port)
+        except (TypeError, ValueError):
+            raise ValueError(f"sentinels= wants (host, port) pairs, got {item!r}") from None
+        if not isinstance(host, str) or not host or not 0 < port < 65536:
+            raise ValueError(f"not a sentinel address: {item!r}")
+        hosts.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    if not hosts:
+        raise ValueError("sentinels= is empty")
+    parts = urlsplit(url)
+    creds = parts.netloc.rpartition("@")[0]
+    db = [p for p in parts.path.split("/") if p][:1]
+    path = "/".join([quote(service, safe="")] + db)
+    return f"{SENTINEL_SCHEME}://{creds + '@' if creds else ''}{','.join(hosts)}/{path}"
 
 
 def _split_hosts(url: str, scheme: str, default_port: int) -> dict[str, Any]:
@@ -311,7 +349,10 @@ class Outbox:
     to ``batch`` commands) in one pipeline, in queue order.
 
     After a failed round trip Redis is considered down for one backoff
-    delay: :meth:`put` raises at once meanwhile. Commands whose caller was
+    delay: :meth:`put` raises at once meanwhile. While a round trip has been
+    unanswered for more than ``stall_limit`` seconds (Redis stalls), :meth:`put`
+    raises at once too, so a stall accepts at most ``stall_limit`` seconds'
+    worth of commands, all sent when Redis answers. Commands whose caller was
     still waiting fail (the caller gets :class:`BackplaneUnavailable`: not
     accepted). Accepted commands are retried first, in order, when
     ``retry_accepted`` (broker events: nothing accepted is lost), else
@@ -324,10 +365,13 @@ class Outbox:
         state: logs the connection state changes.
         retry_accepted: retry accepted commands after a failure (else drop them).
         what: names the commands in errors ("event", "broadcast").
+        stall_limit: seconds a round trip may stay unanswered before
+            :meth:`put` refuses new commands (None: never).
     """
 
     def __init__(self, client: Any, *, limit: int, batch: int, backoff: float,
-                 backoff_cap: float, state: StateLog, retry_accepted: bool, what: str) -> None:
+                 backoff_cap: float, state: StateLog, retry_accepted: bool, what: str,
+                 stall_limit: float | None = None) -> None:
         self.client = client
         self.limit = max(1, int(limit))
         self.batch = max(1, int(batch))
@@ -340,9 +384,12 @@ class Outbox:
         self._done = GEvent()
         self._writer: Any = None
         self._down_until = 0.0
+        self.stall_limit = None if stall_limit is None else max(0.0, float(stall_limit))
+        self._sending_since: float | None = None  # a round trip is waiting for Redis
         self._last_error: BaseException | None = None
         self._closed = False
-        self.counts = dict.fromkeys(("sent", "round_trips", "failed", "lost", "full"), 0)
+        self.counts = dict.fromkeys(("sent", "round_trips", "failed", "lost", "full",
+                                      "stalled"), 0)
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -352,14 +399,22 @@ class Outbox:
 
         Raises:
             BackplaneUnavailable: closed, Redis is down (a round trip failed
-                less than one backoff delay ago), or the queue has no room
-                for all of ``items``.
+                less than one backoff delay ago), stalled (a round trip has
+                been unanswered for more than ``stall_limit``), or the queue
+                has no room for all of ``items``.
         """
         if self._closed:
             raise BackplaneUnavailable("the Redis backplane is closed")
-        if time.monotonic() < self._down_until:
+        now = time.monotonic()
+        if now < self._down_until:
             raise BackplaneUnavailable(f"Redis did not accept the {self.what}: "
                                        f"unavailable ({self._last_error})")
+        stalled = self.stalled_for(now)
+        if self.stall_limit is not None and stalled > self.stall_limit:
+            self.counts["stalled"] += 1
+            raise BackplaneUnavailable(
+                f"Redis did not accept the {self.what}: it has not answered for "
+                f"{stalled:.2f}s (stalled; limit {self.stall_limit:g}s)")
         if len(self._queue) + len(items) > self.limit:
             self.counts["full"] += 1
             raise BackplaneUnavailable(
@@ -369,6 +424,18 @@ class Outbox:
         if self._writer is None or self._writer.dead:
             self._writer = gevent.spawn(self._run)
         self._work.set()
+
+    @property
+    def healthy(self) -> bool:
+        """True while the last round trip succeeded (False before the first one)."""
+        return self.state.up is True
+
+    def stalled_for(self, now: float | None = None) -> float:
+        """Seconds the current round trip has been waiting for Redis (0: none)."""
+        since = self._sending_since
+        if since is None:
+            return 0.0
+        return (time.monotonic() if now is None else now) - since
 
     def wait(self, item: Pending, timeout: float) -> None:
         """Wait up to ``timeout`` s for Redis to answer ``item``; then it is accepted.
@@ -399,16 +466,20 @@ class Outbox:
             pipe = self.client.pipeline(transaction=False)
             for it in items:
                 pipe.execute_command(*it.args)
+            self._sending_since = time.monotonic()
             try:
                 replies = pipe.execute(raise_on_error=False)
             except TRANSIENT as exc:
+                self._sending_since = None
                 self._failed(items, exc)
                 continue
             except Exception as exc:  # a bug or an unexpected client error: keep the writer alive
+                self._sending_since = None
                 self.state.log.exception("%s: unexpected error sending a pipeline",
                                          self.state.what)
                 self._failed(items, exc)
                 continue
+            self._sending_since = None
             self.state.ok()
             self._backoff.reset()
             self.counts["round_trips"] += 1
@@ -482,6 +553,7 @@ class Outbox:
     def forked(self) -> None:
         """In a forked child: the writer and the queue belong to the parent."""
         self._writer = None
+        self._sending_since = None
         self._queue.clear()
         self._work = GEvent()
         self._done = GEvent()

@@ -35,6 +35,7 @@ from ._redisutil import (
     redact,
     redis,
     require_cooperative_sockets,
+    sentinel_url,
     stream_key,
 )
 from .redis_hub import HubLink, RedisHubBackplane
@@ -43,6 +44,12 @@ from .redis_publisher import Publisher
 __all__ = ["HubLink", "Publisher", "RedisBackplane", "RedisHubBackplane"]
 
 log = logging.getLogger("gstream.backplane.redis")
+
+#: While Redis is not known to be up (no round trip yet, or the last one
+#: failed), a publish waits this long for its own round trip, so that a
+#: refused connection, a wrong password or a bad certificate raises at once
+#: instead of queueing events for a Redis that is not there.
+PROBE_WAIT = 0.05
 
 
 def _no_such_key(exc: BaseException) -> bool:
@@ -55,9 +62,11 @@ class RedisBackplane:
     Publishing is ``XADD`` (trimmed with ``MAXLEN ~ maxlen``); the entry id
     becomes the event id, so ids are ordered per topic across all processes.
     Publishers never talk to Redis themselves: events go through a bounded
-    outbound queue that one writer greenlet sends in pipelines, and a
-    publisher waits at most ``publish_wait`` seconds for its id (a stalled
-    Redis cannot stall the application).
+    outbound queue that one writer greenlet sends in pipelines. By default a
+    publish returns as soon as the event is queued (None: its id is not
+    known yet); ``publish_wait`` (or ``wait_for_id=`` per call) makes it wait
+    that long for the id. A stalled Redis cannot stall the application:
+    past ``stall_limit`` publishes are refused at once.
     One reader greenlet per backplane runs a blocking ``XREAD`` over every
     attached topic from the last id it delivered, and hands each entry to the
     local brokers (``may_block=False``). The publishing process is served by
@@ -75,6 +84,9 @@ class RedisBackplane:
             ``unix:///path.sock``; ``redis+sentinel://host:port[,...]/service[/db]``
             (Sentinel); ``redis+cluster://host:port[,...]`` (Redis Cluster: topics
             become hash tags, one reader per topic). See docs/redis.md.
+        sentinels, service: Redis Sentinel without a URL: the sentinels'
+            ``(host, port)`` pairs and the service name they monitor (the
+            credentials and db of ``url``, if any, apply to the servers).
         prefix: key prefix; the stream of topic ``t`` is ``<prefix>:sse:<t>``
             (``<prefix>:sse:{<t>}`` on a cluster).
         maxlen: approximate number of entries kept per topic stream (the
@@ -91,8 +103,11 @@ class RedisBackplane:
         replay_limit: most entries replayed to one client; further behind,
             it gets a ``gstream.reset``.
         publish_wait: longest :meth:`append` waits for Redis to number an
-            event; past it the event stays queued (accepted, delivered when
-            Redis answers) and ``append`` returns None.
+            event (default 0: not at all); past it the event stays queued
+            (accepted, delivered when Redis answers) and ``append`` returns None.
+        stall_limit: once a round trip has been unanswered this long (Redis
+            stalls), :meth:`append` raises :class:`BackplaneUnavailable` at
+            once instead of accepting more events; None: never.
         queue_limit: most events queued for Redis; past it :meth:`append`
             raises :class:`BackplaneUnavailable`.
         redis_kwargs: passed to redis-py's connection pool (TLS files, ...).
@@ -103,9 +118,12 @@ class RedisBackplane:
                  connect_timeout: float = 2.0, socket_timeout: float = 5.0,
                  backoff: float = 0.05, backoff_cap: float = 5.0,
                  catch_up_timeout: float = 2.0, replay_limit: int = 10_000,
-                 publish_wait: float = 0.05, queue_limit: int = 10_000,
+                 publish_wait: float = 0.0, queue_limit: int = 10_000,
+                 stall_limit: float | None = 1.0,
+                 sentinels: Sequence[tuple[str, int]] | None = None, service: str | None = None,
                  **redis_kwargs: Any) -> None:
         require_cooperative_sockets("RedisBackplane")
+        url = sentinel_url(url, sentinels, service)
         self.url = url
         self.publish_wait = max(0.0, float(publish_wait))
         self.prefix = prefix
@@ -138,7 +156,7 @@ class RedisBackplane:
         self._pub_state = StateLog(log, f"redis backplane publish {redact(url)}")
         self._outbox = Outbox(self._pub, limit=queue_limit, batch=batch, backoff=backoff,
                               backoff_cap=backoff_cap, state=self._pub_state,
-                              retry_accepted=True, what="event")
+                              retry_accepted=True, what="event", stall_limit=stall_limit)
         self._counts = dict.fromkeys(("appended", "append_failed", "read", "delivered",
                                       "undecodable", "resyncs", "replays"), 0)
 
@@ -280,25 +298,31 @@ class RedisBackplane:
 
     # -- the DurableBackplane protocol ----------------------------------------
 
-    def append(self, topic: str, event: Event) -> str | None:
-        """Queue ``event`` for ``topic``'s stream; return its id once Redis numbered it.
+    def append(self, topic: str, event: Event, *,
+               wait_for_id: float | None = None) -> str | None:
+        """Queue ``event`` for ``topic``'s stream; return its id if Redis numbered it in time.
 
-        Waits at most ``publish_wait`` seconds. If Redis has not answered by
-        then (it stalls), returns None: the event is accepted, stays queued
-        and is delivered everywhere, with its Redis id, when Redis answers.
+        Waits at most ``wait_for_id`` seconds (None: ``publish_wait``, by
+        default 0) for the id; while Redis is not known to be up (first
+        publish, or the last round trip failed) at least ``PROBE_WAIT``
+        (50 ms), so that an unreachable Redis raises here. Returns None when
+        Redis has not answered by then: the event is accepted, stays queued and is delivered
+        everywhere (this process too), in order, with its Redis id, when
+        Redis answers.
 
         Raises:
-            BackplaneUnavailable: Redis is unreachable or refused the entry,
-                or the outbound queue is full; the event was not accepted and
-                will be delivered nowhere.
+            BackplaneUnavailable: Redis is unreachable, stalled longer than
+                ``stall_limit`` or refused the entry, or the outbound queue is
+                full; the event was not accepted and will be delivered nowhere.
         """
-        return self.append_many(topic, (event,))[0]
+        return self.append_many(topic, (event,), wait_for_id=wait_for_id)[0]
 
-    def append_many(self, topic: str, events: Sequence[Event]) -> list[str | None]:
+    def append_many(self, topic: str, events: Sequence[Event], *,
+                    wait_for_id: float | None = None) -> list[str | None]:
         """Queue ``events`` in order (all or none); one pipeline, one wait.
 
         Returns their ids, or None for those Redis had not numbered within
-        ``publish_wait`` (accepted, still queued).
+        ``wait_for_id`` (None: ``publish_wait``) seconds (accepted, still queued).
 
         Raises:
             BackplaneUnavailable: as :meth:`append`, for all of them: either
@@ -315,7 +339,10 @@ class RedisBackplane:
         except BackplaneUnavailable as exc:
             self._counts["append_failed"] += len(items)
             raise BackplaneUnavailable(f"{exc} (topic {topic!r})") from None
-        self._outbox.wait(items[-1], self.publish_wait)
+        wait = self.publish_wait if wait_for_id is None else max(0.0, float(wait_for_id))
+        if not self._outbox.healthy:
+            wait = max(wait, PROBE_WAIT)
+        self._outbox.wait(items[-1], wait)
         failed = [it.error for it in items if it.error is not None and not it.accepted]
         if failed:
             # A round trip fails as a whole; only a call longer than one
@@ -403,7 +430,8 @@ class RedisBackplane:
         if self._hub_link is None:
             self._hub_link = HubLink(self.url, prefix=self.prefix, client=self._pub,
                                      backoff=self._backoff[0], backoff_cap=self._backoff[1],
-                                     socket_timeout=self._socket_timeout, **self._client_args)
+                                     socket_timeout=self._socket_timeout,
+                                     stall_limit=self._outbox.stall_limit, **self._client_args)
         return RedisHubBackplane(link=self._hub_link)
 
     # -- the reader -------------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import gevent
@@ -31,6 +31,7 @@ from ._redisutil import (
     make_client,
     redact,
     require_cooperative_sockets,
+    sentinel_url,
 )
 
 __all__ = ["HubLink", "RedisHubBackplane"]
@@ -65,13 +66,22 @@ class HubLink:
         backoff, backoff_cap: reader reconnect delays (exponential, capped, jittered).
         queue_limit: most broadcasts waiting for Redis; past it a broadcast
             raises :class:`BackplaneUnavailable`.
+        stall_limit: once a ``PUBLISH`` round trip has been unanswered this
+            long, broadcasts raise :class:`BackplaneUnavailable` at once
+            (local fan-out still done); None: never.
+        sentinels, service: Redis Sentinel without a URL, as for
+            :class:`~gstream.backplane.redis.RedisBackplane`.
     """
 
     def __init__(self, url: str = DEFAULT_URL, *, prefix: str = "gstream", client: Any = None,
                  max_connections: int = 8, connect_timeout: float = 2.0,
                  socket_timeout: float = 5.0, backoff: float = 0.05, backoff_cap: float = 5.0,
-                 block: float = 5.0, queue_limit: int = 10_000, **redis_kwargs: Any) -> None:
+                 block: float = 5.0, queue_limit: int = 10_000,
+                 stall_limit: float | None = 1.0,
+                 sentinels: Sequence[tuple[str, int]] | None = None, service: str | None = None,
+                 **redis_kwargs: Any) -> None:
         require_cooperative_sockets("the Redis hub backplane")
+        url = sentinel_url(url, sentinels, service)
         self.url = url
         self.prefix = prefix
         self.block = max(0.01, float(block))
@@ -92,7 +102,7 @@ class HubLink:
         self._pub_state = StateLog(log, f"redis hub backplane publish {redact(url)}")
         self._outbox = Outbox(self._pub, limit=queue_limit, batch=512, backoff=backoff,
                               backoff_cap=backoff_cap, state=self._pub_state,
-                              retry_accepted=False, what="broadcast")
+                              retry_accepted=False, what="broadcast", stall_limit=stall_limit)
         self.counts = dict.fromkeys(("broadcast", "broadcast_failed", "received",
                                      "echoes", "undecodable", "local"), 0)
 

@@ -8,7 +8,7 @@ redis-py: for a cron script, a Celery task or an RQ job (docs/publishers.md).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from ..errors import BackplaneUnavailable
@@ -22,6 +22,7 @@ from ._redisutil import (
     hub_envelope,
     is_cluster_url,
     make_client,
+    sentinel_url,
     stream_key,
 )
 
@@ -41,12 +42,16 @@ class Publisher:
         maxlen: approximate entries kept per topic stream (use the servers' value).
         max_connections: size of the connection pool.
         connect_timeout, socket_timeout: seconds.
+        sentinels, service: Redis Sentinel without a URL: the sentinels'
+            ``(host, port)`` pairs and the monitored service's name.
         redis_kwargs: passed to redis-py's connection pool.
     """
 
     def __init__(self, url: str = DEFAULT_URL, *, prefix: str = "gstream",
                  maxlen: int = 10_000, max_connections: int = 4, connect_timeout: float = 2.0,
-                 socket_timeout: float = 5.0, **redis_kwargs: Any) -> None:
+                 socket_timeout: float = 5.0, sentinels: Sequence[tuple[str, int]] | None = None,
+                 service: str | None = None, **redis_kwargs: Any) -> None:
+        url = sentinel_url(url, sentinels, service)
         self.prefix = prefix
         self.maxlen = max(1, int(maxlen))
         self._client = make_client(url, max_connections=max_connections,

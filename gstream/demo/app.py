@@ -34,6 +34,9 @@ MAX_PUBLISH_BODY = 64 * 1024
 MAX_PUBLISH_COUNT = 1000
 """Most events one ``POST /publish?count=N`` may publish."""
 MAX_TEXT = 4096
+#: Longest ``POST /publish`` waits for a durable backplane (Redis) to number
+#: its last event, so that ``last_id`` is an id clients can resume from.
+LAST_ID_WAIT = 0.05
 ECHO_MAX = 1 << 20
 
 
@@ -181,16 +184,22 @@ class DemoApp:
 
     # -- feed -------------------------------------------------------------
 
-    def publish(self, text: str) -> str:
-        """Publish one feed event (``id`` = ``seq``); return its id."""
+    def publish(self, text: str, *, wait_for_id: float | None = None) -> str | None:
+        """Publish one feed event; return its id, None if not known yet.
+
+        In memory the id is ``seq``. With a durable backplane (Redis) it is
+        the stream entry's id, returned only if Redis numbered the event
+        within ``wait_for_id`` seconds (default: not waited for).
+        """
         self._seq += 1
         seq = self._seq
         data = json.dumps({"seq": seq, "ts": time.time(), "text": text},
                           separators=(",", ":"), ensure_ascii=False)
         # With a durable backplane (Redis) the broker assigns the id (the
         # stream entry id); report that one, it is what clients resume from.
-        assigned = self.feed.publish(Event(name="feed", data=data, id=str(seq)))
-        return str(assigned) if assigned is not None else str(seq)
+        # (seq is never a resumable id there: None says "not known yet").
+        return self.feed.publish(Event(name="feed", data=data, id=str(seq)),
+                                 wait_for_id=wait_for_id)
 
     # -- statistics ---------------------------------------------------------
 
@@ -309,10 +318,10 @@ class DemoApp:
         else:
             body = b""
         text = self._text_of(body, environ.get("CONTENT_TYPE", ""))
-        last = ""
+        last: str | None = None
         try:
-            for _ in range(count):
-                last = self.publish(text)
+            for i in range(count):
+                last = self.publish(text, wait_for_id=LAST_ID_WAIT if i == count - 1 else None)
         except BackplaneUnavailable as exc:
             return _text_response(start_response, "503 Service Unavailable",
                                   f"backplane unavailable: {exc}", [("Retry-After", "1")])
