@@ -25,9 +25,10 @@ from gevent.hub import Waiter
 
 from .backplane import Backplane, DurableBackplane, LocalBackplane, TopicHistory
 from .detached import DetachedStream
-from .errors import BackplaneUnavailable, BrokerClosed, TopicError
+from .errors import BackplaneUnavailable, BrokerClosed, PresenceRefused, TopicError
 from .events import Event, EventType, encode, encode_comment, encode_retry, truncate_field
 from .lifecycle import lifecycle
+from .presence import JOIN_EVENT, LEAVE_EVENT, UPDATE_EVENT, Presence, PresenceChange, PresenceEvent
 from .replay import History, ReplayStatus
 from .sse import SSE_HEADERS, last_event_id
 from .threadsafe import LoopBinding
@@ -132,6 +133,15 @@ class BrokerConfig:
     """Events of all topics kept in memory for multi-topic resumes (``history_max_age`` applies)."""
     max_patterns: int = 1000
     """Most distinct patterns subscribed at once on this broker."""
+    # -- presence hook (issue 22, docs/presence.md) --
+    presence: Presence | None = field(default=None, repr=False)
+    """Each subscriber joins this presence for :attr:`topic` while its stream
+    is open, as its principal (``anon:<subscriber id>`` without one)."""
+    presence_events: bool = False
+    """Send subscribers ``gstream.join`` / ``gstream.leave`` / ``gstream.update`` events."""
+    presence_meta: Callable[[Environ], Any] | None = None
+    """The meta (a JSON value) a subscriber is listed with; None: none."""
+    # -- end of the presence hook --
 
     def __post_init__(self) -> None:
         if self.max_buffer <= 0:
@@ -462,6 +472,11 @@ class SSEBroker:
                                      max_idle=0 if self._durable is not None else 100_000,
                                      max_patterns=cfg.max_patterns)
         self._backplane.attach(cfg.topic, self._deliver_local)
+        # Presence hook (issue 22): subscriber -> its presence connection id.
+        self._presence_conns: dict[_Subscriber, str] = {}
+        self._presence_unwatch: Callable[[], None] | None = None
+        if cfg.presence is not None and cfg.presence_events:
+            self._presence_unwatch = cfg.presence.watch(cfg.topic, self._on_presence)
 
     # -- threads -----------------------------------------------------------
 
@@ -1107,6 +1122,10 @@ class SSEBroker:
             self._unregister(sub)
             return self._busy(b"event history unavailable\n")
         prelude.extend(replay)
+        if cfg.presence is not None and not self._presence_join(sub, environ):  # presence hook
+            self._end(sub, b"")
+            self._unregister(sub)
+            return self._busy(b"presence refused\n")
         return "200 OK", list(SSE_HEADERS), _Body(sub, b"".join(prelude))
 
     def _busy(self, reason: bytes) -> tuple[str, list[tuple[str, str]], Any]:
@@ -1229,10 +1248,57 @@ class SSEBroker:
         if self._views:
             self._drop_view(sub)
         lifecycle.unregister(sub)
+        if self._presence_conns:
+            self._presence_leave(sub)  # presence hook (issue 22)
         sub.items.clear()
         if sub.room is not None:
             sub.room.set()  # wake a publisher waiting for room
         sub.greenlet = None
+
+    # -- presence hook (issue 22, docs/presence.md) -----------------------
+
+    def _presence_join(self, sub: _Subscriber, environ: Environ) -> bool:
+        cfg = self.config
+        assert cfg.presence is not None
+        meta = None
+        if cfg.presence_meta is not None:
+            try:
+                meta = cfg.presence_meta(environ)
+            except Exception:
+                log.exception("presence_meta hook failed; listing the subscriber without meta")
+        try:
+            self._presence_conns[sub] = cfg.presence.join(
+                cfg.topic, sub.principal or f"anon:{sub.key}", meta)
+        except PresenceRefused as exc:
+            self._stats["rejected"] += 1
+            log.info("topic %r: subscriber %r refused: %s", cfg.topic, sub.key, exc)
+            return False
+        return True
+
+    def _presence_leave(self, sub: _Subscriber) -> None:
+        conn = self._presence_conns.pop(sub, None)
+        if conn is not None and self.config.presence is not None:
+            self.config.presence.leave(conn)
+
+    def _on_presence(self, event: PresenceEvent) -> None:
+        # A watcher: queue the event to this process's subscribers, outside
+        # the replay history (presence is now, not a past to replay).
+        if self._closed:
+            return
+        name = (JOIN_EVENT if event.kind is PresenceChange.JOIN else
+                LEAVE_EVENT if event.kind is PresenceChange.LEAVE else UPDATE_EVENT)
+        frame = encode(Event(data=json.dumps(event.as_dict(), separators=(",", ":"),
+                                             ensure_ascii=False), name=name))
+        for sub in tuple(self._subs.values()):
+            if sub.names is not None and name not in sub.names:
+                continue
+            if len(sub.items) >= sub.capacity:
+                sub.dropped += 1
+                sub.missed += 1
+                self._stats["dropped"] += 1
+                del sub.items[0]
+            sub.items.append(frame)
+            self._wake(sub)
 
     # -- closing and introspection -----------------------------------------
 
@@ -1248,6 +1314,8 @@ class SSEBroker:
         done = encode(Event(data="[DONE]", type=EventType.DONE, retry=self.config.retry))
         for sub in tuple(self._subs.values()):
             self._end(sub, done)
+        if self._presence_unwatch is not None:
+            self._presence_unwatch()  # presence hook (issue 22)
         # Detach only: a backplane may serve other brokers; its creator closes it.
         self._backplane.detach(self.config.topic, self._deliver_local)
         for sink in tuple(self._topic_sinks.values()):

@@ -11,7 +11,7 @@ from greenlet import GreenletExit
 
 __all__ = ["GStreamError", "Closed", "BrokerClosed", "HandshakeError", "InvalidRequest", "BackplaneUnavailable",
            "ClientDeparted", "Unsupported", "HTTPError", "SSEError",
-           "MissedEvents", "DuplicateEvent", "Disconnected", "TopicError"]
+           "MissedEvents", "DuplicateEvent", "Disconnected", "TopicError", "PresenceRefused"]
 
 
 class GStreamError(Exception):
@@ -164,3 +164,21 @@ class TopicError(GStreamError, ValueError):
     a subscriber asking for one gets a ``400`` whose body is this message
     (rules: docs/topics.md).
     """
+
+
+class PresenceRefused(GStreamError, ValueError):
+    """A presence join was refused (see :mod:`gstream.presence`).
+
+    Attributes:
+        reason: why, one of ``"member id"`` (empty or longer than the
+            bound), ``"meta"`` (not JSON, or larger than the bound),
+            ``"topic full"`` (``max_members`` members), ``"connections"``
+            (that member already has ``max_connections``), ``"topics"``
+            (``max_topics`` topics), ``"topic"`` (not valid UTF-8),
+            ``"local"`` (this process holds
+            ``max_local`` connections) or ``"closed"``.
+    """
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"presence refused: {reason}" + (f" ({detail})" if detail else ""))
+        self.reason = reason

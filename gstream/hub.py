@@ -7,12 +7,14 @@ peer costs only its own messages. Design: docs/hub.md.
 
 from __future__ import annotations
 
+import json
 import logging
+import secrets
 import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Collection, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, TypedDict, cast
 
 import gevent
@@ -20,8 +22,9 @@ import gevent.event
 
 from .backplane import HubBackplane
 from .backplane.memory import MemoryBackplane
-from .errors import BackplaneUnavailable, Closed
+from .errors import BackplaneUnavailable, Closed, PresenceRefused
 from .policies import SlowPolicy
+from .presence import Presence, PresenceEvent, PresenceSnapshot
 from .threadsafe import LoopBinding, allocate_lock
 from .types import Message
 from .websocket import WebSocket, prepare
@@ -64,6 +67,13 @@ class HubConfig:
     """Close reason sent with :attr:`close_code`."""
     max_members: int = 0
     """Members at most; :meth:`Hub.register` returns False beyond. 0 = unlimited."""
+    presence: Presence | None = field(default=None, repr=False)
+    """Where members are listed (:mod:`gstream.presence`): each registered
+    connection joins the hub's ``name`` as its ``key`` (``anon:<random>``
+    without one). None: no presence."""
+    presence_events: bool = False
+    """Send members the presence messages (docs/presence.md): a ``sync``
+    (the member list) to each new member, a ``join``/``leave`` to all."""
 
     def __post_init__(self) -> None:
         if self.broadcast_buffer < 1:
@@ -101,6 +111,8 @@ class HubCounters(TypedDict):
     unregistered: int
     backplane_failures: int
     """Broadcasts the backplane refused (delivered locally only)."""
+    presence_refused: int
+    """Registers refused by the presence (a bound, docs/presence.md)."""
 
 
 class HubStats(HubCounters):
@@ -115,11 +127,13 @@ class HubStats(HubCounters):
 
 
 class _Member:
-    __slots__ = ("ws", "key", "drops", "shares", "pending")
+    __slots__ = ("ws", "key", "drops", "shares", "pending", "presence", "deaf")
 
     def __init__(self, ws: WebSocket, key: Any) -> None:
         self.ws = ws
         self.key = key
+        self.presence: str | None = None  # presence connection id
+        self.deaf = False  # gets no presence messages
         self.drops = 0
         self.shares = ws.shares_frames  # fixed at the handshake
         self.pending = False  # frames queued in this batch, flush due
@@ -190,6 +204,11 @@ class Hub:
         self._backplane = backplane
         if backplane is not None:
             backplane.attach(name, self._deliver_remote)
+        self._presence = self.config.presence
+        self._unwatch: list[Callable[[], None]] = []
+        if self._presence is not None and self.config.presence_events:
+            self._unwatch = [self._presence.watch(name, self._on_presence),
+                             self._presence.on_resync(self._resync)]
 
     # -- the hub greenlet ----------------------------------------------------
 
@@ -346,29 +365,50 @@ class Hub:
 
     # -- membership ------------------------------------------------------------
 
-    def register(self, ws: WebSocket, *, key: Any = None) -> bool:
+    def register(self, ws: WebSocket, *, key: Any = None, meta: Any = None,
+                 presence_events: bool = True) -> bool:
         """Add ``ws`` (with an optional ``key``, e.g. a user id, for ``where``).
 
         Never blocks (from a native thread it waits for the hub's thread).
         Returns False, changing nothing, after :meth:`stop`, for a connection
-        that is no longer open, or at ``max_members``. Registering again
-        only updates the key. The connection leaves by itself when it closes.
+        that is no longer open, at ``max_members``, or when the presence
+        refuses it (``presence_refused``). Registering again only updates the
+        key (and its presence entry, and its meta when one is given: an
+        ``update`` presence event). The connection leaves by itself when
+        it closes. With a presence, ``str(key)`` is the member id and
+        ``meta`` (a JSON value) is listed with it; ``presence_events=False``
+        spares this member the presence messages (``HubConfig.presence_events``).
         """
         if not self._binding.here():
-            return self._binding.call(self._register, ws, key, timeout=_THREAD_CALL_TIMEOUT)
-        return self._register(ws, key)
+            return self._binding.call(self._register, ws, key, meta, presence_events,
+                                      timeout=_THREAD_CALL_TIMEOUT)
+        return self._register(ws, key, meta, presence_events)
 
-    def _register(self, ws: WebSocket, key: Any) -> bool:
+    def _register(self, ws: WebSocket, key: Any, meta: Any = None,
+                  presence_events: bool = True) -> bool:
         if self._stopped or not ws.open:
             return False
         m = self._members.get(ws)
         if m is not None:
+            if self._presence is not None and (key != m.key or meta is not None):
+                old = m.presence
+                if not self._join_presence(m, key, meta):
+                    return False
+                if old is not None:
+                    self._presence.leave(old)
             m.key = key
             return True
         if self.config.max_members and len(self._members) >= self.config.max_members:
             self._stats["rejected"] += 1
             return False
-        self._members[ws] = _Member(ws, key)
+        m = _Member(ws, key)
+        if self._presence is not None and not self._join_presence(m, key, meta):
+            return False
+        self._members[ws] = m
+        if not presence_events:
+            m.deaf = True
+        elif self._presence is not None and self.config.presence_events:
+            gevent.spawn(self._send_sync, ws)
         self._snapshot = None
         self._stats["registered"] += 1
         if ws not in self._hooked:
@@ -386,9 +426,81 @@ class Hub:
         self._remove(ws)
 
     def _remove(self, ws: WebSocket) -> None:
-        if self._members.pop(ws, None) is not None:
+        m = self._members.pop(ws, None)
+        if m is not None:
             self._snapshot = None
             self._stats["unregistered"] += 1
+            if m.presence is not None and self._presence is not None:
+                self._presence.leave(m.presence)
+                m.presence = None
+
+    # -- presence (docs/presence.md) -------------------------------------------
+
+    def _join_presence(self, m: _Member, key: Any, meta: Any) -> bool:
+        assert self._presence is not None
+        member = str(key) if key is not None else f"anon:{secrets.token_hex(6)}"
+        try:
+            m.presence = self._presence.join(self.name, member, meta)
+        except PresenceRefused as exc:
+            self._stats["presence_refused"] += 1
+            log.info("hub %r: %s", self.name, exc)
+            return False
+        return True
+
+    def _local(self, payload: str, where: Where | None = None) -> None:
+        # To this process's members only: every process's hub gets the
+        # presence events itself, from its own presence watch.
+        self._enqueue(self._item(payload, None, where, False))
+
+    def _on_presence(self, event: PresenceEvent) -> None:
+        if not self._stopped:
+            self._local(json.dumps({"type": "presence", **event.as_dict()},
+                                   separators=(",", ":"), ensure_ascii=False),
+                        self._listens)  # decided at fan-out: members may register meanwhile
+
+    def _listens(self, ws: WebSocket) -> bool:
+        m = self._members.get(ws)
+        return m is not None and not m.deaf
+
+    def _resync(self) -> None:
+        # Events were missed: every listening member gets a fresh list.
+        gevent.spawn(self._send_sync, None)
+
+    def _send_sync(self, ws: WebSocket | None) -> None:
+        # Its own greenlet: reading a shared presence store may wait.
+        # ``ws`` None: to every listening member.
+        if self._presence is None or self._stopped or (ws is not None and ws not in self._members):
+            return
+        try:
+            snapshot = self._presence.members(self.name)
+        except BackplaneUnavailable as exc:
+            log.warning("hub %r: presence list unavailable: %s", self.name, exc)
+            return
+        payload = json.dumps({"type": "presence", **snapshot.as_dict()},
+                             separators=(",", ":"), ensure_ascii=False)
+        self._local(payload, self._listens if ws is None else lambda w: w is ws)
+
+    def presence_members(self) -> PresenceSnapshot:
+        """The members of this room (all processes) and the presence version.
+
+        Raises:
+            RuntimeError: the hub has no presence.
+            BackplaneUnavailable: the shared presence could not be read.
+        """
+        if self._presence is None:
+            raise RuntimeError("this hub has no presence (HubConfig.presence)")
+        return self._presence.members(self.name)
+
+    def presence_count(self) -> int:
+        """Members of this room (all processes; a member with two tabs counts once).
+
+        Raises:
+            RuntimeError: the hub has no presence.
+            BackplaneUnavailable: the shared presence could not be read.
+        """
+        if self._presence is None:
+            raise RuntimeError("this hub has no presence (HubConfig.presence)")
+        return self._presence.count(self.name)
 
     # -- broadcasting ----------------------------------------------------------
 
@@ -499,6 +611,13 @@ class Hub:
             self._stats["discarded"] += len(self._channel)
             self._channel.clear()
             members = list(self._members)
+            for unwatch in self._unwatch:
+                unwatch()
+            if self._presence is not None:
+                for m in self._members.values():
+                    if m.presence is not None:
+                        self._presence.leave(m.presence)
+                        m.presence = None
             self._members.clear()
             self._snapshot = None
             self._closing = members

@@ -72,6 +72,24 @@ def main(url: str, screenshot: str) -> dict[str, Any]:
             first.wait_for_selector(".msg.theirs:has-text('hi Alice')")
             out["first_sees"] = first.inner_text(".msg.theirs")
 
+            # Presence: each page lists both members, under the names they chat with;
+            # a third page joins the list and leaves it when it is closed.
+            chips = "document.querySelectorAll('#chat-presence .who-here').length === "
+            for page in (first, second):
+                page.wait_for_function(chips + "2")
+            first.wait_for_selector("#chat-presence .who-here:has-text('Bob')")
+            second.wait_for_selector("#chat-presence .who-here.me:has-text('Bob')")
+            second.wait_for_selector("#chat-presence .who-here:has-text('Alice')")
+            out["presence_first"] = first.inner_text("#chat-presence")
+            out["presence_count"] = first.inner_text("#chat-present-count")
+            third = context.new_page()
+            third.goto(url + "/")
+            first.wait_for_function(chips + "3")
+            out["presence_third"] = third.inner_text("#chat-presence")
+            third.close()
+            first.wait_for_function(chips + "2")
+            out["presence_after_leave"] = first.inner_text("#chat-presence")
+
             # Publishing from the page goes through POST /publish to every feed.
             first.fill("#publish-text", "published from the page")
             first.click("#publish-form button")

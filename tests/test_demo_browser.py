@@ -72,6 +72,12 @@ def test_demo_in_chromium(tmp_path: Path) -> None:
     assert "Alice" in seen["second_sees"] and "hello from page one" in seen["second_sees"]
     assert "Bob" in seen["first_sees"]
     assert seen["published_seen"] is True
+    # The chat room's presence list: names, a third page in and out.
+    assert "Alice" in seen["presence_first"] and "Bob" in seen["presence_first"]
+    assert seen["presence_count"] == "2"
+    # The third page takes the saved name (localStorage): a second "Bob", another member.
+    assert "Alice" in seen["presence_third"] and seen["presence_third"].count("Bob") == 2
+    assert seen["presence_after_leave"].count("Bob") == 1
     assert seen["stats"]["ws"] == "2" and int(seen["stats"]["connections"]) >= 4
     assert seen["statuses"] == ["live", "live", "live"]
     assert seen["console_errors_before_restart"] == [] and seen["page_errors"] == []

@@ -116,6 +116,10 @@ def make_app() -> Any:
         kwargs: dict[str, Any] = {"backplane": backplane}
         if "hub_backplane" in params:
             kwargs["hub_backplane"] = backplane.hub_backplane()
+        if "presence" in params:  # who is in the chat room, in every process
+            from gstream.backplane.redis_presence import RedisPresence
+
+            kwargs["presence"] = RedisPresence(REDIS_URL)
         if "ticker" in params:
             # Every process would tick: one ticker per cluster is enough, so
             # it is opt-in here (GSTREAM_TICKER=1 on one process).

@@ -114,7 +114,8 @@ class DemoApp:
     """
 
     def __init__(self, *, ticker: bool = True, backplane: Any = None,
-                 hub_backplane: Any = None, tick_interval: float = 1.0) -> None:
+                 hub_backplane: Any = None, tick_interval: float = 1.0,
+                 presence: Any = None) -> None:
         self.ticker = ticker
         self.tick_interval = max(0.05, tick_interval)
         self.feed = SSEBroker(topic="feed", backplane=backplane, retry=2000,
@@ -123,7 +124,7 @@ class DemoApp:
         # Statistics are per process: never shared through a backplane.
         self.stats_feed = SSEBroker(topic="demo.stats", retry=2000, history_size=0,
                                     heartbeat_interval=15.0)
-        self.chat = ChatRoom(backplane=hub_backplane)
+        self.chat = ChatRoom(backplane=hub_backplane, presence=presence)
         self.echo = websocket_app(self._echo_session, WSConfig(read_limit=ECHO_MAX))
         self.server: Any = None
         self.echo_sessions = 0
@@ -235,6 +236,10 @@ class DemoApp:
         else:  # no server handle: count the long-lived ones we know of
             connections = sse + self.stats_feed.subscriber_count + members + self.echo_sessions
         rates = self._rates.rates
+        try:
+            present: int | None = self.chat.hub.presence_count()
+        except BackplaneUnavailable:
+            present = None
         return {
             "sse_subscribers": sse,
             "ws_members": members,
@@ -249,6 +254,7 @@ class DemoApp:
             "chat_per_second": rates.get("chat", 0.0),
             "stats_subscribers": self.stats_feed.subscriber_count,
             "echo_sessions": self.echo_sessions,
+            "chat_present": present,
             "feed": {k: feed[k] for k in ("published", "delivered", "dropped", "replayed",
                                           "resets", "rejected", "last_id")},
             "chat": chat,
@@ -354,7 +360,7 @@ class DemoApp:
 
 
 def make_app(*, ticker: bool = True, backplane: Any = None,
-             hub_backplane: Any = None) -> DemoApp:
+             hub_backplane: Any = None, presence: Any = None) -> DemoApp:
     """Return the demo WSGI application.
 
     Args:
@@ -362,5 +368,8 @@ def make_app(*, ticker: bool = True, backplane: Any = None,
         backplane: the feed broker's :class:`gstream.backplane.Backplane`, to share the
             feed between processes (e.g. Redis).
         hub_backplane: the chat room Hub's backplane (``HubBackplane``), to share the chat.
+        presence: the chat room's :class:`gstream.presence.Presence` (in-memory by
+            default; a ``RedisPresence`` lists the members of every process).
     """
-    return DemoApp(ticker=ticker, backplane=backplane, hub_backplane=hub_backplane)
+    return DemoApp(ticker=ticker, backplane=backplane, hub_backplane=hub_backplane,
+                   presence=presence)

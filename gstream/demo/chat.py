@@ -5,18 +5,27 @@ a member sends text, or JSON ``{"text": ..., "ref": ..., "name": ...}``, and
 every member (the sender included) receives
 ``{"type": "chat", "from": <member id>, "text": ..., "ts": <server time>,
 "ref": <the sender's ref, if any>, "name": <display name, if any>}``.
+
+Presence (opt-in, ``/chat?presence=1``): the member gets the room's presence
+messages (docs/presence.md): a ``sync`` with the member list, then ``join``,
+``leave`` and ``update`` (a member's name changed). ``?client=<id>`` (1-32
+letters, digits, ``-`` or ``_``) is the member id, so a reconnecting tab stays
+the same member; ``?name=<name>`` the name it is listed with.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import secrets
 import time
 from collections.abc import Iterable
 from typing import Any
 
 from ..errors import HandshakeError
+from ..presence import MemoryPresence, Presence
+from ..sse import query_param
 from ..websocket import WebSocket, WSConfig, reject_response, upgrade
 
 __all__ = ["ChatRoom", "MAX_MESSAGE"]
@@ -31,6 +40,7 @@ MAX_REF = 64
 # into an amplifier (each message is copied to every member).
 RATE_PER_SECOND = 20.0
 RATE_BURST = 40.0
+_CLIENT_ID = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 
 
 def _clean(value: Any, limit: int) -> str | None:
@@ -91,15 +101,20 @@ class ChatRoom:
 
     Args:
         backplane: passed to the Hub, so rooms in several processes share messages.
-        name: the Hub's name (also its backplane channel).
+        name: the Hub's name (also its backplane channel and presence topic).
+        presence: who is in the room (a :class:`~gstream.presence.MemoryPresence`
+            by default; a Redis one to list the members of every process).
     """
 
-    def __init__(self, *, backplane: Any = None, name: str = "demo.chat") -> None:
+    def __init__(self, *, backplane: Any = None, name: str = "demo.chat",
+                 presence: Presence | None = None) -> None:
         # Imported here so that a broken or missing hub only disables the chat
         # room's construction, not `import gstream.demo`.
-        from ..hub import Hub
+        from ..hub import Hub, HubConfig
 
-        self.hub = Hub(name=name, backplane=backplane)
+        self.presence: Presence = presence if presence is not None else MemoryPresence()
+        self.hub = Hub(HubConfig(presence=self.presence, presence_events=True), name=name,
+                       backplane=backplane)
         self.config = WSConfig(read_limit=MAX_MESSAGE)
         self.refused = 0
         """Members refused by the hub (full or stopping)."""
@@ -139,8 +154,12 @@ class ChatRoom:
 
     def session(self, ws: WebSocket) -> None:
         """Run one member's session on an open connection."""
-        member = secrets.token_hex(4)
-        if not self.hub.register(ws):
+        client = query_param(ws.environ, "client") or ""
+        member = client if _CLIENT_ID.match(client) else secrets.token_hex(4)
+        name = _clean(query_param(ws.environ, "name"), MAX_NAME)
+        listens = query_param(ws.environ, "presence") == "1"
+        if not self.hub.register(ws, key=member, meta={"name": name},
+                                 presence_events=listens):
             self.refused += 1
             ws.close(1013, "chat room unavailable, try again later")
             return
@@ -153,4 +172,9 @@ class ChatRoom:
                 self.rate_limited += 1
                 ws.close(1008, "too many messages")
                 return
-            self.hub.broadcast(chat_payload(member, message))
+            payload = chat_payload(member, message)
+            said = json.loads(payload).get("name")
+            if said and said != name:  # renamed: the presence list follows
+                name = said
+                self.hub.register(ws, key=member, meta={"name": name}, presence_events=listens)
+            self.hub.broadcast(payload)

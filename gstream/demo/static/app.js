@@ -145,6 +145,55 @@ $("publish-tab").addEventListener("click", () => {
 // ------------------------------------------------------------ chat (WebSocket)
 const chat = { ws: null, delay: 500, refs: new Set(), me: "", nextRef: 1 };
 
+// Presence: who is in the room. The server sends a "sync" (the list at
+// version v) and then join/leave/update events; events that arrive before
+// the sync are kept and applied if newer than it (docs/presence.md).
+function clientId() {
+  let id = "";
+  try { id = sessionStorage.getItem("gstream-demo-client") || ""; } catch (err) { /* private mode */ }
+  if (!/^[A-Za-z0-9_-]{1,32}$/.test(id)) {
+    id = "c" + Math.random().toString(36).slice(2, 12);
+    try { sessionStorage.setItem("gstream-demo-client", id); } catch (err) { /* ignore */ }
+  }
+  return id;
+}
+chat.me = clientId();
+const presence = { members: new Map(), v: -1, early: [] };
+
+function presenceApply(msg) {
+  if (msg.v <= presence.v) return;  // already in the list
+  if (msg.event === "leave") presence.members.delete(msg.member);
+  else presence.members.set(msg.member, msg.meta || {});
+  presence.v = msg.v;
+}
+
+function presenceShow() {
+  const box = $("chat-presence");
+  const items = [...presence.members.entries()].sort((a, b) => a[0].localeCompare(b[0]));
+  box.replaceChildren(...items.map(([member, meta]) => {
+    const s = span("who-here" + (member === chat.me ? " me" : ""),
+      (meta && meta.name) || "guest-" + member.slice(-4));
+    s.dataset.member = member;
+    return s;
+  }));
+  $("chat-present-count").textContent = presence.members.size;
+}
+
+function onPresence(msg) {
+  if (msg.event === "sync") {
+    presence.members = new Map(msg.members.map((m) => [m.member, m.meta || {}]));
+    presence.v = msg.v;
+    presence.early.forEach(presenceApply);
+    presence.early = [];
+  } else if (presence.v < 0) {
+    if (presence.early.length < 1000) presence.early.push(msg);
+    return;
+  } else {
+    presenceApply(msg);
+  }
+  presenceShow();
+}
+
 function chatLine(cls, parts) {
   const log = $("chat-log");
   const atBottom = log.scrollHeight - log.scrollTop - log.clientHeight < 40;
@@ -165,7 +214,11 @@ function span(cls, text) {
 
 function openChat() {
   const scheme = location.protocol === "https:" ? "wss://" : "ws://";
-  const ws = new WebSocket(scheme + location.host + "/chat");
+  const name = $("chat-name").value.trim();
+  const ws = new WebSocket(scheme + location.host + "/chat?presence=1&client=" +
+    encodeURIComponent(chat.me) + (name ? "&name=" + encodeURIComponent(name) : ""));
+  presence.v = -1;  // a new connection gets a new sync
+  presence.early = [];
   chat.ws = ws;
   ws.onopen = () => {
     chat.delay = 500;
@@ -175,9 +228,9 @@ function openChat() {
   ws.onmessage = (e) => {
     let msg;
     try { msg = JSON.parse(e.data); } catch (err) { return; }
+    if (msg.type === "presence") { onPresence(msg); return; }
     if (msg.type !== "chat") return;
     const mine = msg.ref !== undefined && chat.refs.delete(String(msg.ref));
-    if (mine) chat.me = msg.from;
     const who = msg.name || "guest-" + msg.from;
     chatLine(mine || msg.from === chat.me ? "mine" : "theirs",
       [span("who", who), span("text", msg.text), span("time", fmtTime(msg.ts))]);
