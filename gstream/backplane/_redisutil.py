@@ -29,7 +29,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 __all__ = ["redis", "TRANSIENT", "Backoff", "StateLog", "make_client", "redact", "parse_id",
            "DEFAULT_URL", "Outbox", "Pending", "entry_fields", "stream_key", "hub_channel",
            "hub_envelope", "require_cooperative_sockets", "is_cluster_url", "disconnect_client",
-           "sentinel_url"]
+           "sentinel_url", "close_pubsub"]
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 
@@ -267,6 +267,19 @@ def disconnect_client(client: Any) -> None:
     for node in client.get_nodes():  # RedisCluster: one pool per node
         if node.redis_connection is not None:
             node.redis_connection.connection_pool.disconnect()
+
+
+def close_pubsub(pubsub: Any) -> None:
+    """Close a pub/sub connection that failed or is done with; None is fine.
+
+    Errors are ignored: the connection is being dropped because it broke.
+    """
+    if pubsub is None:
+        return
+    try:
+        pubsub.close()
+    except Exception:
+        pass
 
 
 def hub_channel(prefix: str, channel: str) -> str:

@@ -25,6 +25,7 @@ from ._redisutil import (
     Outbox,
     Pending,
     StateLog,
+    close_pubsub,
     disconnect_client,
     hub_channel,
     hub_envelope,
@@ -229,12 +230,8 @@ class HubLink:
                     if self._closed or gen != self._gen:
                         return
                     state.failed(exc)
-                    if pubsub is not None:
-                        try:
-                            pubsub.close()
-                        except Exception:
-                            pass
-                        pubsub = None
+                    close_pubsub(pubsub)
+                    pubsub = None
                     gevent.sleep(backoff.next())
                     continue
                 state.ok()
@@ -243,11 +240,7 @@ class HubLink:
                         and gen == self._gen):  # a stale pre-fork reader must not deliver
                     self._receive(message["channel"], message["data"])
         finally:
-            if pubsub is not None:
-                try:
-                    pubsub.close()
-                except Exception:
-                    pass
+            close_pubsub(pubsub)
             disconnect_client(client)
 
     def _receive(self, raw_channel: Any, data: Any) -> None:

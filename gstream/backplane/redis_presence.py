@@ -36,6 +36,7 @@ from ._redisutil import (
     TRANSIENT,
     Backoff,
     StateLog,
+    close_pubsub,
     disconnect_client,
     make_client,
     redact,
@@ -452,12 +453,8 @@ class RedisPresence:
                     if self._closed:
                         return
                     state.failed(exc)
-                    if pubsub is not None:
-                        try:
-                            pubsub.close()
-                        except Exception:
-                            pass
-                        pubsub = None
+                    close_pubsub(pubsub)
+                    pubsub = None
                     gevent.sleep(backoff.next())
                     continue
                 state.ok()
@@ -472,11 +469,7 @@ class RedisPresence:
                         self._events.resync()
                     self._subscribed.set()
         finally:
-            if pubsub is not None:
-                try:
-                    pubsub.close()
-                except Exception:
-                    pass
+            close_pubsub(pubsub)
             disconnect_client(client)
 
     def _receive(self, data: Any) -> None:
