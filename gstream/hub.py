@@ -127,7 +127,7 @@ class HubStats(HubCounters):
 
 
 class _Member:
-    __slots__ = ("ws", "key", "drops", "shares", "pending", "presence", "deaf")
+    __slots__ = ("ws", "key", "drops", "shares", "batched", "presence", "deaf")
 
     def __init__(self, ws: WebSocket, key: Any) -> None:
         self.ws = ws
@@ -136,7 +136,7 @@ class _Member:
         self.deaf = False  # gets no presence messages
         self.drops = 0
         self.shares = ws.shares_frames  # fixed at the handshake
-        self.pending = False  # frames queued in this batch, flush due
+        self.batched = 0  # frames queued in this batch (flush due when > 0)
 
 
 def _arity(fn: Callable[..., Any]) -> int:
@@ -280,7 +280,7 @@ class Hub:
     def _flush(self, dirty: list[_Member]) -> None:
         """One send per member that got frames in this batch."""
         for i, m in enumerate(dirty):
-            m.pending = False
+            m.batched = 0
             m.ws.flush()
             if i % _FLUSH_YIELD == _FLUSH_YIELD - 1:
                 gevent.sleep(0)  # a huge room must not hog the loop
@@ -308,11 +308,15 @@ class Hub:
                     continue
             try:
                 if m.shares:
-                    if ws.push_shared(frame) or self._push_after_flush(m, frame) or self._slow(m, pm):
+                    # This batch's own frames do not count against send_buffer
+                    # (they leave in one send at the batch's end): a member
+                    # holds at most send_buffer + _BATCH_MESSAGES frames.
+                    if (ws.push_shared(frame, m.batched) or self._push_after_flush(m, frame)
+                            or self._slow(m, pm)):
                         delivered += 1
-                        if not m.pending:
-                            m.pending = True
+                        if not m.batched:
                             dirty.append(m)
+                        m.batched += 1
                 elif ws.try_send_prepared(pm):  # deflate: encodes and flushes on its own
                     delivered += 1
                 else:
@@ -334,7 +338,7 @@ class Hub:
         Only a kernel buffer that stays full makes a member slow; a batch
         longer than ``send_buffer`` must not.
         """
-        if not m.pending:
+        if not m.batched:
             return False
         m.ws.flush()
         return m.ws.push_shared(frame)

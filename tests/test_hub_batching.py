@@ -74,6 +74,25 @@ def test_burst_longer_than_send_buffer_drops_nothing_for_fast_readers(serve: Any
     room.stop()
 
 
+def test_a_batch_longer_than_send_buffer_leaves_in_one_send(serve: Any) -> None:
+    # A batch's own frames do not count against send_buffer (32 by default)
+    # while the member reads: 64 messages cost it one send, not two (issue 21).
+    room = Room(serve)
+    clients = room.join(3)
+    counters = _count_sends(room)
+    msgs = [f"b{i}" for i in range(64)]
+    for m in msgs:  # all in the channel before the hub runs: one batch of 64
+        assert room.hub.broadcast(m)
+    for c in clients:
+        assert recv_n(c, 64) == msgs
+    assert max(c.sends for c in counters) == 1, [c.sends for c in counters]
+    st = room.hub.stats()
+    assert (st["deliveries"], st["member_drops"]) == (192, 0)
+    for c in clients:
+        c.close()
+    room.stop()
+
+
 def test_a_trickle_is_not_held_back(serve: Any) -> None:
     # A lone message must leave at once, not wait for a batch to fill.
     room = Room(serve)

@@ -257,16 +257,22 @@ class OutboundQueue:
             frame = encode_frame(TEXT if is_text else BINARY, payload)
         self._queue_frame(frame)
 
-    def push_shared(self, frame: bytes) -> bool:
+    def push_shared(self, frame: bytes, allowance: int = 0) -> bool:
         """Hub fast path: queue a shared frame *without* scheduling a flush.
 
         Only for connections that share frames (no extension). The caller
         must call :meth:`flush` afterwards (a hub does it once per
         batch, so many queued frames leave in one ``send``). Returns False
         when the send buffer is full; raises :class:`Closed` once closing.
+        ``allowance`` queued frames are not counted while no writer waits
+        for the peer (a hub passes those of its current batch, which leave
+        with its flush): a peer that reads gets one ``send`` per batch, and
+        a peer that stopped reading is held to ``send_buffer``.
         """
         self._check_open()
-        if self._out_msgs >= self.config.send_buffer:
+        if self._writer is not None:
+            allowance = 0
+        if self._out_msgs - allowance >= self.config.send_buffer:
             return False
         self._out.append(frame)
         self._out_bytes += len(frame)
