@@ -220,6 +220,46 @@ def test_sse_subscribers_that_leave_are_gone_from_presence_on_the_other_process(
             s.close()
 
 
+def test_multi_topic_streams_join_each_topic_and_leave_at_rst_on_the_other_process(
+        pair: tuple[Node, Node]) -> None:
+    a, b = pair
+    events: list[Any] = []
+    watcher = SSEClient(f"{b.url}/events?user=watcher&topic=chat/1", reconnect=False)
+
+    def read() -> None:
+        for ev in watcher:
+            if ev.event.startswith("chat/1#gstream."):
+                events.append((ev.event, json.loads(ev.data)))
+
+    reader = gevent.spawn(read)
+    streams: list[SSEStream] = []
+    try:
+        assert wait_until(lambda: b.count("chat/1") == 1, 10)
+        streams = [SSEStream(a.port, f"/events?user=s{i}&topic=chat/1&topic=chat/2&topic=feed")
+                   for i in range(5)]
+        assert all(s.status == 200 for s in streams)
+        assert wait_until(lambda: (b.count("chat/1"), b.count("chat/2"), b.count("feed"))
+                          == (6, 5, 5), 10)
+        assert wait_until(lambda: len([e for e in events
+                                       if e[0] == "chat/1#gstream.join"]) == 6, 10)
+        for s in streams:
+            s.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RST)
+            s.close()
+        # 30 s heartbeat: the detached streams' read watchers notice the RST at once.
+        assert wait_until(lambda: (b.count("chat/1"), b.count("chat/2"), b.count("feed"))
+                          == (1, 0, 0), 10)
+        assert wait_until(lambda: len([e for e in events
+                                       if e[0] == "chat/1#gstream.leave"]) == 5, 10)
+        left = sorted(e[1]["member"] for e in events if e[0] == "chat/1#gstream.leave")
+        assert left == sorted(f"s{i}" for i in range(5))
+        assert all(e[1]["topic"] == "chat/1" for e in events)
+    finally:
+        watcher.close()
+        reader.kill()
+        for s in streams:
+            s.close()
+
+
 def test_kill_9_of_one_process_its_members_leave_within_the_lease_bound(
         redis_server: RedisServer) -> None:
     a = Node(redis_server.url, "kill9")
