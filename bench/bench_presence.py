@@ -12,6 +12,9 @@ A program, not a test. Measured, for the in-memory store
   Redis the time until all N are written (``count`` reaches N, then 0);
 * reap: the time until a survivor has reaped the N members of a process
   whose lease expired (from its expiry).
+* SSE streams served by gstream's Server (2,000): the extra Python heap of
+  a stream with presence, for a default-topic stream and multi-topic ones
+  (2 and 4 topics, and 2 with ``presence_events``: the per-topic watchers).
 
 Usage::
 
