@@ -191,8 +191,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("-n", type=int, default=100_000, help="members")
     ap.add_argument("--no-redis", action="store_true")
+    ap.add_argument("--sse-only", action="store_true", help="only the SSE stream figures")
     args = ap.parse_args()
     n = args.n
+    if args.sse_only:
+        for label, extra in sse_overheads(min(n, 2000)):
+            print(f"| SSE stream with presence, extra heap, {label} (B) | {extra:.0f} |")
+        return
     print(f"presence benchmark, N = {n:,} members (one connection each, 20-byte meta)\n")
     print("| in-memory | value |\n|---|---|")
     print(f"| heap per member, one topic (B) | {memory_per_member(n, 1):.0f} |")
