@@ -462,3 +462,43 @@ def test_after_a_redis_restart_listening_members_get_a_fresh_list(gserver: Any) 
         if other is not None:
             other.close()
         srv.stop()
+
+
+def test_a_presence_refused_topic_releases_its_redis_stream(
+        redis_server: RedisServer, gserver: Any) -> None:
+    # Durable backplane: a refused topic's Redis stream is attached while the
+    # request is checked, and must be detached with the refusal (not leak).
+    from gstream.backplane.redis import RedisBackplane
+    from gstream.broker import SSEBroker
+    from gstream.presence import MemoryPresence, PresenceConfig
+
+    backplane = RedisBackplane(redis_server.url, prefix="prt", block=0.5, publish_wait=5.0)
+    p = MemoryPresence(PresenceConfig(max_members=1))
+    broker = SSEBroker(topic="default", backplane=backplane, presence=p,
+                       heartbeat_interval=None, history_size=0,
+                       principal=lambda env: env.get("HTTP_X_USER"))
+    port = gserver(broker.subscribe).address[1]
+    try:
+        first = SSEStream(port, "/?topic=full", {"X-User": "u1"})
+        assert first.status == 200
+        second = SSEStream(port, "/?topic=full&topic=free", {"X-User": "u2"})
+        assert second.status == 200
+        assert json.loads(second.next_event().data) == {"topics": ["full"],
+                                                         "presence_refused": ["full"]}
+        assert set(backplane.stats()["positions"]) >= {"full", "free"}
+        assert p.count("full") == 1 and p.count("free") == 1
+        broker.publish("f1", topic="full")
+        broker.publish("x1", topic="free")
+        assert second.next_event(10).data == "x1"  # not f1: the refused topic is not served
+        assert first.next_event(10).data == "f1"
+        first.close()
+        # u1 was the only stream of "full": its Redis stream is detached (u2's
+        # refused hold was released at once), "free" stays attached for u2.
+        assert wait_until(lambda: "full" not in backplane.stats()["positions"], 10)
+        assert "free" in backplane.stats()["positions"]
+        second.close()
+        assert wait_until(lambda: p.connections == 0, 10)
+        assert wait_until(lambda: "free" not in backplane.stats()["positions"], 10)
+    finally:
+        broker.close()
+        backplane.close()
