@@ -12,6 +12,9 @@ A program, not a test. Measured, for the in-memory store
   Redis the time until all N are written (``count`` reaches N, then 0);
 * reap: the time until a survivor has reaped the N members of a process
   whose lease expired (from its expiry).
+* SSE streams served by gstream's Server (2,000): the extra Python heap of
+  a stream with presence, for a default-topic stream and multi-topic ones
+  (2 and 4 topics, and 2 with ``presence_events``: the per-topic watchers).
 
 Usage::
 
@@ -72,44 +75,65 @@ def memory_costs(n: int, watcher: bool) -> tuple[float, float]:
     return (joined - started) / n * 1e6, (left - joined) / n * 1e6
 
 
-def sse_overhead(n: int) -> float:
-    """Heap per SSE subscriber with presence minus without (server and clients in this
-    process; the difference is the presence's share: store entry, broker entry, id)."""
+def sse_heap(n: int, presence: MemoryPresence | None, topics: int = 0,
+             events: bool = False) -> float:
+    """Python heap per idle SSE stream served by gstream's Server (detached), clients in
+    this process too (their sockets are in the figure: compare runs, not absolutes).
+
+    ``topics=0``: a default-topic stream; ``topics=k``: a multi-topic stream of one
+    shared topic and k-1 private ones (``?topic=shared&topic=p/<i>/<j>``).
+    """
     import socket
+    from urllib.parse import parse_qs
 
     from gstream.broker import SSEBroker
     from gstream.server import Server
 
     def user(environ: dict[str, str]) -> str:
-        return environ.get("QUERY_STRING", "")[5:]
+        return parse_qs(environ.get("QUERY_STRING", ""))["user"][0]
 
-    def run(presence: MemoryPresence | None) -> int:
-        broker = SSEBroker(topic="t", presence=presence, principal=user)
-        srv = Server(broker.subscribe, "127.0.0.1", 0)
-        srv.start()
-        port = srv.address[1]
-        gc.collect()
-        tracemalloc.start()
-        before = tracemalloc.get_traced_memory()[0]
-        socks = []
-        for i in range(n):
-            s = socket.create_connection(("127.0.0.1", port))
-            s.sendall(f"GET /?user=u{i} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-            socks.append(s)
-        while broker.subscriber_count < n:
-            gevent.sleep(0.01)
-        gc.collect()
-        used = tracemalloc.get_traced_memory()[0] - before
-        tracemalloc.stop()
-        for s in socks:
-            s.close()
-        srv.stop(timeout=2)
-        return used
+    broker = SSEBroker(topic="t", presence=presence, principal=user,
+                       presence_events=events and presence is not None)
+    srv = Server(broker.subscribe, "127.0.0.1", 0)
+    srv.start()
+    port = srv.address[1]
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    socks = []
+    for i in range(n):
+        query = f"user=u{i}"
+        if topics:
+            query += "&topic=shared" + "".join(f"&topic=p/{i}/{j}" for j in range(topics - 1))
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(f"GET /?{query} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        socks.append(s)
+    while broker.subscriber_count < n:
+        gevent.sleep(0.01)
+    gevent.sleep(0.2)  # the prelude written, the streams detached, presence events sent
+    gc.collect()
+    used = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    for s in socks:
+        s.close()
+    srv.stop(timeout=2)
+    broker.close()
+    return used / n
 
-    run(None)  # warm up: first-use allocations are nobody's share
-    without = run(None)
-    with_presence = run(MemoryPresence(max_members=n, max_local=n))
-    return (with_presence - without) / n
+
+def sse_overheads(n: int) -> list[tuple[str, float]]:
+    """Heap per SSE stream with presence minus without, per kind of stream."""
+    sse_heap(n, None)  # warm up: first-use allocations are nobody's share
+    out = []
+    for label, topics, events in (("default topic", 0, False),
+                                  ("2 topics (1 shared, 1 private)", 2, False),
+                                  ("2 topics, presence_events", 2, True),
+                                  ("4 topics (1 shared, 3 private)", 4, False)):
+        without = sse_heap(n, None, topics)
+        with_presence = sse_heap(n, MemoryPresence(max_members=n, max_local=4 * n), topics,
+                                 events)
+        out.append((label, with_presence - without))
+    return out
 
 
 def redis_figures(n: int) -> dict[str, float]:
@@ -167,8 +191,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("-n", type=int, default=100_000, help="members")
     ap.add_argument("--no-redis", action="store_true")
+    ap.add_argument("--sse-only", action="store_true", help="only the SSE stream figures")
     args = ap.parse_args()
     n = args.n
+    if args.sse_only:
+        for label, extra in sse_overheads(min(n, 2000)):
+            print(f"| SSE stream with presence, extra heap, {label} (B) | {extra:.0f} |")
+        return
     print(f"presence benchmark, N = {n:,} members (one connection each, 20-byte meta)\n")
     print("| in-memory | value |\n|---|---|")
     print(f"| heap per member, one topic (B) | {memory_per_member(n, 1):.0f} |")
@@ -179,8 +208,9 @@ def main() -> None:
         print(f"| join, {what} (us) | {j:.2f} |")
         print(f"| leave, {what} (us) | {lv:.2f} |")
     sse_n = min(n, 2000)
-    print(f"| SSE subscriber with presence, extra heap (B, {sse_n:,} streams) | "
-          f"{sse_overhead(sse_n):.0f} |")
+    for label, extra in sse_overheads(sse_n):
+        print(f"| SSE stream with presence, extra heap, {label} (B, {sse_n:,} streams) | "
+              f"{extra:.0f} |")
     if not args.no_redis:
         print("\n| Redis | value |\n|---|---|")
         for k, v in redis_figures(n).items():

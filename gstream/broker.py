@@ -351,6 +351,15 @@ def _type_name(topic: str, body: bytes) -> str:
     return kind[len(topic) + 1:] if kind.startswith(topic + "#") else "message"
 
 
+def _presence_name(event: PresenceEvent) -> str:
+    return (JOIN_EVENT if event.kind is PresenceChange.JOIN else
+            LEAVE_EVENT if event.kind is PresenceChange.LEAVE else UPDATE_EVENT)
+
+
+def _presence_data(event: PresenceEvent) -> str:
+    return json.dumps(event.as_dict(), separators=(",", ":"), ensure_ascii=False)
+
+
 def _durable_wait(backplane: Any) -> float:
     """Longest a subscribe waits for a topic being attached elsewhere (the catch-up bound)."""
     return float(getattr(backplane, "catch_up_timeout", 2.0) or 2.0)
@@ -472,9 +481,14 @@ class SSEBroker:
                                      max_idle=0 if self._durable is not None else 100_000,
                                      max_patterns=cfg.max_patterns)
         self._backplane.attach(cfg.topic, self._deliver_local)
-        # Presence hook (issue 22): subscriber -> its presence connection id.
-        self._presence_conns: dict[_Subscriber, str] = {}
+        # Presence hook (issue 22): subscriber -> its presence connection id, or
+        # the tuple of them for a multi-topic stream (one per concrete topic).
+        self._presence_conns: dict[_Subscriber, str | tuple[str, ...]] = {}
         self._presence_unwatch: Callable[[], None] | None = None
+        # With presence_events: topic (other than config.topic) -> its unwatch,
+        # while a multi-topic stream of this process names it.
+        self._presence_watches: dict[str, Callable[[], None]] = {}
+        self._topic_watcher = self._on_topic_presence  # one bound method for all topics
         if cfg.presence is not None and cfg.presence_events:
             self._presence_unwatch = cfg.presence.watch(cfg.topic, self._on_presence)
 
@@ -779,11 +793,14 @@ class SSEBroker:
         if view is None or view.sub is not sub:
             return
         del self._views[sub.key]
+        watches = self._presence_watches
         for sel in view.selectors:
             self._topics.leave(sel, sub.key, view)
             sink = self._topic_sinks.get(sel)
             if sink is not None:
                 self._release_sink(sink)
+            if watches and sel in watches:
+                self._presence_unwatch_idle(sel)
 
     def _stream_topics(self, environ: Environ, values: list[str], names: list[str],
                        capacity: int, sid: str, principal: str
@@ -839,6 +856,17 @@ class SSEBroker:
         # names=frozenset(): the default topic's own loop never serves this
         # stream; its frames come through _deliver_topic with its cursor.
         sub = _Subscriber(self, key, sid, principal, frozenset(), False, capacity)
+        refused: list[str] = []
+        if cfg.presence is not None:  # presence hook: one join per concrete topic
+            allowed, refused = self._presence_join_topics(sub, environ, allowed)
+            for sel in refused:  # served like an unauthorized topic: not at all
+                gone = self._topic_sinks.get(sel)
+                if gone is not None:
+                    self._release_sink(gone)
+            if not allowed:
+                self._stats["rejected"] += 1
+                return self._busy(b"presence refused\n")
+            cursor = {sel: pos for sel, pos in cursor.items() if sel in allowed}
         view = _View(sub, allowed, frozenset(names) if names else None)
         self._subs[key] = sub
         self._views[key] = view
@@ -860,8 +888,11 @@ class SSEBroker:
         prelude = [OPEN_COMMENT]
         if cfg.retry > 0:
             prelude.append(encode_retry(cfg.retry))
-        if denied:
-            data = json.dumps({"topics": denied}, separators=(",", ":"))
+        if denied or refused:
+            report: dict[str, list[str]] = {"topics": denied + refused}
+            if refused:
+                report["presence_refused"] = refused
+            data = json.dumps(report, separators=(",", ":"))
             prelude.append(encode(Event(data=data, name=DENIED_EVENT)))
         replay = self._replay_topics(view, cursor, bounds)  # may yield (durable)
         if replay is None:
@@ -1257,48 +1288,125 @@ class SSEBroker:
 
     # -- presence hook (issue 22, docs/presence.md) -----------------------
 
+    def _presence_meta(self, environ: Environ) -> Any:
+        hook = self.config.presence_meta
+        if hook is None:
+            return None
+        try:
+            return hook(environ)
+        except Exception:
+            log.exception("presence_meta hook failed; listing the subscriber without meta")
+            return None
+
     def _presence_join(self, sub: _Subscriber, environ: Environ) -> bool:
         cfg = self.config
         assert cfg.presence is not None
-        meta = None
-        if cfg.presence_meta is not None:
-            try:
-                meta = cfg.presence_meta(environ)
-            except Exception:
-                log.exception("presence_meta hook failed; listing the subscriber without meta")
         try:
             self._presence_conns[sub] = cfg.presence.join(
-                cfg.topic, sub.principal or f"anon:{sub.key}", meta)
+                cfg.topic, sub.principal or f"anon:{sub.key}", self._presence_meta(environ))
         except PresenceRefused as exc:
             self._stats["rejected"] += 1
             log.info("topic %r: subscriber %r refused: %s", cfg.topic, sub.key, exc)
             return False
         return True
 
+    def _presence_join_topics(self, sub: _Subscriber, environ: Environ,
+                              selectors: list[str]) -> tuple[list[str], list[str]]:
+        """Join presence for each concrete topic of a multi-topic stream (patterns
+        are not joined); return the selectors kept and the topics refused."""
+        cfg = self.config
+        presence = cfg.presence
+        assert presence is not None
+        member = sub.principal or f"anon:{sub.key}"
+        meta = self._presence_meta(environ)
+        kept: list[str] = []
+        refused: list[str] = []
+        conns: list[str] = []
+        for sel in selectors:
+            if is_pattern(sel):
+                kept.append(sel)
+                continue
+            # Watch before joining: the stream's own join is then an event too.
+            watched = cfg.presence_events and sel != cfg.topic
+            if watched and sel not in self._presence_watches:
+                self._presence_watches[sel] = presence.watch(sel, self._topic_watcher)
+            try:
+                conns.append(presence.join(sel, member, meta))
+            except PresenceRefused as exc:
+                log.info("topic %r: subscriber %r refused by presence: %s", sel, sub.key, exc)
+                refused.append(sel)
+                if watched:
+                    self._presence_unwatch_idle(sel)
+                continue
+            kept.append(sel)
+        if conns:
+            # Compact: one str for one topic, a tuple (8 bytes a topic) for more.
+            self._presence_conns[sub] = conns[0] if len(conns) == 1 else tuple(conns)
+        return kept, refused
+
+    def _presence_unwatch_idle(self, topic: str) -> None:
+        # The last local stream of ``topic`` is gone: stop watching it.
+        if self._topics.member_count(topic) == 0:
+            unwatch = self._presence_watches.pop(topic, None)
+            if unwatch is not None:
+                unwatch()
+
     def _presence_leave(self, sub: _Subscriber) -> None:
-        conn = self._presence_conns.pop(sub, None)
-        if conn is not None and self.config.presence is not None:
-            self.config.presence.leave(conn)
+        conns = self._presence_conns.pop(sub, None)
+        presence = self.config.presence
+        if conns is None or presence is None:
+            return
+        if isinstance(conns, str):
+            presence.leave(conns)
+        else:
+            for conn in conns:
+                presence.leave(conn)
 
     def _on_presence(self, event: PresenceEvent) -> None:
         # A watcher: queue the event to this process's subscribers, outside
         # the replay history (presence is now, not a past to replay).
         if self._closed:
             return
-        name = (JOIN_EVENT if event.kind is PresenceChange.JOIN else
-                LEAVE_EVENT if event.kind is PresenceChange.LEAVE else UPDATE_EVENT)
-        frame = encode(Event(data=json.dumps(event.as_dict(), separators=(",", ":"),
-                                             ensure_ascii=False), name=name))
+        name = _presence_name(event)
+        frame = encode(Event(data=_presence_data(event), name=name))
         for sub in tuple(self._subs.values()):
             if sub.names is not None and name not in sub.names:
                 continue
-            if len(sub.items) >= sub.capacity:
-                sub.dropped += 1
-                sub.missed += 1
-                self._stats["dropped"] += 1
-                del sub.items[0]
-            sub.items.append(frame)
-            self._wake(sub)
+            self._push(sub, frame)
+        if self._topics_used:
+            self._topic_presence(event, name)  # multi-topic streams naming the default topic
+
+    def _on_topic_presence(self, event: PresenceEvent) -> None:
+        # The watcher of a topic other than the default (multi-topic streams).
+        if not self._closed:
+            self._topic_presence(event, _presence_name(event))
+
+    def _topic_presence(self, event: PresenceEvent, name: str) -> None:
+        """Queue a presence event to the streams naming its topic, typed ``<topic>#<name>``.
+
+        No ``id:`` line: the client's cursor stays where it was (exact resume),
+        and the frame is in no replay window.
+        """
+        rec = self._topics.records.get(event.topic)
+        if rec is None or not rec.members:
+            return
+        frame = encode(Event(data=_presence_data(event), name=event_type(event.topic, name)))
+        for view in tuple(rec.members.values()):
+            if view.names is not None and name not in view.names:
+                continue
+            sub = view.sub
+            if not sub.ended and sub.final is None:
+                self._push(sub, frame)
+
+    def _push(self, sub: _Subscriber, frame: bytes) -> None:
+        # Queue a frame outside the history, drop-oldest.
+        if len(sub.items) >= sub.capacity:
+            sub.dropped += 1
+            sub.missed += 1
+            self._stats["dropped"] += 1
+            del sub.items[0]
+        sub.items.append(frame)
+        self._wake(sub)
 
     # -- closing and introspection -----------------------------------------
 
@@ -1316,6 +1424,9 @@ class SSEBroker:
             self._end(sub, done)
         if self._presence_unwatch is not None:
             self._presence_unwatch()  # presence hook (issue 22)
+        for unwatch in self._presence_watches.values():
+            unwatch()
+        self._presence_watches.clear()
         # Detach only: a backplane may serve other brokers; its creator closes it.
         self._backplane.detach(self.config.topic, self._deliver_local)
         for sink in tuple(self._topic_sinks.values()):

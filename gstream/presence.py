@@ -169,6 +169,26 @@ def check_topic(topic: str) -> None:
         raise PresenceRefused("topic", "not valid UTF-8") from None
 
 
+class _Unwatch:
+    """What :meth:`EventDispatcher.watch` returns: a slotted callable, not a closure
+    (a broker holds one per topic in use; 100,000 private topics make it count)."""
+
+    __slots__ = ("watchers", "topic", "callback")
+
+    def __init__(self, watchers: dict[str | None, list[Watcher]], topic: str | None,
+                 callback: Watcher) -> None:
+        self.watchers = watchers
+        self.topic = topic
+        self.callback = callback
+
+    def __call__(self) -> None:
+        callbacks = self.watchers.get(self.topic)
+        if callbacks is not None and self.callback in callbacks:
+            callbacks.remove(self.callback)
+            if not callbacks:
+                del self.watchers[self.topic]
+
+
 class EventDispatcher:
     """Hands presence events to watchers, in order, from one greenlet.
 
@@ -192,15 +212,7 @@ class EventDispatcher:
     def watch(self, topic: str | None, callback: Watcher) -> Callable[[], None]:
         """Call ``callback`` for events of ``topic`` (None: every topic); return the unwatch."""
         self._watchers.setdefault(topic, []).append(callback)
-
-        def unwatch() -> None:
-            callbacks = self._watchers.get(topic)
-            if callbacks is not None and callback in callbacks:
-                callbacks.remove(callback)
-                if not callbacks:
-                    del self._watchers[topic]
-
-        return unwatch
+        return _Unwatch(self._watchers, topic, callback)
 
     def on_resync(self, callback: Callable[[], None]) -> Callable[[], None]:
         """Call ``callback()`` when events may have been missed; return the unregister."""

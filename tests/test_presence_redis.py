@@ -220,6 +220,46 @@ def test_sse_subscribers_that_leave_are_gone_from_presence_on_the_other_process(
             s.close()
 
 
+def test_multi_topic_streams_join_each_topic_and_leave_at_rst_on_the_other_process(
+        pair: tuple[Node, Node]) -> None:
+    a, b = pair
+    events: list[Any] = []
+    watcher = SSEClient(f"{b.url}/events?user=watcher&topic=chat/1", reconnect=False)
+
+    def read() -> None:
+        for ev in watcher:
+            if ev.event.startswith("chat/1#gstream."):
+                events.append((ev.event, json.loads(ev.data)))
+
+    reader = gevent.spawn(read)
+    streams: list[SSEStream] = []
+    try:
+        assert wait_until(lambda: b.count("chat/1") == 1, 10)
+        streams = [SSEStream(a.port, f"/events?user=s{i}&topic=chat/1&topic=chat/2&topic=feed")
+                   for i in range(5)]
+        assert all(s.status == 200 for s in streams)
+        assert wait_until(lambda: (b.count("chat/1"), b.count("chat/2"), b.count("feed"))
+                          == (6, 5, 5), 10)
+        assert wait_until(lambda: len([e for e in events
+                                       if e[0] == "chat/1#gstream.join"]) == 6, 10)
+        for s in streams:
+            s.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RST)
+            s.close()
+        # 30 s heartbeat: the detached streams' read watchers notice the RST at once.
+        assert wait_until(lambda: (b.count("chat/1"), b.count("chat/2"), b.count("feed"))
+                          == (1, 0, 0), 10)
+        assert wait_until(lambda: len([e for e in events
+                                       if e[0] == "chat/1#gstream.leave"]) == 5, 10)
+        left = sorted(e[1]["member"] for e in events if e[0] == "chat/1#gstream.leave")
+        assert left == sorted(f"s{i}" for i in range(5))
+        assert all(e[1]["topic"] == "chat/1" for e in events)
+    finally:
+        watcher.close()
+        reader.kill()
+        for s in streams:
+            s.close()
+
+
 def test_kill_9_of_one_process_its_members_leave_within_the_lease_bound(
         redis_server: RedisServer) -> None:
     a = Node(redis_server.url, "kill9")
@@ -422,3 +462,43 @@ def test_after_a_redis_restart_listening_members_get_a_fresh_list(gserver: Any) 
         if other is not None:
             other.close()
         srv.stop()
+
+
+def test_a_presence_refused_topic_releases_its_redis_stream(
+        redis_server: RedisServer, gserver: Any) -> None:
+    # Durable backplane: a refused topic's Redis stream is attached while the
+    # request is checked, and must be detached with the refusal (not leak).
+    from gstream.backplane.redis import RedisBackplane
+    from gstream.broker import SSEBroker
+    from gstream.presence import MemoryPresence, PresenceConfig
+
+    backplane = RedisBackplane(redis_server.url, prefix="prt", block=0.5, publish_wait=5.0)
+    p = MemoryPresence(PresenceConfig(max_members=1))
+    broker = SSEBroker(topic="default", backplane=backplane, presence=p,
+                       heartbeat_interval=None, history_size=0,
+                       principal=lambda env: env.get("HTTP_X_USER"))
+    port = gserver(broker.subscribe).address[1]
+    try:
+        first = SSEStream(port, "/?topic=full", {"X-User": "u1"})
+        assert first.status == 200
+        second = SSEStream(port, "/?topic=full&topic=free", {"X-User": "u2"})
+        assert second.status == 200
+        assert json.loads(second.next_event().data) == {"topics": ["full"],
+                                                         "presence_refused": ["full"]}
+        assert set(backplane.stats()["positions"]) >= {"full", "free"}
+        assert p.count("full") == 1 and p.count("free") == 1
+        broker.publish("f1", topic="full")
+        broker.publish("x1", topic="free")
+        assert second.next_event(10).data == "x1"  # not f1: the refused topic is not served
+        assert first.next_event(10).data == "f1"
+        first.close()
+        # u1 was the only stream of "full": its Redis stream is detached (u2's
+        # refused hold was released at once), "free" stays attached for u2.
+        assert wait_until(lambda: "full" not in backplane.stats()["positions"], 10)
+        assert "free" in backplane.stats()["positions"]
+        second.close()
+        assert wait_until(lambda: p.connections == 0, 10)
+        assert wait_until(lambda: "free" not in backplane.stats()["positions"], 10)
+    finally:
+        broker.close()
+        backplane.close()
