@@ -29,7 +29,7 @@ echo ">> built $(basename "$WHEEL")"
 # every gstream module not listed under an extra must import there.
 declare -A MODULES=(
     [core]=""
-    [redis]="gstream.backplane.redis gstream.backplane.redis_hub gstream.backplane.redis_publisher gstream.backplane._redisutil"
+    [redis]="gstream.backplane.redis gstream.backplane.redis_hub gstream.backplane.redis_publisher gstream.backplane.redis_presence gstream.backplane._redisutil"
     [locust]="gstream.locust gstream.contrib.locust gstream.contrib.locust._base gstream.contrib.locust._sse gstream.contrib.locust._ws"
     [flask]="gstream.contrib.flask"
     [django]="gstream.contrib.django"
