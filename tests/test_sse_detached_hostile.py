@@ -10,6 +10,7 @@ callback raised (an error there is only printed by gevent).
 
 from __future__ import annotations
 
+import gc
 import socket
 import struct
 import time
@@ -20,7 +21,7 @@ import gevent
 import pytest
 
 from gstream.broker import SSEBroker
-from gstream.detached import MAX_DISCARD, detached_streams
+from gstream.detached import MAX_DISCARD, DetachedStream, detached_streams
 from gstream.events import Event
 from gstream.lifecycle import lifecycle
 from gstream.sseparse import EventStreamParser
@@ -108,6 +109,16 @@ def test_reset_in_the_middle_of_a_partial_send(gserver: Any, hub_errors: list[An
     c = _client(srv.port, "/")
     assert wait_until(lambda: detached_streams() == 1, 5)
     _stall(broker)
+    for i in range(100):  # the client still does not read
+        broker.publish(Event(data=BIG, id=f"more{i}"))
+        gevent.sleep(0.001)
+    # What the server holds for it stays bounded: its queue, and one pending
+    # remainder of at most one coalesced chunk (the queue, a missed notice).
+    (info,) = broker.subscribers()
+    assert info["depth"] <= 4 and info["dropped"] >= 100
+    (stream,) = [o for o in gc.get_objects() if type(o) is DetachedStream and not o.closed]
+    assert 0 < len(stream.pending) <= 5 * (len(BIG) + 256), len(stream.pending)
+    del stream
     _reset(c.sock)
     assert wait_until(lambda: _all_given_back(srv, broker), 5), (
         detached_streams(), srv.connections, broker.subscriber_count)
