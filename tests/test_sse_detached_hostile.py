@@ -69,7 +69,7 @@ def _stall(broker: SSEBroker) -> int:
     def stalled() -> bool:
         return all(s["dropped"] > 0 for s in broker.subscribers())
 
-    while not stalled() and sent < 2000:
+    while not stalled() and sent < 4000:  # ~64 MB: past any socket buffer
         broker.publish(Event(data=BIG, id=str(sent)))
         sent += 1
         # A timed yield runs the broker's batched wake-up (a 0 s timer) before
@@ -244,7 +244,7 @@ def test_stop_with_a_pending_remainder_ends_by_the_deadline(
     broker = SSEBroker(heartbeat_interval=None, default_buffer=4)
     srv = gserver(broker.subscribe)
     stuck = _client(srv.port, "/")
-    fine = SSEStream(srv.port, "/")
+    fine = _client(srv.port, "/", rcvbuf=65536)
     assert wait_until(lambda: detached_streams() == 2, 5)
     _stall(broker)
     began = time.monotonic()
