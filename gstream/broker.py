@@ -1123,6 +1123,11 @@ class SSEBroker:
         principal = self._principal(environ)
         topics = [v for k, v in query if k == "topic"]
         if topics:
+            # '+' is a topic character and a name never holds a space: an
+            # unescaped '+' in ?topic= is the name's own (docs/topics.md).
+            topics = [v for k, v in parse_qsl(environ["QUERY_STRING"].replace("+", "%2B"),
+                                              keep_blank_values=True) if k == "topic"]
+        if topics:
             return self._stream_topics(environ, topics, names, capacity, sid, principal)
         if cfg.authorize is not None and not self._allowed(environ, cfg.topic):
             return "403 Forbidden", list(_TEXT), [b"topic not allowed\n"]
