@@ -833,7 +833,12 @@ class SSEBroker:
             try:
                 for sel in allowed:
                     if sel != cfg.topic:
-                        held.append(self._hold_sink(sel))  # may yield
+                        sink = self._hold_sink(sel)  # may yield
+                        held.append(sink)
+                        if sink.ready.is_set() and durable.position(sel) is None:
+                            # Redis did not answer (within its socket_timeout):
+                            # the others would each wait as long; 503 now.
+                            raise BackplaneUnavailable(f"cannot attach topic {sel!r}")
                 for sink in held:
                     sink.ready.wait(_durable_wait(durable))
                 for sel, pos in cursor.items():
