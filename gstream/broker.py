@@ -842,7 +842,8 @@ class SSEBroker:
                 for sink in held:
                     sink.ready.wait(_durable_wait(durable))
                 for sel, pos in cursor.items():
-                    durable.catch_up(sel, pos)  # may yield
+                    if durable.catch_up(sel, pos) is False:  # may yield
+                        raise BackplaneUnavailable(f"cannot read topic {sel!r}")
             except BackplaneUnavailable:
                 for sink in held:
                     self._release_sink(sink)
