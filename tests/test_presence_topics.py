@@ -253,3 +253,32 @@ def test_presence_max_members_of_a_topic_at_past_and_back_under_defaults(gserver
     assert wait_until(lambda: p.count("room/2") == 0 and broker.subscriber_count == 0, 5)
     assert p.count("room/1") == limit - 1
     broker.close()
+
+
+@pytest.mark.parametrize("topics", ["&topic=room/1&topic=room/2", ""])
+def test_a_stream_replacing_its_own_at_max_connections_is_served(gserver: Any, topics: str) -> None:
+    # A member with the default 32 connections (the cap) reconnects one of
+    # them with its subscriber_id (the newer stream replaces the older). The
+    # replaced one leaves presence for it: the new stream is served and listed
+    # (it used to be refused, 503, after its predecessor had been evicted:
+    # no stream at all until the retry); a 33rd distinct stream is refused.
+    p = MemoryPresence()
+    cap = p.config.max_connections
+    assert cap == 32
+    broker = _broker(presence=p)
+    port = gserver(broker.subscribe).address[1]
+    topic = "room/1" if topics else "news"
+    streams = [SSEStream(port, f"/?user=alice&subscriber_id=s{i}{topics}") for i in range(cap)]
+    assert all(s.status == 200 for s in streams)
+    assert wait_until(lambda: p.members(topic).members["alice"].connections == cap)
+    again = SSEStream(port, f"/?user=alice&subscriber_id=s0{topics}")
+    assert again.status == 200
+    assert streams[0].read_until_end()[-1].event == "gstream.evicted"
+    assert wait_until(lambda: p.members(topic).members["alice"].connections == cap)
+    extra = SSEStream(port, f"/?user=alice&subscriber_id=x{topics}")
+    assert extra.status == 503  # every concrete topic refused
+    extra.close()
+    for s in streams + [again]:
+        s.close()
+    assert wait_until(lambda: p.connections == 0, 5)
+    broker.close()
