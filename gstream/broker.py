@@ -484,6 +484,9 @@ class SSEBroker:
         # Presence hook (issue 22): subscriber -> its presence connection id, or
         # the tuple of them for a multi-topic stream (one per concrete topic).
         self._presence_conns: dict[_Subscriber, str | tuple[str, ...]] = {}
+        # The stream the last _admit replaced (same id and principal): at a
+        # presence connection cap its places go to its successor.
+        self._replaced: _Subscriber | None = None
         self._presence_unwatch: Callable[[], None] | None = None
         # With presence_events: topic (other than config.topic) -> its unwatch,
         # while a multi-topic stream of this process names it.
@@ -833,11 +836,17 @@ class SSEBroker:
             try:
                 for sel in allowed:
                     if sel != cfg.topic:
-                        held.append(self._hold_sink(sel))  # may yield
+                        sink = self._hold_sink(sel)  # may yield
+                        held.append(sink)
+                        if sink.ready.is_set() and durable.position(sel) is None:
+                            # Redis did not answer (within its socket_timeout):
+                            # the others would each wait as long; 503 now.
+                            raise BackplaneUnavailable(f"cannot attach topic {sel!r}")
                 for sink in held:
                     sink.ready.wait(_durable_wait(durable))
                 for sel, pos in cursor.items():
-                    durable.catch_up(sel, pos)  # may yield
+                    if durable.catch_up(sel, pos) is False:  # may yield
+                        raise BackplaneUnavailable(f"cannot read topic {sel!r}")
             except BackplaneUnavailable:
                 for sink in held:
                     self._release_sink(sink)
@@ -973,6 +982,7 @@ class SSEBroker:
         """Pick the new stream's key, evicting the caller's previous stream; None at the cap."""
         cfg = self.config
         key = sid
+        self._replaced = None
         incumbent = self._subs.get(sid)
         replacing = incumbent is not None and bool(principal) and incumbent.principal == principal
         if incumbent is not None and not replacing:
@@ -985,6 +995,7 @@ class SSEBroker:
             assert incumbent is not None
             self._stats["evicted"] += 1
             self._end(incumbent, self._final(EVICTED_EVENT, "replaced by a newer stream"))
+            self._replaced = incumbent
         return key
 
     def _wait_for_room(self, waiting: list[_Subscriber], frame: bytes) -> int:
@@ -1122,6 +1133,11 @@ class SSEBroker:
             params.get("slow") == "block" or environ.get("HTTP_X_SSE_SLOW") == "block")
         principal = self._principal(environ)
         topics = [v for k, v in query if k == "topic"]
+        if topics:
+            # '+' is a topic character and a name never holds a space: an
+            # unescaped '+' in ?topic= is the name's own (docs/topics.md).
+            topics = [v for k, v in parse_qsl(environ["QUERY_STRING"].replace("+", "%2B"),
+                                              keep_blank_values=True) if k == "topic"]
         if topics:
             return self._stream_topics(environ, topics, names, capacity, sid, principal)
         if cfg.authorize is not None and not self._allowed(environ, cfg.topic):
@@ -1301,9 +1317,14 @@ class SSEBroker:
     def _presence_join(self, sub: _Subscriber, environ: Environ) -> bool:
         cfg = self.config
         assert cfg.presence is not None
+        member, meta = sub.principal or f"anon:{sub.key}", self._presence_meta(environ)
         try:
-            self._presence_conns[sub] = cfg.presence.join(
-                cfg.topic, sub.principal or f"anon:{sub.key}", self._presence_meta(environ))
+            try:
+                self._presence_conns[sub] = cfg.presence.join(cfg.topic, member, meta)
+            except PresenceRefused as exc:
+                if not self._presence_take_over(sub, exc):
+                    raise
+                self._presence_conns[sub] = cfg.presence.join(cfg.topic, member, meta)
         except PresenceRefused as exc:
             self._stats["rejected"] += 1
             log.info("topic %r: subscriber %r refused: %s", cfg.topic, sub.key, exc)
@@ -1331,7 +1352,12 @@ class SSEBroker:
             if watched and sel not in self._presence_watches:
                 self._presence_watches[sel] = presence.watch(sel, self._topic_watcher)
             try:
-                conns.append(presence.join(sel, member, meta))
+                try:
+                    conns.append(presence.join(sel, member, meta))
+                except PresenceRefused as exc:
+                    if not self._presence_take_over(sub, exc):
+                        raise
+                    conns.append(presence.join(sel, member, meta))
             except PresenceRefused as exc:
                 log.info("topic %r: subscriber %r refused by presence: %s", sel, sub.key, exc)
                 refused.append(sel)
@@ -1343,6 +1369,17 @@ class SSEBroker:
             # Compact: one str for one topic, a tuple (8 bytes a topic) for more.
             self._presence_conns[sub] = conns[0] if len(conns) == 1 else tuple(conns)
         return kept, refused
+
+    def _presence_take_over(self, sub: _Subscriber, exc: PresenceRefused) -> bool:
+        """At a connection cap, a stream replacing its own older one (same id and
+        principal, just evicted) takes its places: the older leaves presence now,
+        not when its greenlet ends. True: retry the join."""
+        old = self._replaced
+        if (old is None or old is sub or old.key != sub.key
+                or exc.reason not in ("connections", "local") or old not in self._presence_conns):
+            return False
+        self._presence_leave(old)
+        return True
 
     def _presence_unwatch_idle(self, topic: str) -> None:
         # The last local stream of ``topic`` is gone: stop watching it.

@@ -394,12 +394,9 @@ class Hub:
             return False
         m = self._members.get(ws)
         if m is not None:
-            if self._presence is not None and (key != m.key or meta is not None):
-                old = m.presence
-                if not self._join_presence(m, key, meta):
-                    return False
-                if old is not None:
-                    self._presence.leave(old)
+            if (self._presence is not None and (key != m.key or meta is not None)
+                    and not self._rejoin_presence(m, key, meta)):
+                return False
             m.key = key
             return True
         if self.config.max_members and len(self._members) >= self.config.max_members:
@@ -449,6 +446,30 @@ class Hub:
             self._stats["presence_refused"] += 1
             log.info("hub %r: %s", self.name, exc)
             return False
+        return True
+
+    def _rejoin_presence(self, m: _Member, key: Any, meta: Any) -> bool:
+        """A registered member registers again: swap its presence entry (join, then leave
+        the old one). At a connection cap (the member's own with the same key, or this
+        process's) the old entry leaves first: a swap adds no connection."""
+        assert self._presence is not None
+        old = m.presence
+        member = str(key) if key is not None else f"anon:{secrets.token_hex(6)}"
+        try:
+            m.presence = self._presence.join(self.name, member, meta)
+        except PresenceRefused as exc:
+            swap = old is not None and (
+                exc.reason == "local" or (exc.reason == "connections" and key == m.key))
+            if not swap:
+                self._stats["presence_refused"] += 1
+                log.info("hub %r: %s", self.name, exc)
+                return False
+            assert old is not None
+            self._presence.leave(old)
+            m.presence = None
+            return self._join_presence(m, key, meta)
+        if old is not None:
+            self._presence.leave(old)
         return True
 
     def _local(self, payload: str, where: Where | None = None) -> None:

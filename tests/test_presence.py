@@ -357,3 +357,49 @@ def test_sse_subscribers_join_as_their_principal_and_get_join_leave_events(gserv
     finally:
         watcher.close()
         reader.kill()
+
+
+def test_a_member_at_max_connections_re_registers_with_new_meta(gserver: Any) -> None:
+    # A member with the default 32 connections in a room (the cap) renames
+    # itself from one of them: re-registering swaps that connection's
+    # presence entry, it does not add a 33rd, so it is accepted (an update),
+    # and the member still has 32 connections; a 33rd connection is refused.
+    p = MemoryPresence()
+    cap = p.config.max_connections
+    assert cap == 32
+    hub = Hub(HubConfig(presence=p), name="lobby")
+    hub.start()
+    answers: list[bool] = []
+
+    def handler(ws: Any) -> None:
+        if not hub.register(ws, key="alice", meta={"name": "A"}):
+            ws.close(1008, "presence refused")
+            return
+        for msg in ws:  # "rename:<name>": register again with a new meta
+            if isinstance(msg, str) and msg.startswith("rename:"):
+                answers.append(hub.register(ws, key="alice", meta={"name": msg[7:]}))
+
+    srv = gserver(websocket_app(handler))
+    url = f"ws://127.0.0.1:{srv.address[1]}/"
+    clients = []
+    try:
+        clients = [connect(url) for _ in range(cap)]
+        assert wait_until(lambda: hub.count == cap)
+        assert p.members("lobby").members["alice"].connections == cap
+        clients[0].send("rename:B")
+        assert wait_until(lambda: len(answers) == 1, 5)
+        assert answers == [True]
+        member = p.members("lobby").members["alice"]
+        assert (member.connections, member.meta) == (cap, {"name": "B"})
+        extra = connect(url)  # a 33rd connection of alice: refused
+        with gevent.Timeout(5), pytest.raises(Closed):
+            for _ in range(100):
+                extra.recv()
+        clients[1].send("rename:C")  # and below the cap, as before
+        clients.pop().close()
+        assert wait_until(lambda: p.members("lobby").members["alice"].connections == cap - 1)
+        assert wait_until(lambda: len(answers) == 2, 5) and answers[1] is True
+    finally:
+        for c in clients:
+            c.close()
+        hub.stop()

@@ -502,3 +502,51 @@ def test_a_presence_refused_topic_releases_its_redis_stream(
     finally:
         broker.close()
         backplane.close()
+
+
+def test_a_stream_that_rsts_while_its_join_waits_for_redis_is_never_listed(gserver: Any) -> None:
+    """A multi-topic stream joins presence and vanishes by RST while Redis is
+    stopped (its join not written yet): the subscribe and the departure wait
+    for nothing, and once Redis is back the member is listed nowhere, while a
+    member that stayed is listed (seen from another process's RedisPresence)."""
+    from gstream.broker import SSEBroker
+
+    srv = RedisServer()
+    srv.start()
+    p = RedisPresence(srv.url, prefix="rst", lease=LEASE, socket_timeout=0.5, backoff_cap=0.2)
+    other = RedisPresence(srv.url, prefix="rst", lease=LEASE)
+    broker = SSEBroker(topic="news", presence=p, heartbeat_interval=None,
+                       principal=lambda env: env.get("QUERY_STRING", "").partition("user=")[2]
+                       .partition("&")[0] or None)
+    port = gserver(broker.subscribe).address[1]
+    try:
+        assert p.wait_ready(10) and other.wait_ready(10)
+        assert srv.proc is not None
+        srv.proc.send_signal(signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            gone = SSEStream(port, "/?topic=room/1&topic=room/2&user=gone")
+            stays = SSEStream(port, "/?topic=room/1&user=stays")
+            assert gone.status == 200 and stays.status == 200
+            assert time.monotonic() - t0 < 3  # served without waiting for Redis
+            assert wait_until(lambda: p.connections == 3, 5)
+            gone.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RST)
+            gone.close()
+            assert wait_until(lambda: p.connections == 1, 5)  # left locally at once
+        finally:
+            srv.proc.send_signal(signal.SIGCONT)
+
+        def listed() -> tuple[set[str], set[str]]:
+            try:
+                return set(other.members("room/1").members), set(other.members("room/2").members)
+            except Exception:
+                return set(), {"?"}
+
+        assert wait_until(lambda: listed() == ({"stays"}, set()), 15), listed()
+        stays.close()
+        assert wait_until(lambda: listed() == (set(), set()), 15), listed()
+    finally:
+        broker.close()
+        other.close()
+        p.close()
+        srv.stop()

@@ -212,3 +212,73 @@ def test_no_watcher_outlives_its_topic_with_100000_private_topics(gserver: Any) 
         s.close()
     assert wait_until(lambda: p.watching == {"news": 1}, 5)
     broker.close()
+
+
+def test_presence_max_members_of_a_topic_at_past_and_back_under_defaults(gserver: Any) -> None:
+    # The default bound (10,000 members a topic): 9,999 listed through the API,
+    # the 10,000th over a socket is served, the 10,001st is refused that topic
+    # (503 when it was the only one, listed in gstream.denied otherwise), a
+    # second tab of a listed member is not a new member, and a member leaving
+    # by RST frees its place.
+    p = MemoryPresence()
+    limit = p.config.max_members
+    assert limit == 10_000
+    for i in range(limit - 1):
+        p.join("room/1", f"pre{i}")
+    broker = _broker(presence=p)
+    port = gserver(broker.subscribe).address[1]
+    at = SSEStream(port, "/?user=last&topic=room/1")
+    assert at.status == 200
+    assert wait_until(lambda: p.count("room/1") == limit)
+    past = SSEStream(port, "/?user=over&topic=room/1")
+    assert past.status == 503 and "retry-after" in past.headers
+    past.close()
+    mixed = SSEStream(port, "/?user=over&topic=room/1&topic=room/2")
+    assert mixed.status == 200
+    assert json.loads(mixed.next_event().data) == {"topics": ["room/1"],
+                                                   "presence_refused": ["room/1"]}
+    tab = SSEStream(port, "/?user=last&subscriber_id=tab2&topic=room/1")
+    assert tab.status == 200  # not a new member
+    assert wait_until(lambda: p.members("room/1").members["last"].connections == 2)
+    for s in (at, tab):  # the member's every connection goes by RST
+        s.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RST)
+        s.close()
+    assert wait_until(lambda: p.count("room/1") == limit - 1, 5)
+    back = SSEStream(port, "/?user=over&subscriber_id=again&topic=room/1")
+    assert back.status == 200
+    assert wait_until(lambda: "over" in p.members("room/1").members)
+    assert p.count("room/1") == limit
+    for s in (mixed, back):
+        s.close()
+    assert wait_until(lambda: p.count("room/2") == 0 and broker.subscriber_count == 0, 5)
+    assert p.count("room/1") == limit - 1
+    broker.close()
+
+
+@pytest.mark.parametrize("topics", ["&topic=room/1&topic=room/2", ""])
+def test_a_stream_replacing_its_own_at_max_connections_is_served(gserver: Any, topics: str) -> None:
+    # A member with the default 32 connections (the cap) reconnects one of
+    # them with its subscriber_id (the newer stream replaces the older). The
+    # replaced one leaves presence for it: the new stream is served and listed
+    # (it used to be refused, 503, after its predecessor had been evicted:
+    # no stream at all until the retry); a 33rd distinct stream is refused.
+    p = MemoryPresence()
+    cap = p.config.max_connections
+    assert cap == 32
+    broker = _broker(presence=p)
+    port = gserver(broker.subscribe).address[1]
+    topic = "room/1" if topics else "news"
+    streams = [SSEStream(port, f"/?user=alice&subscriber_id=s{i}{topics}") for i in range(cap)]
+    assert all(s.status == 200 for s in streams)
+    assert wait_until(lambda: p.members(topic).members["alice"].connections == cap)
+    again = SSEStream(port, f"/?user=alice&subscriber_id=s0{topics}")
+    assert again.status == 200
+    assert streams[0].read_until_end()[-1].event == "gstream.evicted"
+    assert wait_until(lambda: p.members(topic).members["alice"].connections == cap)
+    extra = SSEStream(port, f"/?user=alice&subscriber_id=x{topics}")
+    assert extra.status == 503  # every concrete topic refused
+    extra.close()
+    for s in streams + [again]:
+        s.close()
+    assert wait_until(lambda: p.connections == 0, 5)
+    broker.close()

@@ -208,3 +208,130 @@ def test_resume_while_publishing_keeps_every_cursor_exact(
     finally:
         broker.close()
         backplane.close()
+
+
+def test_a_stalled_redis_answers_a_new_16_topic_stream_in_one_timeout(serve: Any) -> None:
+    # A stream of 16 topics nobody here reads yet attaches each one (reads its
+    # tail in Redis). With Redis asleep, every read used to wait the full
+    # socket_timeout in turn: 16 x socket_timeout before any answer (80 s with
+    # the defaults; here the stall's length, then 200). Now the first topic
+    # that cannot be attached ends the subscribe: 503 + Retry-After after one
+    # socket_timeout; the streams already open keep their heartbeats; once
+    # Redis is back the same request is served.
+    import socket
+    import time
+
+    from gstream.backplane.redis import RedisBackplane
+    from gstream.broker import SSEBroker
+    from tests.test_redis_scale import _stall
+
+    timeout, stall_for = 1.0, 8.0
+    srv = RedisServer(extra_args=("--enable-debug-command", "yes"))
+    srv.start()
+    bp = RedisBackplane(srv.url, socket_timeout=timeout, backoff=0.05, backoff_cap=0.5)
+    broker = SSEBroker(topic="feed", backplane=bp, heartbeat_interval=0.2)
+    running = serve(broker.subscribe)
+    query = "/?" + "&".join(f"topic=t{i}" for i in range(16))
+    stall: socket.socket | None = None
+    warm = SSEStream(running.port, "/?topic=warm")
+    try:
+        assert warm.status == 200
+        assert wait_until(lambda: broker.topic_subscribers("warm") == 1, 10)
+        stall = _stall(srv.port, "debug-sleep", stall_for)
+        stalled_at = time.monotonic()
+        assert wait_until(lambda: redis_busy(srv.port), 5)
+        t0 = time.monotonic()
+        r = requests.get(f"http://127.0.0.1:{running.port}{query}", timeout=30, stream=True)
+        took = time.monotonic() - t0
+        assert r.status_code == 503, (r.status_code, took)
+        assert r.headers.get("Retry-After") and b"unavailable" in r.content
+        assert took < stall_for - 2, f"answered after {took:.1f}s"
+        r.close()
+        seen = b""
+        for _ in range(50):  # the open stream's heartbeats go on (bounded: 50 chunks)
+            chunk = warm.reader.read_chunk()
+            assert chunk is not None
+            seen += chunk
+            if b"heartbeat" in chunk:
+                break
+        assert b": heartbeat" in seen
+        assert broker.subscriber_count == 1 and broker.stats()["topic_streams"] == 1
+        assert time.monotonic() - stalled_at < stall_for  # all of it inside the stall
+        assert wait_until(lambda: not redis_busy(srv.port), stall_for + 10)
+        s = SSEStream(running.port, query, timeout=15)
+        assert s.status == 200
+        s.close()
+    finally:
+        warm.close()
+        if stall is not None:
+            stall.close()
+        broker.close()
+        bp.close()
+        srv.stop()
+
+
+def test_a_stalled_redis_answers_a_16_topic_resume_ahead_of_this_process_in_one_timeout(
+        serve: Any) -> None:
+    # A client resuming 16 topics with positions this process has not
+    # delivered (it saw them on a faster process) makes each catch-up read
+    # the topic's tail in Redis. With Redis asleep they used to time out one
+    # after the other (16 x socket_timeout, 80 s with the defaults) and then
+    # serve 16 resets; now the first unanswered read is a 503 + Retry-After,
+    # and the client's retry resumes once Redis answers.
+    import socket
+    import time
+
+    from gstream.backplane.redis import RedisBackplane
+    from gstream.broker import SSEBroker
+    from tests.test_redis_scale import _stall
+
+    timeout, stall_for = 1.0, 8.0
+    srv = RedisServer(extra_args=("--enable-debug-command", "yes"))
+    srv.start()
+    bp = RedisBackplane(srv.url, socket_timeout=timeout, backoff=0.05, backoff_cap=0.5)
+    broker = SSEBroker(topic="feed", backplane=bp, heartbeat_interval=0.2)
+    running = serve(broker.subscribe)
+    topics = [f"t{i}" for i in range(16)]
+    query = "/?" + "&".join(f"topic={t}" for t in topics)
+    stall: socket.socket | None = None
+    warm = SSEStream(running.port, query)  # every topic attached
+    try:
+        assert warm.status == 200
+        assert wait_until(lambda: broker.topic_subscribers("t15") == 1, 10)
+        ahead = "1;" + ";".join(f"{t}=99999999999999-0" for t in topics)
+        stall = _stall(srv.port, "debug-sleep", stall_for)
+        assert wait_until(lambda: redis_busy(srv.port), 5)
+        t0 = time.monotonic()
+        r = requests.get(f"http://127.0.0.1:{running.port}{query}", timeout=30, stream=True,
+                         headers={"Last-Event-ID": ahead})
+        took = time.monotonic() - t0
+        assert r.status_code == 503, (r.status_code, took)
+        assert r.headers.get("Retry-After") and b"unavailable" in r.content
+        assert took < stall_for - 2, f"answered after {took:.1f}s"
+        r.close()
+        assert broker.subscriber_count == 1
+        assert wait_until(lambda: not redis_busy(srv.port), stall_for + 10)
+        s = SSEStream(running.port, query, {"Last-Event-ID": ahead}, timeout=15)
+        assert s.status == 200
+        ev = s.next_event(10)  # never issued by Redis: reset, without waiting
+        assert ev.event == "gstream.reset" and '"reason":"unknown"' in ev.data
+        s.close()
+    finally:
+        warm.close()
+        if stall is not None:
+            stall.close()
+        broker.close()
+        bp.close()
+        srv.stop()
+
+
+def redis_busy(port: int) -> bool:
+    """True while Redis does not answer a PING within 0.2 s."""
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
+            s.sendall(b"PING\r\n")
+            return not s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return True

@@ -117,11 +117,14 @@ class DurableBackplane(Backplane, Protocol):
             BackplaneUnavailable: the transport did not accept them.
         """
 
-    def catch_up(self, topic: str, last_id: str) -> None:
+    def catch_up(self, topic: str, last_id: str) -> bool | None:
         """Wait (bounded) until this process has delivered ``last_id``, if it exists.
 
         Called before a resuming subscriber is registered, so that a client
         that saw an event on a faster process is not served it twice here.
+        May return False when the transport could not be read to decide (a
+        multi-topic subscribe then answers 503 instead of trying its other
+        topics, each as long).
         """
 
     def history_since(self, topic: str, last_id: str,

@@ -359,24 +359,31 @@ class RedisBackplane:
         return [it.reply.decode() if isinstance(it.reply, bytes)
                 else (None if it.reply is None else str(it.reply)) for it in items]
 
-    def catch_up(self, topic: str, last_id: str) -> None:
-        """Wait up to ``catch_up_timeout`` until this process delivered ``last_id``."""
+    def catch_up(self, topic: str, last_id: str) -> bool:
+        """Wait up to ``catch_up_timeout`` until this process delivered ``last_id``.
+
+        False: Redis did not answer (within ``socket_timeout``) whether it exists.
+        """
         target = parse_id(last_id)
         if target is None or self._closed:
-            return
+            return True
         pos = parse_id(self._pos.get(topic))
         if pos is not None and pos >= target:
-            return
-        tail = parse_id(self._tail(topic))
+            return True
+        raw_tail = self._tail(topic)
+        if raw_tail is None:
+            return False
+        tail = parse_id(raw_tail)
         if tail is None or target > tail:
-            return  # not an id Redis ever issued: no point waiting
+            return True  # not an id Redis ever issued: no point waiting
         deadline = time.monotonic() + self.catch_up_timeout
         while not self._closed:
             pos = parse_id(self._pos.get(topic))
             remaining = deadline - time.monotonic()
             if (pos is not None and pos >= target) or remaining <= 0:
-                return
+                return True
             self._moved.wait(remaining)
+        return True
 
     def history_since(self, topic: str, last_id: str,
                       accept: Callable[[str], bool] | None = None) -> ResumeResult:
