@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import gevent
-from greenlet import greenlet
+from greenlet import getcurrent, greenlet
 
 from gstream.sseparse import EventStreamParser, ParsedEvent
 
@@ -162,7 +162,19 @@ def live_greenlets() -> int:
     gc.collect()
     # type() rather than isinstance(): lazy objects (Django settings) evaluate
     # themselves when asked for __class__.
-    return sum(1 for o in gc.get_objects() if issubclass(type(o), greenlet) and not o.dead)
+    # Only this thread's: gevent's threadpool (name resolution) starts worker
+    # threads lazily, as many as the moment's load asks for, each with its own
+    # greenlets, and keeps them: a pool, not a leak.
+    mine = _root(getcurrent())
+    return sum(1 for o in gc.get_objects()
+               if issubclass(type(o), greenlet) and not o.dead and _root(o) is mine)
+
+
+def _root(g: Any) -> Any:
+    """The main greenlet of the thread ``g`` runs in (the end of its parent chain)."""
+    while g.parent is not None:
+        g = g.parent
+    return g
 
 
 def open_fds() -> int:

@@ -15,31 +15,14 @@ from collections.abc import Callable
 from types import TracebackType
 
 import gevent
-from gevent.threadpool import _WorkerGreenlet
-from greenlet import greenlet
 
-from tests.helpers import open_fds
+from tests.helpers import live_greenlets, open_fds
 
 
 def hub_greenlets() -> int:
-    """Live greenlets of this thread's hub (the server's and the tests').
-
-    The resolver's thread pool grows on demand (a worker greenlet plus the
-    worker thread's main greenlet per thread), which is not a leak, so
-    greenlets of other threads are not counted.
-    """
-    gc.collect()
-    main = greenlet.getcurrent()
-    while main.parent is not None:
-        main = main.parent
-    # type() rather than isinstance(): lazy objects (Django settings)
-    # evaluate themselves when asked for __class__.
-    return sum(
-        1 for o in gc.get_objects()
-        if issubclass(type(o), greenlet) and not o.dead
-        and (o.parent is not None or o is main)
-        and not issubclass(type(o), _WorkerGreenlet)
-    )
+    """Live greenlets of this thread (tests.helpers.live_greenlets): the
+    resolver's worker threads and their greenlets are a pool, not a leak."""
+    return live_greenlets()
 
 
 class LeakCheck:
