@@ -23,7 +23,6 @@ Environment: ``GS_HEARTBEAT`` (seconds, default 30), ``GS_MAX_BUFFER``.
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import time
@@ -32,7 +31,6 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import gevent
-from greenlet import greenlet
 
 from gstream.broker import SSEBroker
 from gstream.errors import Closed
@@ -40,15 +38,12 @@ from gstream.events import Event
 from gstream.lifecycle import lifecycle
 from gstream.sse import SSE_HEADERS, ChunkedWriter, SSEWriter, stream_events
 from gstream.websocket import WebSocket, WSConfig, open_connections, websocket_app
+from tests.helpers import live_greenlets
 
 
 def _rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _greenlets() -> int:
-    return sum(1 for o in gc.get_objects() if isinstance(o, greenlet) and not o.dead)
 
 
 class SecurityApp:
@@ -84,7 +79,7 @@ class SecurityApp:
         return {
             "rss": _rss(),
             "fds": len(os.listdir("/proc/self/fd")),
-            "greenlets": _greenlets(),
+            "greenlets": live_greenlets(),  # this thread's: the resolver pool is not a leak
             "broker": self.broker.stats(),
             "queued_frames": queued_frames,
             "queued_bytes": queued_bytes,
