@@ -30,9 +30,20 @@ class RunningServer:
         self.server.stop(timeout=timeout)
 
 
-def raw_http(port: int, request: bytes, *, timeout: float = 5.0) -> socket.socket:
-    """Open a TCP connection to 127.0.0.1:port and send ``request`` as is."""
-    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+def raw_http(port: int, request: bytes, *, timeout: float = 5.0,
+             rcvbuf: int | None = None) -> socket.socket:
+    """Open a TCP connection to 127.0.0.1:port and send ``request`` as is.
+
+    ``rcvbuf`` sets a small receive buffer before connecting, so the server's
+    sends block early (a slow reader).
+    """
+    if rcvbuf is None:
+        s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    else:
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        s.settimeout(timeout)
+        s.connect(("127.0.0.1", port))
     s.sendall(request)
     return s
 
@@ -118,10 +129,10 @@ class SSEStream:
     """Read a server-sent event stream over a raw socket, like a browser."""
 
     def __init__(self, port: int, path: str, headers: dict[str, str] | None = None,
-                 timeout: float = 5.0) -> None:
+                 timeout: float = 5.0, rcvbuf: int | None = None) -> None:
         extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
         req = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAccept: text/event-stream\r\n{extra}\r\n"
-        self.sock = raw_http(port, req.encode(), timeout=timeout)
+        self.sock = raw_http(port, req.encode(), timeout=timeout, rcvbuf=rcvbuf)
         self.status, self.headers, rest = read_response_head(self.sock)
         self.reader = ChunkedReader(self.sock, rest)
         self.parser = EventStreamParser()

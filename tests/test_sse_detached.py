@@ -21,26 +21,8 @@ from gstream.broker import SSEBroker
 from gstream.detached import detached_streams
 from gstream.events import Event
 from gstream.handler import GStreamHandler
-from gstream.sseparse import EventStreamParser
-from tests.helpers import ChunkedReader, SSEStream, read_response_head, wait_until
+from tests.helpers import SSEStream, read_response_head, wait_until
 from tests.leakcheck import hub_greenlets
-
-
-def _small_window(port: int, path: str) -> SSEStream:
-    """An SSE client with a small receive buffer (so the server's sends block early)."""
-    stream = SSEStream.__new__(SSEStream)
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.settimeout(5)
-    sock.connect(("127.0.0.1", port))
-    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
-    stream.sock = sock
-    stream.status, stream.headers, rest = read_response_head(sock)
-    stream.reader = ChunkedReader(sock, rest)
-    stream.parser = EventStreamParser()
-    stream.pending = []
-    stream.raw = b""
-    return stream
 
 
 def test_idle_subscribers_hold_no_greenlet_and_still_get_events(gserver: Any) -> None:
@@ -120,7 +102,7 @@ def test_replay_prelude_then_live_events(gserver: Any) -> None:
 def test_drop_oldest_while_the_client_does_not_read(gserver: Any) -> None:
     broker = SSEBroker(heartbeat_interval=None)
     srv = gserver(broker.subscribe)
-    c = _small_window(srv.port, "/?buffer=4")
+    c = SSEStream(srv.port, "/?buffer=4", rcvbuf=4096)
     assert wait_until(lambda: detached_streams() == 1, 5)
     big = "x" * 16384
     sent = 0
@@ -148,8 +130,8 @@ def test_drop_oldest_while_the_client_does_not_read(gserver: Any) -> None:
 def test_block_mode_waits_for_a_slow_reader_then_cuts_a_stuck_one(gserver: Any) -> None:
     broker = SSEBroker(heartbeat_interval=None, allow_client_slow_mode=True, block_timeout=1.0)
     srv = gserver(broker.subscribe)
-    slow = _small_window(srv.port, "/?slow=block&buffer=2")
-    stuck = _small_window(srv.port, "/?slow=block&buffer=2")
+    slow = SSEStream(srv.port, "/?slow=block&buffer=2", rcvbuf=4096)
+    stuck = SSEStream(srv.port, "/?slow=block&buffer=2", rcvbuf=4096)
     assert wait_until(lambda: detached_streams() == 2, 5)
     big = "y" * 65536
     got: list[Any] = []

@@ -45,23 +45,6 @@ def hub_errors(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
     yield seen
 
 
-def _client(port: int, path: str, headers: str = "", rcvbuf: int = 4096) -> SSEStream:
-    """An SSE client with a small receive buffer (the server's sends block early)."""
-    stream = SSEStream.__new__(SSEStream)
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    sock.settimeout(10)
-    sock.connect(("127.0.0.1", port))
-    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: t\r\n{headers}\r\n".encode())
-    stream.sock = sock
-    stream.status, stream.headers, rest = read_response_head(sock)
-    stream.reader = ChunkedReader(sock, rest)
-    stream.parser = EventStreamParser()
-    stream.pending = []
-    stream.raw = b""
-    return stream
-
-
 def _stall(broker: SSEBroker) -> int:
     """Publish until every stream's send is pending (its queue overflowed); return how many."""
     sent = 0
@@ -106,7 +89,7 @@ def _read_to_eof(sock: socket.socket, timeout: float = 20) -> bytes:
 def test_reset_in_the_middle_of_a_partial_send(gserver: Any, hub_errors: list[Any]) -> None:
     broker = SSEBroker(heartbeat_interval=None, default_buffer=4)
     srv = gserver(broker.subscribe)
-    c = _client(srv.port, "/")
+    c = SSEStream(srv.port, "/", rcvbuf=4096, timeout=10)
     assert wait_until(lambda: detached_streams() == 1, 5)
     _stall(broker)
     for i in range(100):  # the client still does not read
@@ -132,7 +115,7 @@ def test_block_mode_stuck_reader_is_cut_within_the_block_timeout(
         gserver: Any, hub_errors: list[Any]) -> None:
     broker = SSEBroker(heartbeat_interval=None, allow_client_slow_mode=True, block_timeout=0.5)
     srv = gserver(broker.subscribe)
-    c = _client(srv.port, "/?slow=block&buffer=2")
+    c = SSEStream(srv.port, "/?slow=block&buffer=2", rcvbuf=4096, timeout=10)
     assert wait_until(lambda: detached_streams() == 1, 5)
     longest = 0.0
     sent = 0
@@ -243,8 +226,8 @@ def test_stop_with_a_pending_remainder_ends_by_the_deadline(
         gserver: Any, hub_errors: list[Any]) -> None:
     broker = SSEBroker(heartbeat_interval=None, default_buffer=4)
     srv = gserver(broker.subscribe)
-    stuck = _client(srv.port, "/")
-    fine = _client(srv.port, "/", rcvbuf=65536)
+    stuck = SSEStream(srv.port, "/", rcvbuf=4096, timeout=10)
+    fine = SSEStream(srv.port, "/", rcvbuf=65536, timeout=10)
     assert wait_until(lambda: detached_streams() == 2, 5)
     _stall(broker)
     began = time.monotonic()
@@ -269,7 +252,7 @@ def test_stop_with_a_pending_remainder_the_client_drains_in_time(
         gserver: Any, hub_errors: list[Any]) -> None:
     broker = SSEBroker(heartbeat_interval=None, default_buffer=4)
     srv = gserver(broker.subscribe)
-    slow = _client(srv.port, "/")
+    slow = SSEStream(srv.port, "/", rcvbuf=4096, timeout=10)
     assert wait_until(lambda: detached_streams() == 1, 5)
     _stall(broker)
     stopper = gevent.spawn(srv.stop, 20.0)
@@ -286,8 +269,8 @@ def test_stop_with_a_pending_remainder_the_client_drains_in_time(
 def test_broker_close_with_a_pending_remainder(gserver: Any, hub_errors: list[Any]) -> None:
     broker = SSEBroker(heartbeat_interval=None, default_buffer=4)
     srv = gserver(broker.subscribe)
-    slow = _client(srv.port, "/")
-    stuck = _client(srv.port, "/")
+    slow = SSEStream(srv.port, "/", rcvbuf=4096, timeout=10)
+    stuck = SSEStream(srv.port, "/", rcvbuf=4096, timeout=10)
     assert wait_until(lambda: detached_streams() == 2, 5)
     _stall(broker)
     broker.close()
