@@ -505,6 +505,11 @@ class Hub:
                              separators=(",", ":"), ensure_ascii=False)
         self._local(payload, self._listens if ws is None else lambda w: w is ws)
 
+    def _require_presence(self) -> Presence:
+        if self._presence is None:
+            raise RuntimeError("this hub has no presence (HubConfig.presence)")
+        return self._presence
+
     def presence_members(self) -> PresenceSnapshot:
         """The members of this room (all processes) and the presence version.
 
@@ -512,9 +517,7 @@ class Hub:
             RuntimeError: the hub has no presence.
             BackplaneUnavailable: the shared presence could not be read.
         """
-        if self._presence is None:
-            raise RuntimeError("this hub has no presence (HubConfig.presence)")
-        return self._presence.members(self.name)
+        return self._require_presence().members(self.name)
 
     def presence_count(self) -> int:
         """Members of this room (all processes; a member with two tabs counts once).
@@ -523,9 +526,7 @@ class Hub:
             RuntimeError: the hub has no presence.
             BackplaneUnavailable: the shared presence could not be read.
         """
-        if self._presence is None:
-            raise RuntimeError("this hub has no presence (HubConfig.presence)")
-        return self._presence.count(self.name)
+        return self._require_presence().count(self.name)
 
     # -- broadcasting ----------------------------------------------------------
 
