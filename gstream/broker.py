@@ -101,6 +101,10 @@ class BrokerConfig:
     """Whether a client may ask for block mode (``?slow=block`` / ``X-SSE-Slow: block``)."""
     block_timeout: float = 5.0
     """Longest one publish waits for block-mode subscribers (<= 0 means 5)."""
+    write_timeout: float | None = 30.0
+    """Seconds a write to a stream may take before its client counts as gone
+    (it stopped reading, or vanished without a FIN): the stream is closed
+    and counted in ``stalled``. None or <= 0 never gives up."""
     principal: Callable[[Environ], str | None] | None = None
     """Caller identity scoping subscriber-id replacement; None never evicts."""
     max_subscribers: int = 0
@@ -153,6 +157,8 @@ class BrokerConfig:
             self.heartbeat_interval = None
         if self.block_timeout <= 0:
             self.block_timeout = 5.0
+        if self.write_timeout is not None and self.write_timeout <= 0:
+            self.write_timeout = None
         self.max_subscribers = max(0, self.max_subscribers)
         self.retry_after = max(1, int(self.retry_after))
         self.history_size = max(0, int(self.history_size))
@@ -176,6 +182,8 @@ class BrokerCounters(TypedDict):
     """Frames drop-oldest subscribers lost (each learns it from ``gstream.missed``)."""
     cut: int
     """Block-mode subscribers cut loose after ``block_timeout``."""
+    stalled: int
+    """Streams closed because a write to them took longer than ``write_timeout``."""
     evicted: int
     """Streams replaced by a newer one with the same subscriber id."""
     rejected: int
@@ -237,7 +245,9 @@ class _Subscriber:
         self.parked: Waiter | DetachedStream | None = None
         self.due = False
         self.beat = False
-        self.last_write = 0.0
+        # Last time frames (or a heartbeat) left for this stream: the
+        # heartbeat's idle clock, and the stall check's start of a write.
+        self.last_write = time.monotonic()
         self.room: GEvent | None = GEvent() if block else None
         self.final: bytes | None = None
         self.ended = False
@@ -469,9 +479,12 @@ class SSEBroker:
         self._flush_timer: Any = None
         self._pending = 0  # events published since the last wake-up
         self._flush_soon = False
-        # One heartbeat timer for all subscribers instead of a timeout per
-        # idle stream (memory, and a timer wake-up per heartbeat).
+        # One timer for all subscribers (heartbeats and the stall check)
+        # instead of a timeout per idle stream (memory, and a wake-up each).
         self._beat_timer: Any = None
+        # Ended streams whose final bytes have not left yet (the stall check
+        # still watches them; _subs no longer holds them).
+        self._ending: set[_Subscriber] = set()
         self._bind_hub()
         self._backplane: Backplane = cfg.backplane if cfg.backplane is not None else LocalBackplane()
         self._durable: DurableBackplane | None = (
@@ -1009,8 +1022,8 @@ class SSEBroker:
                 room.clear()
                 if remaining <= 0 or not room.wait(remaining):
                     break
-            if sub.ended:
-                continue
+            if sub.ended or sub.final is not None:
+                continue  # gone, or ended meanwhile (the stall check, a shutdown)
             if len(sub.items) >= sub.capacity:
                 self._cut_loose(sub)
                 continue
@@ -1050,38 +1063,61 @@ class SSEBroker:
                     log.exception("waking subscriber %r failed", sub.key)
 
     def _start_heartbeats(self) -> None:
-        interval = self.config.heartbeat_interval
-        if interval is None or (self._beat_timer is not None and self._beat_timer.active):
+        hb = self.config.heartbeat_interval
+        wt = self.config.write_timeout
+        if (hb is None and wt is None) or (self._beat_timer is not None and self._beat_timer.active):
             return
         # Checking four times per interval sends each heartbeat after 1 to
-        # 1.25 intervals of silence.
-        period = interval / 4
+        # 1.25 intervals of silence, and closes a stalled stream after 1 to
+        # 1.25 write timeouts.
+        period = min(x for x in (hb, wt) if x is not None) / 4
         if self._beat_timer is None:
             self._beat_timer = self._loop.timer(period, period, ref=False)
         self._beat_timer.start(self._heartbeats)
 
     def _heartbeats(self) -> None:
-        if not self._subs or self._closed:
+        if (not self._subs and not self._ending) or self._closed:
             if self._beat_timer is not None:
                 self._beat_timer.stop()  # restarted by the next subscriber
             return
-        limit = time.monotonic() - (self.config.heartbeat_interval or 0.0)
+        now = time.monotonic()
+        hb = self.config.heartbeat_interval
+        wt = self.config.write_timeout
+        limit = now - hb if hb is not None else -1.0
+        stall = now - wt if wt is not None else -1.0
+        stalled: list[_Subscriber] = []
         for sub in self._subs.values():
-            if sub.parked is not None and not sub.beat and sub.last_write <= limit:
-                sub.beat = True
-                self._wake(sub)
+            if sub.parked is not None:
+                if not sub.beat and sub.last_write <= limit:
+                    sub.beat = True
+                    self._wake(sub)
+            elif sub.last_write <= stall:
+                # Not parked, seen from the loop: its reader is in a write
+                # (a greenlet blocked in it, or a detached stream's pending
+                # remainder) that began at last_write and has not finished.
+                stalled.append(sub)
+        if self._ending and wt is not None:
+            stalled.extend(s for s in self._ending if s.parked is None and s.last_write <= stall)
+        for sub in stalled:
+            self._stats["stalled"] += 1
+            log.info("closing stream %r: a write to it took over %.1fs (its client stopped "
+                     "reading or vanished)", sub.key, wt)
+            self._cut_loose(sub, "write timeout")
 
-    def _cut_loose(self, sub: _Subscriber) -> None:
-        # Its reader is stuck in a socket write (its queue stayed full for a
-        # whole block timeout), so a final frame cannot reach it: end the
-        # request's greenlet, which closes the connection and unregisters.
-        self._stats["cut"] += 1
-        log.info("cutting loose block-mode subscriber %r after %.1fs",
-                 sub.key, self.config.block_timeout)
-        self._end(sub, self._final(CUT_EVENT, "block timeout exceeded"))
+    def _cut_loose(self, sub: _Subscriber, reason: str = "block timeout exceeded") -> None:
+        # Its reader is stuck in a socket write (a block-mode queue stayed
+        # full for a whole block timeout, or a write outlasted write_timeout),
+        # so a final frame cannot reach it: end the request's greenlet, which
+        # closes the connection and unregisters.
+        if reason == "block timeout exceeded":
+            self._stats["cut"] += 1
+            log.info("cutting loose block-mode subscriber %r after %.1fs",
+                     sub.key, self.config.block_timeout)
+        self._end(sub, self._final(CUT_EVENT, reason))
+        self._ending.discard(sub)
         g = sub.greenlet
         if isinstance(g, DetachedStream):
-            g.abort("block timeout exceeded")  # its write is pending: close now
+            g.abort(reason)  # its write is pending: close now
         elif g is not None and g is not gevent.getcurrent():
             gevent.kill(g)  # asynchronous: raises GreenletExit in its write
 
@@ -1284,9 +1320,12 @@ class SSEBroker:
             self._drop_view(sub)
         if sub.final is None:
             sub.final = final
+        if not sub.ended:
+            self._ending.add(sub)  # until its reader is done (_unregister)
         self._wake(sub)
 
     def _unregister(self, sub: _Subscriber) -> None:
+        self._ending.discard(sub)
         if sub.ended:
             return
         sub.ended = True
