@@ -411,6 +411,10 @@ class _TopicSink:
         return self.broker._deliver_topic(self.topic, event, event.id)
 
 
+#: Presence refusals caused by the request itself (its member id or meta), not by a capacity.
+_PRESENCE_INPUT = frozenset(("member id", "meta", "topic"))
+
+
 def _header(environ: Environ, name: str) -> str | None:
     raw = environ.get(name)
     if raw is None:
@@ -1205,9 +1209,14 @@ class SSEBroker:
             self._unregister(sub)
             return self._busy(b"event history unavailable\n")
         prelude.extend(replay)
-        if cfg.presence is not None and not self._presence_join(sub, environ):  # presence hook
+        refused = self._presence_join(sub, environ) if cfg.presence is not None else None
+        if refused is not None:  # presence hook
             self._end(sub, b"")
             self._unregister(sub)
+            if refused.reason in _PRESENCE_INPUT:
+                # Not a capacity limit: the same request would be refused again,
+                # so no 503 (which clients retry), but what is wrong with it.
+                return "400 Bad Request", list(_TEXT), [f"{refused}\n".encode()]
             return self._busy(b"presence refused\n")
         return "200 OK", list(SSE_HEADERS), _Body(sub, b"".join(prelude))
 
@@ -1353,7 +1362,8 @@ class SSEBroker:
             log.exception("presence_meta hook failed; listing the subscriber without meta")
             return None
 
-    def _presence_join(self, sub: _Subscriber, environ: Environ) -> bool:
+    def _presence_join(self, sub: _Subscriber, environ: Environ) -> PresenceRefused | None:
+        """Join presence for the stream's topic; the refusal, if any."""
         cfg = self.config
         assert cfg.presence is not None
         member, meta = sub.principal or f"anon:{sub.key}", self._presence_meta(environ)
@@ -1367,8 +1377,8 @@ class SSEBroker:
         except PresenceRefused as exc:
             self._stats["rejected"] += 1
             log.info("topic %r: subscriber %r refused: %s", cfg.topic, sub.key, exc)
-            return False
-        return True
+            return exc
+        return None
 
     def _presence_join_topics(self, sub: _Subscriber, environ: Environ,
                               selectors: list[str]) -> tuple[list[str], list[str]]:

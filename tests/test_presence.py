@@ -11,6 +11,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import gevent
+import httpx
 import pytest
 
 from gstream import Closed, websocket_app
@@ -306,6 +307,31 @@ def test_hub_stop_leaves_presence() -> None:
 
 def _user(environ: dict[str, Any]) -> str | None:
     return parse_qs(environ.get("QUERY_STRING", "")).get("user", [None])[0]
+
+
+def test_sse_bad_member_or_meta_is_a_400_not_a_retryable_503(gserver: Any) -> None:
+    # A refusal caused by the request itself would be refused again on every
+    # reconnect: 400 with the reason, while a capacity refusal stays a 503.
+    p = MemoryPresence(PresenceConfig(max_members=1, max_meta_bytes=64, max_member_bytes=32))
+    broker = SSEBroker(topic="news", presence=p, principal=_user,
+                       presence_meta=lambda env: {"q": env.get("QUERY_STRING", "")})
+    srv = gserver(broker.subscribe)
+    port = srv.address[1]
+    url = f"http://127.0.0.1:{port}/"
+    big_meta = httpx.get(url, params={"user": "bob", "pad": "x" * 100}, timeout=5)
+    assert big_meta.status_code == 400 and "retry-after" not in big_meta.headers
+    assert big_meta.text.startswith("presence refused: meta")
+    long_id = httpx.get(url, params={"user": "u" * 40}, timeout=5)
+    assert long_id.status_code == 400
+    assert long_id.text.startswith("presence refused: member id")
+    first = SSEStream(port, "/?user=ann")
+    assert wait_until(lambda: p.count("news") == 1)
+    full = SSEStream(port, "/?user=cid")  # max_members=1: capacity, retry later
+    assert full.status == 503 and "retry-after" in full.headers
+    full.close()
+    first.close()
+    assert wait_until(lambda: broker.subscriber_count == 0 and p.count("news") == 0, 5)
+    assert broker.stats()["rejected"] == 3
 
 
 def test_sse_subscribers_join_as_their_principal_and_get_join_leave_events(gserver: Any) -> None:
