@@ -36,7 +36,9 @@ BOOT_ERROR = 3
 WORKERS_PER_CPU = 4
 #: A worker that ends within this many seconds of its start is a fast failure.
 FAST_FAILURE_SECONDS = 10.0
-#: After this many fast failures in a row the supervisor gives up (exit status 1).
+#: After this many fast failures in a row of one worker slot the supervisor gives up (exit
+#: status 1). Counted per slot: one worker's crash loop is bounded by its own back-off,
+#: however many workers there are.
 MAX_FAST_FAILURES = 5
 #: Back-off before replacing a worker after the k-th fast failure in a row:
 #: ``min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (k - 1))`` seconds.
@@ -166,7 +168,7 @@ class Supervisor:
         self._listener: socket.socket | None = None
         self._children: dict[int, _Worker] = {}
         self._respawn: dict[int, float] = {}  # slot -> not before (monotonic)
-        self._fast_failures = 0
+        self._fast_failures: dict[int, int] = {}  # slot -> fast failures in a row
         self._phase = _Phase.STARTING
         self._stop_signals = 0
         self._ready_buf = b""
@@ -360,19 +362,15 @@ class Supervisor:
         if self._phase == _Phase.STOPPING:
             log.info("worker %d (pid %d) %s", worker.slot, worker.pid, how)
             return
-        if lived < FAST_FAILURE_SECONDS:
-            self._fast_failures += 1
-        else:
-            self._fast_failures = 0
-        if self._fast_failures >= MAX_FAST_FAILURES:
-            self.failure = (f"{self._fast_failures} worker processes in a row ended within "
-                            f"{FAST_FAILURE_SECONDS:.0f} s of starting (the last, worker "
-                            f"{worker.slot}, pid {worker.pid}, {how})")
+        fast = self._fast_failures.get(worker.slot, 0) + 1 if lived < FAST_FAILURE_SECONDS else 0
+        self._fast_failures[worker.slot] = fast
+        if fast >= MAX_FAST_FAILURES:
+            self.failure = (f"worker {worker.slot} ended {fast} times in a row within "
+                            f"{FAST_FAILURE_SECONDS:.0f} s of starting (the last, pid "
+                            f"{worker.pid}, {how})")
             log.error("gstream: giving up: %s", self.failure)
             return
-        delay = 0.0
-        if self._fast_failures:
-            delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (self._fast_failures - 1))
+        delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (fast - 1)) if fast else 0.0
         log.warning("worker %d (pid %d) %s after %.1f s; starting a replacement%s", worker.slot,
                     worker.pid, how, lived, f" in {delay:.1f} s" if delay else "")
         self._respawn[worker.slot] = time.monotonic() + delay
