@@ -266,6 +266,24 @@ def test_worker_count_is_bounded(supervised: Any) -> None:
         assert "--workers" in s.log and ("between 1 and" in s.log or "whole number" in s.log)
 
 
+def test_supervisor_refuses_bad_arguments_before_binding() -> None:
+    from gstream import Supervisor
+    from gstream.workers import max_workers
+
+    def app(environ: Any, start_response: Any) -> list[bytes]:
+        return []
+
+    for bad in (0, -1, max_workers() + 1, True, 2.0):
+        with pytest.raises(ValueError, match="workers must be between 1 and"):
+            Supervisor(app, workers=bad)
+    with pytest.raises(ValueError, match="exactly one of app and load_app"):
+        Supervisor(app, load_app=lambda: app)
+    with pytest.raises(TypeError, match="max_conections"):
+        Supervisor(app, max_conections=5)
+    sup = Supervisor(app, port=0, workers=2, max_connections=5)
+    assert sup.pids == [] and sup.url == "http://127.0.0.1:0"  # nothing bound or forked yet
+
+
 def test_python_api_with_an_app_imported_before_fork(supervised: Any) -> None:
     s = supervised("0", module="tests.apps.workers_preload")
     s.wait_url()
