@@ -333,7 +333,9 @@ class Supervisor:
                 pass
 
     def _read_ready(self) -> None:
-        while _select([self._ready_r], [], [], 0)[0]:
+        for _ in range(64):  # (the parent holds a write end: no EOF)
+            if not _select([self._ready_r], [], [], 0)[0]:
+                break
             self._ready_buf += os.read(self._ready_r, 4096)
         *lines, self._ready_buf = self._ready_buf.split(b"\n")
         for line in lines:
@@ -345,16 +347,15 @@ class Supervisor:
                     "worker %d (pid %d) ready", worker.slot, worker.pid)
 
     def _reap(self) -> None:
-        for _ in range(len(self._children) + 1):
+        # Each worker by its pid, not waitpid(-1): other children of the
+        # process (an application's subprocesses) are not the supervisor's to reap.
+        for pid in list(self._children):
             try:
-                pid, status = _waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            worker = self._children.pop(pid, None)
-            if worker is not None:
-                self._ended(worker, status)
+                done, status = _waitpid(pid, os.WNOHANG)
+            except ChildProcessError:  # reaped elsewhere: its status is lost
+                done, status = pid, 0
+            if done == pid:
+                self._ended(self._children.pop(pid), status)
 
     def _ended(self, worker: _Worker, status: int) -> None:
         lived = time.monotonic() - worker.started

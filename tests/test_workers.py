@@ -247,6 +247,19 @@ def test_sigterm_drains_every_worker(supervised: Any) -> None:
     assert "all workers stopped" in s.log
 
 
+def test_a_worker_that_ignores_sigterm_is_killed_at_the_deadline(supervised: Any) -> None:
+    s = serve(supervised, "--shutdown-timeout", "0.5")
+    wedged = int(requests.get(s.url + "/ignore-sigterm", timeout=5).text)
+    t0 = time.monotonic()
+    s.p.send_signal(signal.SIGTERM)
+    assert s.exit_code(15) == 0, s.log
+    # 0.5 s of drain + the supervisor's 3 s of grace, then SIGKILL.
+    assert 3.3 <= time.monotonic() - t0 < 12
+    assert f"(pid {wedged}) still running at the deadline: killing it" in s.log
+    assert f"(pid {wedged}) was killed by SIGKILL" in s.log
+    assert "all workers stopped" in s.log
+
+
 def test_crash_looping_app_gives_up_with_a_clear_error(supervised: Any) -> None:
     s = supervised("serve", "tests.apps.crash_at_import:app", "--port", "0", "--workers", "2")
     t0 = time.monotonic()

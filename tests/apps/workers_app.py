@@ -4,6 +4,8 @@
 * ``/hog?t=S`` blocks its worker's whole event loop for S seconds (the original,
   unpatched ``time.sleep``), then answers the pid: meanwhile only the other
   worker accepts, which spreads the next connections deterministically;
+* ``/ignore-sigterm`` makes its worker ignore SIGTERM from now on (a straggler the
+  supervisor must kill at its deadline) and answers the pid;
 * ``/stream`` is an SSE stream registered with gstream's lifecycle: its first
   event is the worker's pid, its last (on shutdown) a ``shutdown`` event;
 * ``/echo`` is a WebSocket echo (``pid?`` is answered with the pid; closed with
@@ -14,6 +16,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterable
 from typing import Any
 from urllib.parse import parse_qs
@@ -46,6 +49,10 @@ def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
     if path == "/hog":
         seconds = float(parse_qs(environ.get("QUERY_STRING", "")).get("t", ["0.2"])[0])
         _blocking_sleep(min(seconds, 2.0))
+        return _text(start_response, str(os.getpid()))
+    if path == "/ignore-sigterm":
+        # The original signal(): replacing the disposition bypasses the server's handler.
+        monkey.get_original("signal", "signal")(signal.SIGTERM, signal.SIG_IGN)
         return _text(start_response, str(os.getpid()))
     if path == "/echo":
         return _echo(environ, start_response)  # type: ignore[no-any-return]
