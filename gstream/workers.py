@@ -149,9 +149,10 @@ class Supervisor:
         if (app is None) == (load_app is None):
             raise ValueError("give exactly one of app and load_app")
         self.workers = check_workers(workers)
-        unknown = set(options) - set(inspect.signature(Server).parameters)
-        if unknown or {"app", "host", "port", "listener"} & set(options):
-            raise TypeError(f"not Server options: {sorted(unknown or options)}")
+        bad = (set(options) - set(inspect.signature(Server).parameters)) | (
+            {"app", "host", "port", "listener"} & set(options))
+        if bad:
+            raise TypeError(f"not Server options here: {sorted(bad)}")
         self.host = host
         self.requested_port = port
         self.backlog: int = options.pop("backlog", None) or limits.default_backlog()
