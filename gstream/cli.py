@@ -66,16 +66,15 @@ def _allow_ips(value: str) -> str:
 
 
 def _workers(value: str) -> int:
-    # The bound (4 x CPUs) lives in gstream.workers; computed here to keep
-    # argparse's usage error (exit 2) without importing the server yet.
-    top = 4 * (os.cpu_count() or 1)
+    from .limits import WORKERS_PER_CPU, max_workers  # stdlib only: safe before monkey-patching
+
     try:
         n = int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
-    if not 1 <= n <= top:
-        raise argparse.ArgumentTypeError(
-            f"must be between 1 and {top} (4 x {os.cpu_count() or 1} CPUs), got {n}")
+    if not 1 <= n <= max_workers():
+        raise argparse.ArgumentTypeError(f"must be between 1 and {max_workers()} "
+                                         f"({WORKERS_PER_CPU} x {os.cpu_count() or 1} CPUs), got {n}")
     return n
 
 

@@ -26,14 +26,12 @@ from gevent import monkey
 from . import limits
 from .server import Server
 
-__all__ = ["Supervisor", "WorkerState", "max_workers", "check_workers", "BOOT_ERROR"]
+__all__ = ["Supervisor", "WorkerState", "check_workers", "BOOT_ERROR"]
 
 log = logging.getLogger("gstream.workers")
 
 #: Exit status of a worker that could not load the application (or build its server).
 BOOT_ERROR = 3
-#: Workers allowed per CPU: past that the processes only compete for the same cores.
-WORKERS_PER_CPU = 4
 #: A worker that ends within this many seconds of its start is a fast failure.
 FAST_FAILURE_SECONDS = 10.0
 #: After this many fast failures in a row of one worker slot the supervisor gives up (exit
@@ -70,16 +68,11 @@ class _Phase(enum.Enum):
     STOPPING = "stopping"
 
 
-def max_workers() -> int:
-    """The most workers allowed: ``WORKERS_PER_CPU`` x the CPU count."""
-    return WORKERS_PER_CPU * (os.cpu_count() or 1)
-
-
 def check_workers(workers: int) -> int:
-    """``workers`` if it is between 1 and :func:`max_workers`, else ValueError naming the range."""
-    top = max_workers()
+    """``workers`` if between 1 and :func:`gstream.limits.max_workers`, else ValueError (the range)."""
+    top = limits.max_workers()
     if not isinstance(workers, int) or isinstance(workers, bool) or not 1 <= workers <= top:
-        raise ValueError(f"workers must be between 1 and {top} ({WORKERS_PER_CPU} x "
+        raise ValueError(f"workers must be between 1 and {top} ({limits.WORKERS_PER_CPU} x "
                          f"{os.cpu_count() or 1} CPUs), got {workers!r}")
     return workers
 
@@ -122,7 +115,7 @@ class Supervisor:
     Args:
         app: the WSGI application (imported before forking), or None.
         host, port: where to listen (port 0 picks a free port; see :attr:`port`).
-        workers: how many worker processes (1 to :func:`max_workers`).
+        workers: how many worker processes (1 to :func:`gstream.limits.max_workers`).
         load_app: returns the application; called in each worker after fork.
         ready: called in the parent with the supervisor once every worker
             serves (once, at start).

@@ -281,7 +281,7 @@ def test_worker_count_is_bounded(supervised: Any) -> None:
 
 def test_supervisor_refuses_bad_arguments_before_binding() -> None:
     from gstream import Supervisor
-    from gstream.workers import max_workers
+    from gstream.limits import max_workers
 
     def app(environ: Any, start_response: Any) -> list[bytes]:
         return []
