@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -277,6 +278,19 @@ def test_worker_count_is_bounded(supervised: Any) -> None:
         s = supervised("serve", APP, "--port", "0", "--workers", bad)
         assert s.exit_code(15) == 2
         assert "--workers" in s.log and ("between 1 and" in s.log or "whole number" in s.log)
+
+
+def test_bad_spec_and_busy_port_fail_before_forking(supervised: Any) -> None:
+    s = supervised("serve", "no_colon", "--port", "0", "--workers", "2")
+    assert s.exit_code(15) == 1
+    assert "expected module:app" in s.log and "worker" not in s.log
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        s = supervised("serve", APP, "--port", str(port), "--workers", "2")
+        assert s.exit_code(15) == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in s.log and "started" not in s.log
 
 
 def test_supervisor_refuses_bad_arguments_before_binding() -> None:
