@@ -293,6 +293,23 @@ def test_bad_spec_and_busy_port_fail_before_forking(supervised: Any) -> None:
     assert f"cannot listen on 127.0.0.1:{port}" in s.log and "started" not in s.log
 
 
+def test_server_serves_a_socket_bound_elsewhere() -> None:
+    from gstream.server import Server
+    from tests.apps.workers_app import app
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    server = Server(app, "ignored.invalid", 1, listener=sock)
+    server.start()
+    try:
+        assert server.port == sock.getsockname()[1]
+        assert server.url == f"http://127.0.0.1:{server.port}"
+        assert requests.get(server.url + "/pid", timeout=5).text == str(os.getpid())
+    finally:
+        server.stop(timeout=2)
+
+
 def test_supervisor_refuses_bad_arguments_before_binding() -> None:
     from gstream import Supervisor
     from gstream.limits import max_workers
