@@ -118,6 +118,41 @@ def proc_cpu_seconds(pid: int) -> float:
     return sum(int(x) for x in fields[11:15]) / CLK_TCK
 
 
+def proc_children(pid: int) -> list[int]:
+    """The live child processes of ``pid`` (from each process's /proc stat ppid)."""
+    kids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                data = f.read()
+        except OSError:
+            continue
+        fields = data[data.rindex(")") + 2 :].split()
+        if int(fields[1]) == pid and fields[0] != "Z":
+            kids.append(int(entry))
+    return kids
+
+
+def proc_tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of ``pid`` and of its live children (a pre-fork server's workers).
+
+    A child that has ended and been reaped is already in the parent's
+    cutime/cstime (proc_cpu_seconds), so nothing is counted twice.
+    """
+    return proc_cpu_seconds(pid) + sum(proc_cpu_seconds(kid) for kid in proc_children(pid))
+
+
+def proc_tree_rss_kib(pid: int) -> int:
+    """VmRSS of ``pid`` plus its live children's, in KiB.
+
+    Pages a forked worker still shares with its parent (copy-on-write) are
+    counted in each process, so for a pre-fork server this is an upper bound.
+    """
+    return proc_rss_kib(pid) + sum(proc_rss_kib(kid) for kid in proc_children(pid))
+
+
 def announce_ready(port: int, **info: object) -> None:
     """Tell the runner the server listens (one JSON line on stdout)."""
     sys.stdout.write(json.dumps({"ready": True, "port": port, "pid": os.getpid(), **info}) + "\n")

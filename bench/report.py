@@ -128,7 +128,7 @@ def render_tables(runs: list[dict], caps: dict, labels: dict, servers: list[str]
                 lines.append("| " + " | ".join(row) + " |")
             lines.append("")
     lines.append("Cells are medians over repetitions; (Nx) = cell / best Python peer in the column "
-                 "(raw epoll, Go net/http and gstream excluded from 'peer'). '!a/b' = a of b runs had losses, "
+                 "(raw epoll, Go net/http and gstream, with or without workers, excluded from 'peer'). '!a/b' = a of b runs had losses, "
                  "errors or too few connections. 'LG-bound?' = a loadgen worker was above 90% CPU. "
                  "'[a of b reps]' = only a of the b repetitions ran (time budget).")
     unavailable = {k: v.get("unavailable") or v.get("error") for k, v in caps.items()

@@ -27,12 +27,20 @@ from typing import Any
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from common import machine_cpu_ticks, proc_cpu_seconds, proc_rss_kib, raise_nofile  # noqa: E402
+from common import (  # noqa: E402
+    machine_cpu_ticks,
+    proc_children,
+    proc_cpu_seconds,
+    proc_tree_cpu_seconds,
+    proc_tree_rss_kib,
+    raise_nofile,
+)
 from report import render_tables, save_plots  # noqa: E402
 
 #: Server name -> (script, label). Order = table order. raw_epoll is the limit.
 SERVERS: dict[str, tuple[str, str]] = {
     "gstream": ("gstream_server.py", "gstream"),
+    "gstream_w2": ("gstream_w2_server.py", "gstream, 2 workers"),
     "websockets": ("websockets_server.py", "websockets asyncio"),
     "geventws": ("geventws_server.py", "gevent-websocket"),
     "pywsgi_sse": ("pywsgi_sse_server.py", "plain pywsgi SSE"),
@@ -43,7 +51,8 @@ SERVERS: dict[str, tuple[str, str]] = {
 }
 #: Not Python peers: ratios are against the best of the others. Go net/http is
 #: a reference anchor (issue 21), not a library a Python shop would pick.
-NOT_PEERS = {"gstream", "raw_epoll", "gonethttp"}
+#: gstream_w2 is gstream itself (`gstream serve --workers 2`), echo only.
+NOT_PEERS = {"gstream", "gstream_w2", "raw_epoll", "gonethttp"}
 #: Servers whose script must build something first (``script --build``): run
 #: once before the probe, outside the 30 s start timeout.
 BUILD_FIRST = {"gonethttp"}
@@ -160,16 +169,24 @@ class ServerProc:
             raise RuntimeError(f"GET {target}: {data[:60]!r}")
         return data
 
+    # A pre-fork server (gstream_w2) serves from child processes: its CPU and
+    # memory are the whole tree's.
     def rss(self) -> int:
-        return proc_rss_kib(self.pid)
+        return proc_tree_rss_kib(self.pid)
 
     def cpu(self) -> float:
-        return proc_cpu_seconds(self.pid)
+        return proc_tree_cpu_seconds(self.pid)
 
     def stop(self) -> None:
         # Nothing is measured after this: kill instead of waiting for a
         # graceful shutdown (uvicorn spent 3.5 s draining 15,000 connections).
+        # Workers first: they would drain on their own once their parent is gone.
         if self.proc.poll() is None:
+            for kid in proc_children(self.pid):
+                try:
+                    os.kill(kid, 9)
+                except OSError:
+                    pass
             self.proc.kill()
             self.proc.wait(5)
         self.log.close()

@@ -37,6 +37,7 @@ from .websocket import (
 _LAZY = {
     "Server": "gstream.server",
     "serve": "gstream.server",
+    "Supervisor": "gstream.workers",
     "GStreamHandler": "gstream.handler",
 }
 
@@ -72,6 +73,7 @@ __all__ = [
     "SSEWriter",
     "SSE_HEADERS",
     "Server",
+    "Supervisor",
     "TopicError",
     "WSConfig",
     "WebSocket",

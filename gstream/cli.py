@@ -16,7 +16,7 @@ from typing import Any
 
 from .policies import Overflow
 
-__all__ = ["main", "load_app"]
+__all__ = ["main", "load_app", "check_spec"]
 
 
 def _patch() -> None:
@@ -26,11 +26,17 @@ def _patch() -> None:
         monkey.patch_all()
 
 
-def load_app(spec: str) -> Any:
-    """Import ``module:attribute`` (``module:factory()`` calls a factory)."""
+def check_spec(spec: str) -> tuple[str, str]:
+    """Split ``module:attribute`` without importing anything (SystemExit if malformed)."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise SystemExit(f"gstream: expected module:app, got {spec!r}")
+    return module_name, attr
+
+
+def load_app(spec: str) -> Any:
+    """Import ``module:attribute`` (``module:factory()`` calls a factory)."""
+    module_name, attr = check_spec(spec)
     # Like gunicorn: the current directory is importable.
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
@@ -59,6 +65,19 @@ def _allow_ips(value: str) -> str:
     return value
 
 
+def _workers(value: str) -> int:
+    from .limits import WORKERS_PER_CPU, max_workers  # stdlib only: safe before monkey-patching
+
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+    if not 1 <= n <= max_workers():
+        raise argparse.ArgumentTypeError(f"must be between 1 and {max_workers()} "
+                                         f"({WORKERS_PER_CPU} x {os.cpu_count() or 1} CPUs), got {n}")
+    return n
+
+
 def _add_server_options(p: argparse.ArgumentParser, default_port: int) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=default_port, help="port (0 picks a free one)")
@@ -81,24 +100,35 @@ def _add_server_options(p: argparse.ArgumentParser, default_port: int) -> None:
                    help="comma-separated proxy addresses/networks whose X-Forwarded-* and "
                         "Forwarded headers are trusted ('*': any; default: $FORWARDED_ALLOW_IPS "
                         "or 127.0.0.1,::1, as in gunicorn)")
+    p.add_argument("--workers", type=_workers, default=1,
+                   help="worker processes sharing the port (default 1: this process serves; "
+                        "N > 1: a supervisor forks N workers, each importing the app; "
+                        "max 4 x CPUs). Memory, and so an in-memory broker or hub, is per "
+                        "worker: see docs/redis.md")
     p.add_argument("--log-level", default="info",
                    choices=("debug", "info", "warning", "error"))
+
+
+def _server_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "max_connections": args.max_connections, "overflow": args.overflow,
+        "certfile": args.certfile, "keyfile": args.keyfile, "access_log": args.access_log,
+        "shutdown_timeout": args.shutdown_timeout, "header_timeout": args.header_timeout or None,
+        "forwarded_allow_ips": args.forwarded_allow_ips, "backlog": args.backlog,
+    }
+
+
+def _bind_server(app: Any, server: Any) -> None:
+    bind = getattr(app, "bind_server", None)
+    if callable(bind):  # e.g. the demo, for its "connections" statistic
+        bind(server)
 
 
 def _run(app: Any, args: argparse.Namespace, banner: str) -> int:
     from .server import Server
 
-    server = Server(
-        app, args.host, args.port,
-        max_connections=args.max_connections, overflow=args.overflow,
-        certfile=args.certfile, keyfile=args.keyfile, access_log=args.access_log,
-        shutdown_timeout=args.shutdown_timeout, header_timeout=args.header_timeout or None,
-        forwarded_allow_ips=args.forwarded_allow_ips,
-        backlog=args.backlog,
-    )
-    bind = getattr(app, "bind_server", None)
-    if callable(bind):  # e.g. the demo, for its "connections" statistic
-        bind(server)
+    server = Server(app, args.host, args.port, **_server_options(args))
+    _bind_server(app, server)
     server.start()
     print(banner.format(url=server.url), flush=True)
     server.serve_forever()
@@ -121,14 +151,48 @@ def main(argv: list[str] | None = None) -> int:
 
     # Patch before anything imports the application (or ssl, threading...).
     _patch()
+    # With workers, each line names its process.
+    pid = " [%(process)d]" if args.workers > 1 else ""
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format=f"%(asctime)s{pid} %(levelname)s %(name)s: %(message)s")
     if args.command == "serve":
+        if args.workers > 1:
+            check_spec(args.app)
+            return _supervise(lambda: load_app(args.app), args,
+                              f"gstream: serving {args.app} on {{url}}")
         app = load_app(args.app)
         return _run(app, args, f"gstream: serving {args.app} on {{url}}")
     from .demo import make_app
 
-    return _run(make_app(ticker=not args.no_ticker), args, "gstream demo: open {url}/")
+    def demo_app() -> Any:
+        return make_app(ticker=not args.no_ticker)
+
+    if args.workers > 1:
+        return _supervise(demo_app, args, "gstream demo: open {url}/")
+    return _run(demo_app(), args, "gstream demo: open {url}/")
+
+
+def _supervise(load: Any, args: argparse.Namespace, banner: str) -> int:
+    """``--workers N``: bind here, import the app in each worker after fork."""
+    from .workers import Supervisor
+
+    holder: dict[str, Any] = {}
+
+    def load_in_worker() -> Any:
+        holder["app"] = load()
+        return holder["app"]
+
+    supervisor = Supervisor(
+        host=args.host, port=args.port, workers=args.workers, load_app=load_in_worker,
+        ready=lambda sup: print(banner.format(url=sup.url), flush=True),
+        on_server=lambda server: _bind_server(holder["app"], server),
+        **_server_options(args),
+    )
+    try:
+        supervisor.bind()
+    except OSError as exc:
+        raise SystemExit(f"gstream: cannot listen on {args.host}:{args.port}: {exc}") from None
+    return supervisor.run()
 
 
 if __name__ == "__main__":

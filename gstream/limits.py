@@ -1,4 +1,4 @@
-"""Process limits a server meets at scale: the listen backlog and open descriptors.
+"""Process limits a server meets at scale: the listen backlog, open descriptors, worker count.
 
 Used by :class:`gstream.server.Server` when it starts; see docs/server.md
 ("Backlog" and "Descriptors") for why each default is what it is.
@@ -7,13 +7,15 @@ Used by :class:`gstream.server.Server` when it starts; see docs/server.md
 from __future__ import annotations
 
 import logging
+import os
 
 try:
     import resource
 except ImportError:  # not on Windows
     resource = None  # type: ignore[assignment]
 
-__all__ = ["DEFAULT_BACKLOG", "FD_RESERVE", "default_backlog", "somaxconn", "raise_nofile_limit"]
+__all__ = ["DEFAULT_BACKLOG", "FD_RESERVE", "WORKERS_PER_CPU", "default_backlog", "somaxconn",
+           "raise_nofile_limit", "max_workers"]
 
 log = logging.getLogger("gstream.server")
 
@@ -24,6 +26,10 @@ DEFAULT_BACKLOG = 4096
 #: Descriptors kept for everything but client connections: the listener, the
 #: event loop, logs, the application's own files and outbound connections.
 FD_RESERVE = 64
+
+#: Worker processes allowed per CPU (``gstream serve --workers``): past that the
+#: processes only compete for the same cores.
+WORKERS_PER_CPU = 4
 
 _SOMAXCONN = "/proc/sys/net/core/somaxconn"
 _raised = False
@@ -77,3 +83,8 @@ def raise_nofile_limit(wanted: int) -> int | None:
         log.info("raised the open-files limit (RLIMIT_NOFILE) from %d to %d (hard limit %s)",
                  soft, target, "unlimited" if hard == infinity else hard)
     return int(target)
+
+
+def max_workers() -> int:
+    """The most worker processes allowed: ``WORKERS_PER_CPU`` x the CPU count."""
+    return WORKERS_PER_CPU * (os.cpu_count() or 1)

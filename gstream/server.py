@@ -14,6 +14,7 @@ import errno
 import http.client
 import logging
 import signal
+import socket
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -345,6 +346,10 @@ class Server:
             headers set ``REMOTE_ADDR``, ``wsgi.url_scheme`` and ``HTTP_HOST``
             (see :class:`gstream.proxy.ProxyHeaders` and docs/deploy.md).
             Default: loopback only, like gunicorn. None ignores them.
+        listener: a socket already bound and listening (e.g. inherited from
+            :class:`gstream.workers.Supervisor`, which binds once and forks);
+            ``host`` and ``port`` are then ignored and the socket is made
+            non-blocking. ``backlog`` only names what it was listened with.
     """
 
     def __init__(
@@ -366,6 +371,7 @@ class Server:
         lifecycle: Lifecycle | None = None,
         shutdown_reason: str = "server shutting down",
         forwarded_allow_ips: str | Iterable[str] | None = DEFAULT_FORWARDED_ALLOW_IPS,
+        listener: socket.socket | None = None,
     ) -> None:
         overflow = Overflow.parse(overflow, "overflow")
         if max_connections < 1:
@@ -402,9 +408,13 @@ class Server:
         kwargs: dict[str, Any] = {}
         if certfile:
             kwargs.update(certfile=certfile, keyfile=keyfile)
+        if listener is not None:
+            listener.setblocking(False)  # pywsgi's accept expects it (EAGAIN, not a wait)
+        else:
+            kwargs["backlog"] = self.backlog
         self._wsgi = _WSGIServer(
-            (host, port), app, spawn=self.pool.spawn, backlog=self.backlog, handler_class=handler,
-            log=logging.getLogger("gstream.access") if access_log else None,
+            (host, port) if listener is None else listener, app, spawn=self.pool.spawn,
+            handler_class=handler, log=logging.getLogger("gstream.access") if access_log else None,
             error_log=log, **kwargs,
         )
         self._wsgi.controller = self
@@ -500,9 +510,15 @@ class Server:
         log.info("gstream serving on %s (max %d connections, overflow=%s, backlog %d)",
                  self.url, self.max_connections, self.overflow, self.backlog)
 
-    def install_signal_handlers(self) -> None:
-        """Shut down gracefully on SIGTERM and SIGINT (a second signal cuts it short)."""
-        for signum in (signal.SIGTERM, signal.SIGINT):
+    def install_signal_handlers(
+            self, signals: Iterable[int] = (signal.SIGTERM, signal.SIGINT)) -> None:
+        """Shut down gracefully on ``signals`` (a second signal cuts it short).
+
+        A worker of :class:`gstream.workers.Supervisor` takes SIGTERM only: a
+        terminal's Ctrl-C reaches the whole process group, and the supervisor
+        forwards it as SIGTERM, which would otherwise count as a second signal.
+        """
+        for signum in signals:
             self._signals.append(gevent.signal_handler(signum, self._on_signal, signum))
 
     def _on_signal(self, signum: int) -> None:

@@ -193,24 +193,31 @@ info = {"kinds": kinds, "idle_kinds": idle_kinds, "echo": echo_app is not None, 
 Server = _optional("Server", "gstream.server")
 serve = _optional("serve", "gstream.server")  # PLUG-IN: serve(app, host, port, ready=..., **opts)
 
-if serve is not None:
-    # gstream's own server binds the port itself; the runner passes a free one.
-    # Its default connection cap (10,000) would cut the 15,000-connection idle
-    # run short, so raise it toward the fd limit.
-    opts = {"backlog": 4096, "max_connections": 19_500, "install_signals": False}
-    params = set(inspect.signature(Server.__init__).parameters) if Server else set()
-    params |= {"install_signals", "ready"}
-    opts = {k: v for k, v in opts.items() if k in params}
 
-    def _ready(server) -> None:  # type: ignore[no-untyped-def]
-        announce_ready(getattr(server, "port", args.port), server="gstream.server.serve", **info)
+def main() -> None:
+    """Serve ``app`` in this process (gstream_w2_server.py imports ``app`` instead)."""
+    if serve is not None:
+        # gstream's own server binds the port itself; the runner passes a free one.
+        # Its default connection cap (10,000) would cut the 15,000-connection idle
+        # run short, so raise it toward the fd limit.
+        opts = {"backlog": 4096, "max_connections": 19_500, "install_signals": False}
+        params = set(inspect.signature(Server.__init__).parameters) if Server else set()
+        params |= {"install_signals", "ready"}
+        opts = {k: v for k, v in opts.items() if k in params}
 
-    serve(app, args.host, args.port, ready=_ready, **opts)
-else:
-    from gevent.pywsgi import WSGIServer
+        def _ready(server) -> None:  # type: ignore[no-untyped-def]
+            announce_ready(getattr(server, "port", args.port), server="gstream.server.serve", **info)
 
-    handler_class = getattr(gstream, "GStreamHandler", None)  # PLUG-IN: gstream's pywsgi handler
-    sock = listen(args.host, args.port)
-    kw = {"handler_class": handler_class} if handler_class is not None else {}
-    announce_ready(sock.getsockname()[1], server="gevent.pywsgi", **info)
-    WSGIServer(sock, app, log=None, **kw).serve_forever()
+        serve(app, args.host, args.port, ready=_ready, **opts)
+    else:
+        from gevent.pywsgi import WSGIServer
+
+        handler_class = getattr(gstream, "GStreamHandler", None)  # PLUG-IN: gstream's pywsgi handler
+        sock = listen(args.host, args.port)
+        kw = {"handler_class": handler_class} if handler_class is not None else {}
+        announce_ready(sock.getsockname()[1], server="gevent.pywsgi", **info)
+        WSGIServer(sock, app, log=None, **kw).serve_forever()
+
+
+if __name__ == "__main__":
+    main()
