@@ -168,7 +168,10 @@ def main(argv: list[str] | None = None) -> int:
         return make_app(ticker=not args.no_ticker)
 
     if args.workers > 1:
-        return _supervise(demo_app, args, "gstream demo: open {url}/")
+        # Its rooms, feed and presence live in this process's memory: with
+        # workers, a chat message would reach only the tabs of one worker.
+        parser.error("the demo runs in one process (its rooms live in memory); "
+                     "--workers is for `gstream serve` with a Redis backplane (docs/redis.md)")
     return _run(demo_app(), args, "gstream demo: open {url}/")
 
 

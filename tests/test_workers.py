@@ -280,6 +280,13 @@ def test_worker_count_is_bounded(supervised: Any) -> None:
         assert "--workers" in s.log and ("between 1 and" in s.log or "whole number" in s.log)
 
 
+def test_the_demo_refuses_workers(supervised: Any) -> None:
+    # Its rooms live in memory: with two workers a chat would be split in two.
+    s = supervised("demo", "--port", "0", "--workers", "2")
+    assert s.exit_code(15) == 2
+    assert "the demo runs in one process" in s.log
+
+
 def test_bad_spec_and_busy_port_fail_before_forking(supervised: Any) -> None:
     s = supervised("serve", "no_colon", "--port", "0", "--workers", "2")
     assert s.exit_code(15) == 1
