@@ -39,6 +39,9 @@ log = logging.getLogger("gstream.hub")
 SLOW_POLICIES = tuple(p.value for p in SlowPolicy)
 _BATCH_MESSAGES = 64  # messages queued to members before they are flushed (one send each)
 _BATCH_SECONDS = 0.05  # ...or this much fan-out work: bounds the first message's wait
+# A run of messages for everyone is joined into chunks of at most this many bytes: a
+# partial send copies the rest of a member's chunk, so it must stay small (docs/hub.md).
+_RUN_BYTES = 64 * 1024
 _YIELD_DELIVERIES = 16384  # frames (or runs) queued between two yields inside one huge fan-out
 _FLUSH_YIELD = 2048  # members flushed between two yields
 _THREAD_CALL_TIMEOUT = 10.0  # a native thread waits this long at most for the hub's thread
@@ -299,7 +302,7 @@ class Hub:
             if run:
                 self._fan_out_run(run, dirty)
                 run = []
-            self._fan_out(message, exclude, where, arity, dirty)
+            self._fan_out(prepare(message), exclude, where, arity, dirty)
         if run:
             self._fan_out_run(run, dirty)
 
@@ -312,13 +315,12 @@ class Hub:
                 gevent.sleep(0)  # a huge room must not hog the loop
         dirty.clear()
 
-    def _fan_out(self, message: Message, exclude: frozenset[WebSocket] | None,
+    def _fan_out(self, pm: PreparedMessage, exclude: frozenset[WebSocket] | None,
                  where: Where | None, arity: int, dirty: list[_Member]) -> None:
         self._stats["fanned_out"] += 1
         snapshot = self._snapshot
         if snapshot is None:
             snapshot = self._snapshot = tuple(self._members.values())
-        pm = prepare(message)
         frame = pm.frame
         delivered = since_yield = 0
         for m in snapshot:
@@ -360,20 +362,34 @@ class Hub:
     def _fan_out_run(self, messages: list[Message], dirty: list[_Member]) -> None:
         """Consecutive messages every member takes: one chunk per member.
 
-        The frames are joined once into a :class:`~gstream.websocket.PreparedRun`
-        that every frame-sharing member queues with one call. A member
-        without room for it (a writer waits for its peer, or its queue
-        before this batch is full) takes the per-frame path instead, so the
-        slow-member policy acts exactly as it would have message by message.
+        Their frames are joined once into :class:`~gstream.websocket.PreparedRun`
+        objects of at most ``_RUN_BYTES`` (a longer frame goes alone) that
+        every frame-sharing member queues with one call each.
         """
-        if len(messages) == 1:
-            self._fan_out(messages[0], None, None, 0, dirty)
+        group: list[PreparedMessage] = []
+        size = 0
+        for message in messages:
+            pm = prepare(message)
+            if group and size + len(pm.frame) > _RUN_BYTES:
+                self._fan_out_group(group, dirty)
+                group = []
+                size = 0
+            group.append(pm)
+            size += len(pm.frame)
+        self._fan_out_group(group, dirty)
+
+    def _fan_out_group(self, pms: list[PreparedMessage], dirty: list[_Member]) -> None:
+        """One run to every member. A member without room for it (a writer
+        waits for its peer, or its queue before this batch is full) takes
+        the per-frame path instead, so the slow-member policy acts exactly
+        as it would have message by message."""
+        if len(pms) == 1:
+            self._fan_out(pms[0], None, None, 0, dirty)
             return
-        self._stats["fanned_out"] += len(messages)
+        self._stats["fanned_out"] += len(pms)
         snapshot = self._snapshot
         if snapshot is None:
             snapshot = self._snapshot = tuple(self._members.values())
-        pms = [prepare(message) for message in messages]
         run = prepare_run(pms)
         count = len(pms)
         delivered = since_yield = 0
