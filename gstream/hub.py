@@ -98,7 +98,7 @@ class HubCounters(TypedDict):
     fanned_out: int
     """Messages the hub greenlet processed."""
     deliveries: int
-    """Frames queued to members."""
+    """Messages queued to members (one per member and message, also inside a run)."""
     drops: int
     """Broadcasts refused, channel full."""
     member_drops: int
