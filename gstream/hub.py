@@ -1,7 +1,8 @@
 """Hub: broadcast WebSocket messages to a set of connections (a room).
 
-One greenlet drains a bounded channel and fans each message out, framed once;
-a member whose send buffer is full gets the slow-member policy, so one stalled
+One greenlet drains a bounded channel in batches and fans them out, each
+message framed once and each run of messages for everyone joined once; a
+member whose send buffer is full gets the slow-member policy, so one stalled
 peer costs only its own messages. Design: docs/hub.md.
 """
 
@@ -27,7 +28,7 @@ from .policies import SlowPolicy
 from .presence import Presence, PresenceEvent, PresenceSnapshot
 from .threadsafe import LoopBinding, allocate_lock
 from .types import Message
-from .websocket import WebSocket, prepare
+from .websocket import PreparedMessage, WebSocket, prepare, prepare_run
 
 __all__ = ["Hub", "HubConfig", "HubCounters", "HubStats", "HubBackplane", "MemoryBackplane",
            "SlowPolicy", "SLOW_POLICIES"]
@@ -38,7 +39,10 @@ log = logging.getLogger("gstream.hub")
 SLOW_POLICIES = tuple(p.value for p in SlowPolicy)
 _BATCH_MESSAGES = 64  # messages queued to members before they are flushed (one send each)
 _BATCH_SECONDS = 0.05  # ...or this much fan-out work: bounds the first message's wait
-_YIELD_DELIVERIES = 16384  # frames queued between two yields inside one huge fan-out
+# A run of messages for everyone is joined into chunks of at most this many bytes: a
+# partial send copies the rest of a member's chunk, so it must stay small (docs/hub.md).
+_RUN_BYTES = 64 * 1024
+_YIELD_DELIVERIES = 16384  # frames (or runs) queued between two yields inside one huge fan-out
 _FLUSH_YIELD = 2048  # members flushed between two yields
 _THREAD_CALL_TIMEOUT = 10.0  # a native thread waits this long at most for the hub's thread
 
@@ -94,7 +98,7 @@ class HubCounters(TypedDict):
     fanned_out: int
     """Messages the hub greenlet processed."""
     deliveries: int
-    """Frames queued to members."""
+    """Messages queued to members (one per member and message, also inside a run)."""
     drops: int
     """Broadcasts refused, channel full."""
     member_drops: int
@@ -233,13 +237,15 @@ class Hub:
             self._done.set()
 
     def _loop(self) -> None:
-        # Batches: fan out messages while they keep coming (a short linger
-        # lets a publisher add its next one), only *queueing* frames; then
-        # flush every member once, so a burst of k messages costs each
-        # member one send() instead of k. A batch closes when the channel
-        # stays empty, after _BATCH_MESSAGES or after _BATCH_SECONDS of work.
+        # Batches: take messages while they keep coming (a short linger lets
+        # a publisher add its next one), then fan the batch out, only
+        # *queueing* frames, and flush every member once, so a burst of k
+        # messages costs each member one send() instead of k. A batch closes
+        # when the channel stays empty, after _BATCH_MESSAGES or after
+        # _BATCH_SECONDS.
         channel = self._channel
         dirty: list[_Member] = []
+        batch: list[_Item] = []
         try:
             while not self._stopped:
                 if not channel:
@@ -249,21 +255,26 @@ class Hub:
                     self._wake.wait()
                     continue
                 started = time.perf_counter()
-                taken = 0
                 while channel and not self._stopped:
-                    self._take_one(dirty)
-                    taken += 1
-                    if taken >= _BATCH_MESSAGES or time.perf_counter() - started >= _BATCH_SECONDS:
+                    batch.append(self._take_one())
+                    if (len(batch) >= _BATCH_MESSAGES
+                            or time.perf_counter() - started >= _BATCH_SECONDS):
                         break
                     if not channel:
                         gevent.sleep(0)  # linger: a publisher's next message joins this batch
+                self._fan_out_batch(batch, dirty)
                 self._flush(dirty)
                 gevent.sleep(0)  # let members, publishers and the rest of the app run
         finally:
-            self._flush(dirty)  # killed or stopped mid-batch: nothing stays unsent
+            # Killed or stopped mid-batch: what was taken is queued, nothing stays unsent.
+            try:
+                self._fan_out_batch(batch, dirty)
+            finally:
+                self._flush(dirty)
 
-    def _take_one(self, dirty: list[_Member]) -> None:
-        message, exclude, where, arity, forward = self._channel.popleft()
+    def _take_one(self) -> _Item:
+        item = self._channel.popleft()
+        message, _, _, _, forward = item
         self._signal_room()
         if forward and self._backplane is not None:
             try:
@@ -275,7 +286,25 @@ class Hub:
                 log.debug("hub %r: backplane unavailable: %s", self.name, exc)
             except Exception:
                 log.exception("hub %r: backplane broadcast failed", self.name)
-        self._fan_out(message, exclude, where, arity, dirty)
+        return item
+
+    def _fan_out_batch(self, batch: list[_Item], dirty: list[_Member]) -> None:
+        """Fan out ``batch`` (emptied) in order: each maximal run of messages
+        for every member (no exclude, no where) as one joined chunk, the
+        others one by one."""
+        items = batch[:]
+        batch.clear()  # a kill mid-fan-out must not fan these out again
+        run: list[Message] = []
+        for message, exclude, where, arity, _ in items:
+            if exclude is None and where is None:
+                run.append(message)
+                continue
+            if run:
+                self._fan_out_run(run, dirty)
+                run = []
+            self._fan_out(prepare(message), exclude, where, arity, dirty)
+        if run:
+            self._fan_out_run(run, dirty)
 
     def _flush(self, dirty: list[_Member]) -> None:
         """One send per member that got frames in this batch."""
@@ -286,13 +315,12 @@ class Hub:
                 gevent.sleep(0)  # a huge room must not hog the loop
         dirty.clear()
 
-    def _fan_out(self, message: Message, exclude: frozenset[WebSocket] | None,
+    def _fan_out(self, pm: PreparedMessage, exclude: frozenset[WebSocket] | None,
                  where: Where | None, arity: int, dirty: list[_Member]) -> None:
         self._stats["fanned_out"] += 1
         snapshot = self._snapshot
         if snapshot is None:
             snapshot = self._snapshot = tuple(self._members.values())
-        pm = prepare(message)
         frame = pm.frame
         delivered = since_yield = 0
         for m in snapshot:
@@ -330,6 +358,80 @@ class Hub:
                 if self._stopped:
                     break
         self._stats["deliveries"] += delivered
+
+    def _fan_out_run(self, messages: list[Message], dirty: list[_Member]) -> None:
+        """Consecutive messages every member takes: one chunk per member.
+
+        Their frames are joined once into :class:`~gstream.websocket.PreparedRun`
+        objects of at most ``_RUN_BYTES`` (a longer frame goes alone) that
+        every frame-sharing member queues with one call each.
+        """
+        group: list[PreparedMessage] = []
+        size = 0
+        for message in messages:
+            pm = prepare(message)
+            if group and size + len(pm.frame) > _RUN_BYTES:
+                self._fan_out_group(group, dirty)
+                group = []
+                size = 0
+            group.append(pm)
+            size += len(pm.frame)
+        self._fan_out_group(group, dirty)
+
+    def _fan_out_group(self, pms: list[PreparedMessage], dirty: list[_Member]) -> None:
+        """One run to every member. A member without room for it (a writer
+        waits for its peer, or its queue before this batch is full) takes
+        the per-frame path instead, so the slow-member policy acts exactly
+        as it would have message by message."""
+        if len(pms) == 1:
+            self._fan_out(pms[0], None, None, 0, dirty)
+            return
+        self._stats["fanned_out"] += len(pms)
+        snapshot = self._snapshot
+        if snapshot is None:
+            snapshot = self._snapshot = tuple(self._members.values())
+        run = prepare_run(pms)
+        count = len(pms)
+        delivered = since_yield = 0
+        for m in snapshot:
+            ws = m.ws
+            try:
+                if m.shares and ws.push_shared_run(run, m.batched):
+                    delivered += count
+                    if not m.batched:
+                        dirty.append(m)
+                    m.batched += count
+                    since_yield += 1
+                else:
+                    delivered += self._push_each(m, pms, dirty)
+                    since_yield += count
+            except Closed:
+                self._remove(ws)  # closing; on_close will find it gone
+            if since_yield >= _YIELD_DELIVERIES:
+                since_yield = 0
+                gevent.sleep(0)  # a huge room must not hog the loop
+                if self._stopped:
+                    break
+        self._stats["deliveries"] += delivered
+
+    def _push_each(self, m: _Member, pms: list[PreparedMessage], dirty: list[_Member]) -> int:
+        """A run's messages to one member, one at a time (``_fan_out``'s path);
+        returns how many were queued. Raises :class:`Closed` once closing."""
+        delivered = 0
+        ws = m.ws
+        for pm in pms:
+            if m.shares:
+                if (ws.push_shared(pm.frame, m.batched) or self._push_after_flush(m, pm.frame)
+                        or self._slow(m, pm)):
+                    delivered += 1
+                    if not m.batched:
+                        dirty.append(m)
+                    m.batched += 1
+            elif ws.try_send_prepared(pm):  # deflate: encodes and flushes on its own
+                delivered += 1
+            else:
+                delivered += self._slow(m, pm)
+        return delivered
 
     @staticmethod
     def _push_after_flush(m: _Member, frame: bytes) -> bool:

@@ -10,7 +10,7 @@ from ..types import Message
 from .callbacks import detached_sessions
 from .config import INBOUND_POLICIES, OriginPolicy, WSConfig, same_origin
 from .connection import WebSocket, close_all, open_connections
-from .frames import PreparedMessage, prepare
+from .frames import PreparedMessage, PreparedRun, prepare, prepare_run
 from .upgrade import reject_response, upgrade, websocket_app, websocket_callback_app
 
 __all__ = [
@@ -18,12 +18,14 @@ __all__ = [
     "Message",
     "OriginPolicy",
     "PreparedMessage",
+    "PreparedRun",
     "WSConfig",
     "WebSocket",
     "close_all",
     "detached_sessions",
     "open_connections",
     "prepare",
+    "prepare_run",
     "reject_response",
     "same_origin",
     "upgrade",

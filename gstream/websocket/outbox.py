@@ -2,7 +2,8 @@
 
 Frames are queued as ``bytes`` and flushed once per loop iteration with one non-blocking
 ``send``; a writer greenlet exists only while the kernel buffer is full. A hub queues with
-:meth:`OutboundQueue.push_shared` and sends with :meth:`OutboundQueue.flush`. docs/websocket.md.
+:meth:`OutboundQueue.push_shared` (one frame) or :meth:`OutboundQueue.push_shared_run` (a batch's
+frames, joined once for all members) and sends with :meth:`OutboundQueue.flush`. docs/websocket.md.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from websockets.protocol import OPEN
 
 from ..errors import Closed
 from ..tlsio import os_socket
-from .frames import BINARY, TEXT, Message, PreparedMessage, encode_frame
+from .frames import BINARY, TEXT, Message, PreparedMessage, PreparedRun, encode_frame
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -189,20 +190,41 @@ class OutboundQueue:
             return 0
         if self._p.extensions:
             return 1
-        # Index 0 may be partly sent already; everything behind it is whole,
-        # and without extensions one queued chunk is one message.
+        # Index 0 may be partly sent already; everything behind it is whole.
+        # Without extensions a queued chunk is one message, or a hub's
+        # PreparedRun of several, cut at a frame boundary when dropping all
+        # of it would drop more than needed: the same messages go as if each
+        # had been queued on its own.
         out = self._out
+        head = out[0] if out else None
+        if type(head) is PreparedRun and head.messages > 1 and not self._tls:
+            # A run at the head: only its first message is (maybe) in flight;
+            # the others are as droppable as if each had been queued alone.
+            # Not over TLS: a write that did not complete is retried with the
+            # same buffer (_next_chunk), so the head stays as it is.
+            out[0:1] = head.split_first()
         dropped = 0
         i = 1
         while self._out_msgs >= limit and i < len(out):
             chunk = out[i]
-            if type(chunk) is not _Control:
-                del out[i]
-                self._out_bytes -= len(chunk)
-                self._out_msgs -= 1
-                dropped += 1
-            else:
+            if type(chunk) is _Control:
                 i += 1
+                continue
+            lost = 1
+            if type(chunk) is PreparedRun:
+                lost = chunk.messages
+                need = self._out_msgs - limit + 1
+                if lost > need:
+                    rest = chunk.without_first(need)
+                    out[i] = rest
+                    self._out_bytes -= len(chunk) - len(rest)
+                    self._out_msgs -= need
+                    dropped += need
+                    break
+            del out[i]
+            self._out_bytes -= len(chunk)
+            self._out_msgs -= lost
+            dropped += lost
         if self._out_msgs >= limit:
             return dropped + 1  # nothing left to drop (send_buffer of 1)
         self._queue_prepared(prepared)
@@ -277,6 +299,25 @@ class OutboundQueue:
         self._out.append(frame)
         self._out_bytes += len(frame)
         self._out_msgs += 1
+        return True
+
+    def push_shared_run(self, run: PreparedRun, allowance: int = 0) -> bool:
+        """Hub fast path: queue all of ``run``'s messages as one chunk, no flush.
+
+        :meth:`push_shared` for ``run.messages`` messages at once: it succeeds
+        exactly when pushing each of them with ``allowance`` (this batch's
+        frames, growing by one per frame) would have, that is while no
+        writer waits and the frames queued before this batch are fewer than
+        ``send_buffer``. Returns False otherwise, queueing nothing (the hub
+        then takes the per-frame path, and with it the slow-member policy);
+        raises :class:`Closed` once closing.
+        """
+        self._check_open()
+        if self._writer is not None or self._out_msgs - allowance >= self.config.send_buffer:
+            return False
+        self._out.append(run)
+        self._out_bytes += len(run)
+        self._out_msgs += run.messages
         return True
 
     def _queue_frame(self, frame: bytes) -> None:
@@ -365,11 +406,21 @@ class OutboundQueue:
             if n >= len(chunk):
                 done += 1
                 n -= len(chunk)
-                if type(chunk) is not _Control:
+                if type(chunk) is PreparedRun:
+                    self._out_msgs -= chunk.messages
+                elif type(chunk) is not _Control:
                     self._out_msgs -= 1
             else:
-                rest = chunk[n:]
-                out[done] = _Control(rest) if type(chunk) is _Control else rest
+                if type(chunk) is PreparedRun:
+                    # The rest of a run counts its messages not yet wholly
+                    # sent (the one cut in the middle included): exact.
+                    tail = chunk.tail(n)
+                    self._out_msgs -= chunk.messages - tail.messages
+                    out[done] = tail
+                elif type(chunk) is _Control:
+                    out[done] = _Control(chunk[n:])
+                else:
+                    out[done] = chunk[n:]
                 n = 0
         if done:
             del out[:done]  # one slice: a list pops from the front in O(len)
