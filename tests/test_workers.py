@@ -26,6 +26,7 @@ import requests
 from gstream.client import connect
 from gstream.errors import Closed
 from tests.helpers import SSEStream, wait_until
+from tests.tlsutil import make_cert
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 APP = "tests.apps.workers_app:app"
@@ -57,7 +58,7 @@ class Supervised:
         assert self.p.stdout is not None
         with gevent.Timeout(timeout, AssertionError(f"no URL; log:\n{self.log}")):
             line = self.p.stdout.readline()
-        m = re.search(r"(http://[\d.]+:(\d+))", line)
+        m = re.search(r"(https?://[\d.]+:(\d+))", line)
         assert m, f"no URL in {line!r}; log:\n{self.log}"
         self.url, self.port = m.group(1), int(m.group(2))
         return self.url
@@ -125,7 +126,8 @@ def both_workers(s: Supervised, make: Any, limit: int = 40) -> list[tuple[int, A
     got: list[tuple[int, Any]] = []
     for i in range(limit):
         if i >= 4 and len({pid for pid, _ in got}) < 2:
-            hog = gevent.spawn(requests.get, s.url + "/hog?t=0.4", timeout=10)
+            hog = gevent.spawn(requests.get, s.url + "/hog?t=0.4", timeout=10,
+                               verify=getattr(s, "verify", True))
             gevent.sleep(0.1)  # (a head start only; the loop does not rely on it)
             got.append(make())
             hog.get(timeout=10)
@@ -278,6 +280,21 @@ def test_worker_count_is_bounded(supervised: Any) -> None:
         s = supervised("serve", APP, "--port", "0", "--workers", bad)
         assert s.exit_code(15) == 2
         assert "--workers" in s.log and ("between 1 and" in s.log or "whole number" in s.log)
+
+
+def test_tls_through_both_workers(supervised: Any, tmp_path: Any) -> None:
+    # The listener is bound once in the supervisor; each worker wraps what it accepts.
+    cert, key = make_cert(str(tmp_path))
+    s = serve(supervised, "--certfile", cert, "--keyfile", key)
+    assert s.url.startswith("https://")
+    s.verify = cert  # both_workers' /hog too
+    seen = {pid for pid, _ in both_workers(
+        s, lambda: (int(requests.get(s.url + "/pid", timeout=5, verify=cert).text), None))}
+    assert seen == s.workers()
+    with pytest.raises(requests.exceptions.ConnectionError):
+        requests.get(s.url.replace("https://", "http://") + "/pid", timeout=5)
+    s.p.send_signal(signal.SIGTERM)
+    assert s.exit_code(15) == 0
 
 
 def test_the_demo_refuses_workers(supervised: Any) -> None:
