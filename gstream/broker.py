@@ -1378,8 +1378,17 @@ class SSEBroker:
         self._followers[sub] = None
         if end + sub.capacity < self._limit:
             self._limit = end + sub.capacity
-        if not sub.due:
-            self._fwait.append(sub)
+        self._await(sub)
+
+    def _await(self, sub: _Subscriber) -> None:
+        # Every follower not due waits in _fwait for the next frame (a frame
+        # drains the list). Entries of streams that left, or are listed twice,
+        # are dropped when they outnumber the followers (a stream that flaps
+        # between its own queue and the batch without frames in between).
+        fwait = self._fwait
+        fwait.append(sub)
+        if len(fwait) > 2 * len(self._followers) + 64:
+            self._fwait = [s for s in dict.fromkeys(fwait) if s.start >= 0]
 
     def _unfollow(self, sub: _Subscriber) -> None:
         """Give a follower its untaken batch frames as its own queue; today's path from now on."""
@@ -1474,8 +1483,8 @@ class SSEBroker:
             sub.last_write = time.monotonic()
         if sub.parked is None:
             self._unfollow(sub)  # a reader greenlet: it writes now, not parked
-        elif not sub.due:
-            self._fwait.append(sub)
+        elif start < end:
+            self._await(sub)  # the frame that woke it drained _fwait
         return data, False
 
     def _end(self, sub: _Subscriber, final: bytes) -> None:

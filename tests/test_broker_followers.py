@@ -220,3 +220,47 @@ def test_followers_under_plain_pywsgi_keep_order(serve: Any) -> None:
     assert wait_until(lambda: broker.stats()["delivered"] == 600, 5)
     for c in clients:
         c.close()
+
+
+def test_a_presence_event_queued_mid_batch_comes_after_the_batch(gserver: Any) -> None:
+    from gstream.presence import MemoryPresence, PresenceChange, PresenceEvent
+
+    p = MemoryPresence()
+    broker = SSEBroker(topic="news", presence=p, presence_events=True, heartbeat_interval=None)
+    clients = _streams(gserver, broker, ["/?buffer=1024"] * 3)
+    for i in range(3):
+        broker.publish(f"e{i}")
+    # A presence frame queued outside the history, mid-batch (the watcher's call,
+    # made here directly: the store notifies its watchers asynchronously).
+    broker._on_presence(PresenceEvent(PresenceChange.JOIN, "news", "bob", None, 1, 1))
+    broker.publish("e3")
+    for c in clients:
+        got: list[tuple[str, str]] = []
+        while len(got) < 5:
+            e = c.next_event()
+            item = (e.event, e.data if e.event == "message" else json.loads(e.data)["member"])
+            if not item[1].startswith("anon:"):  # the streams' own joins, before the test's
+                got.append(item)
+        assert got == [("message", "e0"), ("message", "e1"), ("message", "e2"),
+                       ("gstream.join", "bob"), ("message", "e3")]
+    st = broker.stats()
+    assert (st["enqueued"], st["dropped"]) == (12, 0)  # presence frames are not counted
+    for c in clients:
+        c.close()
+
+
+def test_idle_followers_heartbeat_without_piling_up_wait_entries(gserver: Any) -> None:
+    broker = SSEBroker(heartbeat_interval=0.05)
+    clients = _streams(gserver, broker, ["/"] * 5)
+    for c in clients:
+        with gevent.Timeout(10):
+            beats = 0
+            while beats < 8:
+                beats += c.reader.read_chunk().count(b": heartbeat")
+    # Each follower waits for the next frame once, however many heartbeats it got.
+    assert sorted(map(id, broker._fwait)) == sorted(map(id, set(broker._fwait)))
+    assert len(broker._fwait) <= 5
+    broker.publish("after")
+    for c in clients:
+        assert c.next_event().data == "after"
+        c.close()
