@@ -671,9 +671,10 @@ class SSEBroker:
     def _deliver_local(self, event: Event, frame: bytes, *, may_block: bool = True) -> int:
         """Queue ``frame`` for every local subscriber whose filter accepts it.
 
-        Drop-oldest subscribers are served first and never wait; full
-        block-mode subscribers then share one deadline of ``block_timeout``,
-        so one publish never waits longer than that in total.
+        Followers of the shared batch get it with one append for all of them;
+        the others one by one: drop-oldest subscribers are served first and
+        never wait; full block-mode subscribers then share one deadline of
+        ``block_timeout``, so one publish never waits longer than that in total.
         """
         name = event.event_name
         self._seq += 1
