@@ -84,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=int, default=100_000,
                    help="deliveries per measurement: K = budget / N messages (10..2000)")
     p.add_argument("--workers", type=int, default=2, help="load generator processes")
+    p.add_argument("--kind", choices=("ws", "sse"), default="ws",
+                   help="ws: the Hub (default); sse: the same bursts through SSEBroker "
+                        "(gstream only)")
     p.add_argument("--max-minutes", type=float, default=10.0, help="total time budget")
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     p.add_argument("--gstream-path", default=ROOT,
@@ -104,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     outdir = os.path.join(opts.out, "hub-" + time.strftime("%Y%m%d-%H%M%S"))
     os.makedirs(outdir, exist_ok=True)
     bench = run.Bench(bench_opts, cfg, outdir)
-    bench.plan = lambda: [("fanout", "ws", s) for s in servers]  # type: ignore[method-assign]
+    bench.plan = lambda: [("fanout", opts.kind, s) for s in servers]  # type: ignore[method-assign]
     print(f"hub bench -> {outdir}\nsizes {sizes}, budget {opts.budget}, reps {opts.reps}",
           flush=True)
     t0 = time.monotonic()
@@ -114,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         json.dump({"config": cfg, "capabilities": bench.caps, "runs": bench.runs}, f, indent=1)
     with open(os.path.join(outdir, "tables.md"), "w") as f:
         f.write(md)
-    print("\n## WebSocket broadcast (hub)\n\n" + md)
+    title = "WebSocket broadcast (hub)" if opts.kind == "ws" else "SSE fan-out (broker)"
+    print(f"\n## {title}\n\n" + md)
     print(f"done in {time.monotonic() - t0:.0f}s; raw results: {outdir}/results.json")
     return 0
 

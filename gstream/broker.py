@@ -81,6 +81,7 @@ MAX_FILTER_NAMES = 32
 #: the publisher has not let the event loop go round yet (bounds the latency
 #: that batching adds to the first events of a long burst).
 MAX_BATCH = 64
+_NO_LIMIT = 1 << 62
 
 _TEXT = [("Content-Type", "text/plain; charset=utf-8")]
 
@@ -223,7 +224,7 @@ class _Subscriber:
     __slots__ = (
         "broker", "key", "sid", "principal", "names", "block", "capacity", "items",
         "parked", "due", "beat", "last_write", "room", "final", "ended", "greenlet",
-        "dropped", "missed", "delivered", "since", "__weakref__",
+        "dropped", "missed", "delivered", "since", "start", "__weakref__",
     )
 
     def __init__(self, broker: SSEBroker, key: str, sid: str, principal: str,
@@ -256,6 +257,10 @@ class _Subscriber:
         self.missed = 0
         self.delivered = 0
         self.since = time.time()
+        # A follower of the broker's shared batch (SSEBroker._follow): the
+        # absolute position of the first batch frame not yet taken; -1: its
+        # frames go to ``items`` one by one.
+        self.start = -1
 
     def shutdown(self, reason: str = "server shutting down") -> None:
         """Lifecycle hook: end this stream with a final event and retry hint."""
@@ -267,7 +272,7 @@ class _Subscriber:
             "subscriber_id": self.sid,
             "mode": "block" if self.block else "drop-oldest",
             "buffer": self.capacity,
-            "depth": len(self.items),
+            "depth": len(self.items) if self.start < 0 else self.broker._batch_depth(self),
             "dropped": self.dropped,
             "delivered": self.delivered,
             "events": sorted(self.names) if self.names else None,
@@ -283,6 +288,10 @@ class _Subscriber:
     def stream_ready(self, stream: DetachedStream | None) -> None:
         """Park (or unpark, while a write is pending) the detached stream."""
         self.parked = stream  # woken with switch(), like a Waiter
+        if stream is not None:
+            self.broker._follow(self)
+        elif self.start >= 0:
+            self.broker._unfollow(self)  # its own queue (and policy) from now on
 
     def stream_closed(self) -> None:
         """The detached stream is over: unregister."""
@@ -480,6 +489,20 @@ class SSEBroker:
         # them in one write: one switch and one send per burst per reader
         # instead of per event.
         self._due: list[_Subscriber] = []
+        # The shared batch (docs/broker.md, "One join per batch"): idle
+        # drop-oldest subscribers without a filter or anything of their own
+        # queued are *followers*; a publish appends its frame here once for
+        # all of them (``_batch[0]`` is absolute position ``_base``), and each
+        # takes ``join(_batch[its start:])``, joined once per distinct start.
+        # ``_direct`` holds the other registered subscribers (today's path).
+        self._direct: dict[_Subscriber, None] = {}
+        self._followers: dict[_Subscriber, None] = {}
+        self._fwait: list[_Subscriber] = []  # followers to mark due at the next frame
+        self._batch: list[bytes] = []
+        self._base = 0
+        self._limit = _NO_LIMIT  # lowest start + capacity of a follower (or lower)
+        self._joined: dict[int, bytes] = {}  # start -> joined frames, for _joined_end
+        self._joined_end = -1
         self._flush_timer: Any = None
         self._pending = 0  # events published since the last wake-up
         self._flush_soon = False
@@ -648,9 +671,10 @@ class SSEBroker:
     def _deliver_local(self, event: Event, frame: bytes, *, may_block: bool = True) -> int:
         """Queue ``frame`` for every local subscriber whose filter accepts it.
 
-        Drop-oldest subscribers are served first and never wait; full
-        block-mode subscribers then share one deadline of ``block_timeout``,
-        so one publish never waits longer than that in total.
+        Followers of the shared batch get it with one append for all of them;
+        the others one by one: drop-oldest subscribers are served first and
+        never wait; full block-mode subscribers then share one deadline of
+        ``block_timeout``, so one publish never waits longer than that in total.
         """
         name = event.event_name
         self._seq += 1
@@ -658,7 +682,17 @@ class SSEBroker:
         waiting: list[_Subscriber] = []
         count = 0
         stats = self._stats
-        for sub in tuple(self._subs.values()):
+        direct = tuple(self._direct)
+        if self._followers:
+            # Followers: one append for all of them, one pass per batch to wake them.
+            batch = self._batch
+            batch.append(frame)
+            count = len(self._followers)
+            if self._fwait:
+                self._mark_followers()
+            if self._base + len(batch) > self._limit:
+                self._overflow()
+        for sub in direct:
             if sub.names is not None and name not in sub.names:
                 continue
             items = sub.items
@@ -895,6 +929,7 @@ class SSEBroker:
             cursor = {sel: pos for sel, pos in cursor.items() if sel in allowed}
         view = _View(sub, allowed, frozenset(names) if names else None)
         self._subs[key] = sub
+        self._direct[sub] = None
         self._views[key] = view
         lifecycle.register(sub)
         try:
@@ -1065,6 +1100,8 @@ class SSEBroker:
                     waiter.switch(None)
                 except Exception:  # never let one reader break the others
                     log.exception("waking subscriber %r failed", sub.key)
+        if self._batch:
+            self._trim()
 
     def _start_heartbeats(self) -> None:
         hb = self.config.heartbeat_interval
@@ -1197,6 +1234,7 @@ class SSEBroker:
         sub = _Subscriber(self, key, sid, principal, frozenset(names) if names else None,
                           block, capacity)
         self._subs[key] = sub
+        self._direct[sub] = None
         lifecycle.register(sub)
         prelude = [OPEN_COMMENT]
         if cfg.retry > 0:
@@ -1282,6 +1320,7 @@ class SSEBroker:
                 # than an Event with a timeout: nothing per-stream stays
                 # armed while idle, and the saved stack is shallower.
                 waiter = sub.parked = Waiter()
+                self._follow(sub)
                 try:
                     waiter.get()
                 finally:
@@ -1295,8 +1334,12 @@ class SSEBroker:
     def _take(self, sub: _Subscriber) -> tuple[bytes, bool]:
         """The frames due to ``sub`` now, joined (a heartbeat if asked and none
         is queued), and whether the stream ends after them."""
+        if sub.start >= 0:
+            return self._take_batch(sub)
         items = sub.items
         if not items and sub.final is None:
+            if sub.parked is not None:
+                self._follow(sub)
             if sub.beat:
                 sub.beat = False
                 sub.last_write = time.monotonic()
@@ -1319,12 +1362,139 @@ class SSEBroker:
             parts.append(sub.final)
             return b"".join(parts), True
         sub.last_write = time.monotonic()
+        if sub.parked is not None:
+            self._follow(sub)  # a detached stream, emptied: it may share batches again
         return (parts[0] if len(parts) == 1 else b"".join(parts)), False
+
+    # -- the shared batch (followers; docs/broker.md, "One join per batch") ---
+
+    def _follow(self, sub: _Subscriber) -> None:
+        """Make ``sub`` a follower if it takes every event the same way, idle, with nothing queued."""
+        if (sub.start >= 0 or sub.names is not None or sub.block or sub.items or sub.missed
+                or sub.final is not None or sub.parked is None or sub not in self._direct):
+            return
+        del self._direct[sub]
+        end = self._base + len(self._batch)
+        sub.start = end
+        self._followers[sub] = None
+        if end + sub.capacity < self._limit:
+            self._limit = end + sub.capacity
+        self._await(sub)
+
+    def _await(self, sub: _Subscriber) -> None:
+        # Every follower not due waits in _fwait for the next frame (a frame
+        # drains the list). Entries of streams that left, or are listed twice,
+        # are dropped when they outnumber the followers (a stream that flaps
+        # between its own queue and the batch without frames in between).
+        fwait = self._fwait
+        fwait.append(sub)
+        if len(fwait) > 2 * len(self._followers) + 64:
+            self._fwait = [s for s in dict.fromkeys(fwait) if s.start >= 0]
+
+    def _unfollow(self, sub: _Subscriber) -> None:
+        """Give a follower its untaken batch frames as its own queue; today's path from now on."""
+        start = sub.start
+        if start < 0:
+            return
+        sub.start = -1
+        del self._followers[sub]
+        lo = start - self._base
+        if lo < len(self._batch):
+            items = sub.items
+            items.extend(self._batch[lo:])
+            excess = len(items) - sub.capacity
+            if excess > 0:  # only from _overflow: one frame, as the per-event path drops it
+                del items[:excess]
+                sub.dropped += excess
+                sub.missed += excess
+                self._stats["dropped"] += excess
+        if not sub.ended and self._subs.get(sub.key) is sub:
+            self._direct[sub] = None
+
+    def _mark_followers(self) -> None:
+        # The first frame of a batch: queue every waiting follower for the wake-up.
+        waiting, self._fwait = self._fwait, []
+        due = self._due
+        first = not due
+        for sub in waiting:
+            if sub.start >= 0 and not sub.due and sub.parked is not None:
+                sub.due = True
+                due.append(sub)
+        if first and due:
+            timer = self._flush_timer
+            if timer is None:
+                timer = self._flush_timer = self._loop.timer(0.0)
+            if not timer.active:
+                timer.start(self._flush_due)
+
+    def _overflow(self) -> None:
+        # Some follower may hold more batch frames than its buffer: it leaves
+        # (dropping its oldest, counted); the others' lowest limit is refreshed.
+        end = self._base + len(self._batch)
+        limit = _NO_LIMIT
+        for sub in tuple(self._followers):
+            if end - sub.start > sub.capacity:
+                self._unfollow(sub)
+            elif sub.start + sub.capacity < limit:
+                limit = sub.start + sub.capacity
+        self._limit = limit
+
+    def _trim(self) -> None:
+        # After a wake-up: forget the batch frames every follower has taken.
+        end = self._base + len(self._batch)
+        low = end
+        limit = _NO_LIMIT
+        for sub in self._followers:
+            if sub.start < low:
+                low = sub.start
+            if sub.start + sub.capacity < limit:
+                limit = sub.start + sub.capacity
+        self._limit = limit
+        if low > self._base:
+            del self._batch[:low - self._base]
+            self._base = low
+        if not self._batch:
+            self._joined.clear()
+
+    def _batch_depth(self, sub: _Subscriber) -> int:
+        return self._base + len(self._batch) - sub.start
+
+    def _take_batch(self, sub: _Subscriber) -> tuple[bytes, bool]:
+        """A follower's batch frames, joined once per distinct start and shared."""
+        start = sub.start
+        end = self._base + len(self._batch)
+        data = b""
+        if start < end:
+            if self._joined_end != end:
+                self._joined.clear()
+                self._joined_end = end
+            data = self._joined.get(start, b"")
+            if not data:
+                lo = start - self._base
+                data = self._batch[lo] if end - start == 1 else b"".join(self._batch[lo:])
+                self._joined[start] = data
+            n = end - start
+            sub.start = end
+            sub.delivered += n
+            self._stats["delivered"] += n
+        elif sub.beat:
+            data = HEARTBEAT
+        if data:
+            sub.beat = False
+            sub.last_write = time.monotonic()
+        if sub.parked is None:
+            self._unfollow(sub)  # a reader greenlet: it writes now, not parked
+        elif start < end:
+            self._await(sub)  # the frame that woke it drained _fwait
+        return data, False
 
     def _end(self, sub: _Subscriber, final: bytes) -> None:
         """Stop routing to ``sub`` and let its reader send ``final`` and end."""
         if self._subs.get(sub.key) is sub:
             del self._subs[sub.key]
+        self._direct.pop(sub, None)
+        if sub.start >= 0:
+            self._unfollow(sub)  # its untaken batch frames, then the final one
         if self._views:
             self._drop_view(sub)
         if sub.final is None:
@@ -1340,6 +1510,9 @@ class SSEBroker:
         sub.ended = True
         if self._subs.get(sub.key) is sub:
             del self._subs[sub.key]
+        self._direct.pop(sub, None)
+        if sub.start >= 0:
+            self._unfollow(sub)
         if self._views:
             self._drop_view(sub)
         lifecycle.unregister(sub)
@@ -1486,6 +1659,8 @@ class SSEBroker:
 
     def _push(self, sub: _Subscriber, frame: bytes) -> None:
         # Queue a frame outside the history, drop-oldest.
+        if sub.start >= 0:
+            self._unfollow(sub)
         if len(sub.items) >= sub.capacity:
             sub.dropped += 1
             sub.missed += 1

@@ -35,6 +35,24 @@ _LAST_CHUNK = b"0\r\n\r\n"
 _open: set[DetachedStream] = set()
 
 
+# The last chunk framed, by identity: a broker hands the very same bytes object
+# to every stream that shares a batch (docs/broker.md, "One join per batch"),
+# so the framing is done once for all of them too. Holding the data keeps its
+# id from being reused.
+_last_chunk: tuple[bytes, bytes] = (b"", b"")
+
+
+def _chunk(data: bytes) -> bytes:
+    """``data`` as one HTTP chunk (shared with the previous caller's if the same object)."""
+    global _last_chunk
+    seen, framed = _last_chunk
+    if seen is data:
+        return framed
+    framed = b"".join((b"%x\r\n" % len(data), data, b"\r\n"))
+    _last_chunk = (data, framed)
+    return framed
+
+
 def detached_streams() -> int:
     """How many streaming responses currently live without their request greenlet."""
     return len(_open)
@@ -110,8 +128,8 @@ class DetachedStream:
             self.ending = True
         if data:
             if self.chunked:
-                data = b"".join((b"%x\r\n" % len(data), data,
-                                 b"\r\n0\r\n\r\n" if last else b"\r\n"))
+                data = _chunk(data) if not last else b"".join(
+                    (b"%x\r\n" % len(data), data, b"\r\n0\r\n\r\n"))
             self._send(data)
         elif last and self.chunked:
             self._send(_LAST_CHUNK)
