@@ -10,6 +10,7 @@ import logging
 from typing import TYPE_CHECKING, Any, cast
 
 import gevent
+from gevent.hub import Waiter
 
 from ..errors import Closed
 from ..tlsio import os_socket
@@ -24,6 +25,11 @@ if TYPE_CHECKING:
 __all__ = ["CallbackSession", "detached_sessions"]
 
 log = logging.getLogger("gstream.websocket")
+
+#: Seconds a dispatcher waits for the next message before it ends: a chatty
+#: client keeps one greenlet (no spawn per message, which cost a chatty echo
+#: twice the server CPU of the ``for m in ws`` form), an idle one holds none.
+LINGER = 1.0
 
 # Sessions served by callbacks after their request greenlet ended: nothing
 # else need hold them (the loop's watchers hold bound methods, but a hub
@@ -57,6 +63,8 @@ class CallbackSession:
         _inbound: list[Message]
         _on_message: Callable[[WebSocket, Message], Any] | None
         _dispatcher: gevent.Greenlet | None
+        _waiter: Waiter[Any] | None
+        _recv_done: bool
         _release: Callable[[], None] | None
 
         def close(self, code: int = 1000, reason: str = "", wait: bool = True) -> None: ...
@@ -98,11 +106,32 @@ class CallbackSession:
             self._dispatcher = gevent.spawn(self._dispatch)
 
     def _dispatch(self) -> None:
+        # Hands queued messages to on_message, then lingers up to LINGER for
+        # the next one, parked in the connection's reader slot: _feed wakes
+        # it at its safe point as it would a greenlet in receive(), and
+        # _finalize wakes it to end.
         on_message = self._on_message
         assert on_message is not None
+        timer = None
         try:
-            while self._inbound:
-                on_message(cast("WebSocket", self), self._pop_inbound())
+            while True:
+                while self._inbound:
+                    on_message(cast("WebSocket", self), self._pop_inbound())
+                if self._recv_done or self._finalized or self._waiter is not None:
+                    return
+                if timer is None:
+                    timer = self._loop.timer(LINGER)
+                waiter: Waiter[Any] = Waiter()
+                self._waiter = waiter
+                timer.start(waiter.switch, None)
+                try:
+                    waiter.get()
+                finally:
+                    timer.stop()
+                    if self._waiter is waiter:
+                        self._waiter = None
+                if not self._inbound:
+                    return  # lingered (or closed): an idle session holds no greenlet
         except Closed:
             pass
         except Exception:
@@ -111,6 +140,8 @@ class CallbackSession:
             self._inbound.clear()
             self.close(1011, "internal error", wait=False)  # a no-op once closing
         finally:
+            if timer is not None:
+                timer.close()
             self._dispatcher = None
 
     def _close_detached(self) -> None:
