@@ -169,7 +169,8 @@ def test_vanishing_clients_leak_nothing(gserver: Any) -> None:
     hub.stop()
 
 
-def test_a_chatty_session_keeps_one_dispatcher_then_holds_none(gserver: Any) -> None:
+def test_a_chatty_session_keeps_one_dispatcher_then_holds_none(
+        gserver: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     # Every message of a request/response client is a burst of its own: a
     # greenlet spawned per burst cost twice the CPU of the `for m in ws`
     # form. The dispatcher now lingers (callbacks.LINGER) for the next one.
@@ -184,24 +185,22 @@ def test_a_chatty_session_keeps_one_dispatcher_then_holds_none(gserver: Any) -> 
     srv = gserver(websocket_callback_app(lambda ws: None, on_message))
     c = connect(f"ws://127.0.0.1:{srv.port}/")
     assert wait_until(lambda: detached_sessions() == 1, 5)
-    gevent.sleep(0.2)  # the request greenlet ends after the detach
-    baseline = hub_greenlets()  # this client's own greenlets included
     for i in range(50):  # one at a time: each waits for its echo
         c.send(f"m{i}")
         assert c.recv(timeout=5) == f"m{i}"
     assert len({id(g) for g in dispatchers}) == 1, len({id(g) for g in dispatchers})
-    # Idle past the linger: no greenlet left for the session.
+    # Idle past the linger, the session holds no greenlet any more.
+    first = dispatchers[-1]
     began = time.monotonic()
-    assert wait_until(lambda: hub_greenlets() <= baseline, callbacks.LINGER + 5), (
-        hub_greenlets(), baseline)
+    assert not first.dead  # lingering
+    assert wait_until(lambda: first.dead, callbacks.LINGER + 5)
     assert time.monotonic() - began >= callbacks.LINGER * 0.5
-    c.send("again")  # a new burst after the linger: a new dispatcher
+    # A new burst after the linger: a new dispatcher, lingering 60 s this time.
+    monkeypatch.setattr(callbacks, "LINGER", 60.0)
+    c.send("again")
     assert c.recv(timeout=5) == "again"
-    assert len({id(g) for g in dispatchers}) == 2
+    second = dispatchers[-1]
+    assert second is not first
     # Closing while the dispatcher lingers ends it at once, not after LINGER.
-    c.send("last")
-    assert c.recv(timeout=5) == "last"
-    began = time.monotonic()
     c.close()
-    assert wait_until(lambda: detached_sessions() == 0 and hub_greenlets() <= baseline, 5)
-    assert time.monotonic() - began < callbacks.LINGER, time.monotonic() - began
+    assert wait_until(lambda: second.dead and detached_sessions() == 0, 10)
