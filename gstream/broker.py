@@ -1080,11 +1080,15 @@ class SSEBroker:
         sub.due = True
         self._due.append(sub)
         if len(self._due) == 1:
-            timer = self._flush_timer
-            if timer is None:
-                timer = self._flush_timer = self._loop.timer(0.0)
-            if not timer.active:
-                timer.start(self._flush_due)
+            self._arm_flush()
+
+    def _arm_flush(self) -> None:
+        """Start the zero-delay wake-up timer (the first reader of a batch is due)."""
+        timer = self._flush_timer
+        if timer is None:
+            timer = self._flush_timer = self._loop.timer(0.0)
+        if not timer.active:
+            timer.start(self._flush_due)
 
     def _flush_due(self) -> None:
         # Runs in the hub: switch to each reader in turn; each one writes
@@ -1421,11 +1425,7 @@ class SSEBroker:
                 sub.due = True
                 due.append(sub)
         if first and due:
-            timer = self._flush_timer
-            if timer is None:
-                timer = self._flush_timer = self._loop.timer(0.0)
-            if not timer.active:
-                timer.start(self._flush_due)
+            self._arm_flush()
 
     def _overflow(self) -> None:
         # Some follower may hold more batch frames than its buffer: it leaves

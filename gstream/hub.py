@@ -321,7 +321,6 @@ class Hub:
         snapshot = self._snapshot
         if snapshot is None:
             snapshot = self._snapshot = tuple(self._members.values())
-        frame = pm.frame
         delivered = since_yield = 0
         for m in snapshot:
             ws = m.ws
@@ -335,20 +334,7 @@ class Hub:
                     log.exception("hub %r: where predicate failed; member skipped", self.name)
                     continue
             try:
-                if m.shares:
-                    # This batch's own frames do not count against send_buffer
-                    # (they leave in one send at the batch's end): a member
-                    # holds at most send_buffer + _BATCH_MESSAGES frames.
-                    if (ws.push_shared(frame, m.batched) or self._push_after_flush(m, frame)
-                            or self._slow(m, pm)):
-                        delivered += 1
-                        if not m.batched:
-                            dirty.append(m)
-                        m.batched += 1
-                elif ws.try_send_prepared(pm):  # deflate: encodes and flushes on its own
-                    delivered += 1
-                else:
-                    delivered += self._slow(m, pm)
+                delivered += self._push_one(m, pm, dirty)
             except Closed:
                 self._remove(ws)  # closing; on_close will find it gone
             since_yield += 1
@@ -417,21 +403,26 @@ class Hub:
     def _push_each(self, m: _Member, pms: list[PreparedMessage], dirty: list[_Member]) -> int:
         """A run's messages to one member, one at a time (``_fan_out``'s path);
         returns how many were queued. Raises :class:`Closed` once closing."""
-        delivered = 0
+        return sum(self._push_one(m, pm, dirty) for pm in pms)
+
+    def _push_one(self, m: _Member, pm: PreparedMessage, dirty: list[_Member]) -> int:
+        """One message to one member (1 if queued, else the slow policy's answer);
+        raises :class:`Closed` once closing."""
         ws = m.ws
-        for pm in pms:
-            if m.shares:
-                if (ws.push_shared(pm.frame, m.batched) or self._push_after_flush(m, pm.frame)
-                        or self._slow(m, pm)):
-                    delivered += 1
-                    if not m.batched:
-                        dirty.append(m)
-                    m.batched += 1
-            elif ws.try_send_prepared(pm):  # deflate: encodes and flushes on its own
-                delivered += 1
-            else:
-                delivered += self._slow(m, pm)
-        return delivered
+        if not m.shares:
+            if ws.try_send_prepared(pm):  # deflate: encodes and flushes on its own
+                return 1
+            return self._slow(m, pm)
+        # This batch's own frames do not count against send_buffer (they leave
+        # in one send at the batch's end): a member holds at most
+        # send_buffer + _BATCH_MESSAGES frames.
+        frame = pm.frame
+        if ws.push_shared(frame, m.batched) or self._push_after_flush(m, frame) or self._slow(m, pm):
+            if not m.batched:
+                dirty.append(m)
+            m.batched += 1
+            return 1
+        return 0
 
     @staticmethod
     def _push_after_flush(m: _Member, frame: bytes) -> bool:

@@ -36,7 +36,7 @@ from .proxy import DEFAULT_FORWARDED_ALLOW_IPS, ProxyHeaders
 from .seats import Seats
 from .strict import StrictRequests
 
-__all__ = ["Server", "serve"]
+__all__ = ["Server", "base_url", "serve"]
 
 log = logging.getLogger("gstream.server")
 
@@ -316,6 +316,13 @@ def _reject(sock: Any) -> None:
         pass
 
 
+def base_url(host: str, port: int, secure: bool) -> str:
+    """The base URL of a server listening on (``host``, ``port``), e.g. ``http://127.0.0.1:8000``."""
+    if ":" in host:
+        host = f"[{host}]"  # IPv6
+    return f"{'https' if secure else 'http'}://{host}:{port}"
+
+
 class Server:
     """A gevent WSGI server for apps with long-lived SSE and WebSocket streams.
 
@@ -435,10 +442,7 @@ class Server:
     @property
     def url(self) -> str:
         """The base URL, e.g. ``http://127.0.0.1:8000``."""
-        host, port = self.address
-        if ":" in host:
-            host = f"[{host}]"
-        return f"{'https' if self.secure else 'http'}://{host}:{port}"
+        return base_url(*self.address, self.secure)
 
     @property
     def connections(self) -> int:

@@ -24,7 +24,7 @@ from typing import Any, NoReturn
 from gevent import monkey
 
 from . import limits
-from .server import Server
+from .server import Server, base_url
 
 __all__ = ["Supervisor", "WorkerState", "check_workers", "BOOT_ERROR"]
 
@@ -188,10 +188,7 @@ class Supervisor:
     @property
     def url(self) -> str:
         """The base URL, e.g. ``http://127.0.0.1:8000``."""
-        host, port = self.address
-        if ":" in host:
-            host = f"[{host}]"
-        return f"{'https' if self._secure else 'http'}://{host}:{port}"
+        return base_url(*self.address, self._secure)
 
     @property
     def pids(self) -> list[int]:

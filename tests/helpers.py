@@ -228,3 +228,19 @@ def reference_ws_server() -> Iterator[int]:
     finally:
         proc.terminate()
         proc.wait(5)
+
+
+class RecordingSocket:
+    """Wraps a real OS socket and keeps what each ``send`` was given (a test
+    sees how many sends a flush made, and which bytes objects they passed)."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+        self.sent: list[Any] = []
+
+    def send(self, data: Any) -> int:
+        self.sent.append(data)
+        return self.raw.send(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.raw, name)

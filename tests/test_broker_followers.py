@@ -14,22 +14,7 @@ import gevent
 from gstream import detached
 from gstream.broker import SSEBroker
 from gstream.events import Event
-from tests.helpers import SSEStream, wait_until
-
-
-class RecordingSocket:
-    """Wraps a detached stream's real OS socket and keeps what each ``send`` was given."""
-
-    def __init__(self, raw: Any) -> None:
-        self.raw = raw
-        self.sent: list[Any] = []
-
-    def send(self, data: Any) -> int:
-        self.sent.append(data)
-        return self.raw.send(data)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.raw, name)
+from tests.helpers import RecordingSocket, SSEStream, wait_until
 
 
 def _streams(gserver: Any, broker: SSEBroker, paths: list[str]) -> list[SSEStream]:

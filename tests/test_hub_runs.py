@@ -18,24 +18,9 @@ from gstream import WSConfig, websocket_app
 from gstream.hub import Hub
 from gstream.websocket import PreparedRun, prepare, prepare_run
 from tests import wsraw
-from tests.helpers import wait_until
+from tests.helpers import RecordingSocket, wait_until
 from tests.test_hub import Room, recv_n
 from tests.test_hub_slow import SmallSendBuffer, read_data_frames, stalled_member, start
-
-
-class RecordingSocket:
-    """Wraps a connection's real OS socket and keeps what each ``send`` was given."""
-
-    def __init__(self, raw: Any) -> None:
-        self.raw = raw
-        self.sent: list[Any] = []
-
-    def send(self, data: Any) -> int:
-        self.sent.append(data)
-        return self.raw.send(data)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.raw, name)
 
 
 def test_a_batch_for_everyone_is_joined_once_and_shared_by_all_members(serve: Any) -> None:
