@@ -1,6 +1,7 @@
 """Callback-served WebSocket sessions (:func:`gstream.websocket_callback_app`).
 
-``on_message`` runs in a greenlet spawned per burst; under gstream's server the session is
+``on_message`` runs in a dispatcher greenlet that lingers a second for the next message, or
+with ``in_loop`` straight from the read callback; under gstream's server the session is
 detached from its request greenlet, so an idle session holds none. docs/websocket.md.
 """
 
@@ -10,6 +11,7 @@ import logging
 from typing import TYPE_CHECKING, Any, cast
 
 import gevent
+from gevent.exceptions import BlockingSwitchOutError
 from gevent.hub import Waiter
 
 from ..errors import Closed
@@ -66,20 +68,25 @@ class CallbackSession:
         _waiter: Waiter[Any] | None
         _recv_done: bool
         _release: Callable[[], None] | None
+        _in_loop: bool
 
         def close(self, code: int = 1000, reason: str = "", wait: bool = True) -> None: ...
         _pop_inbound: Callable[[], Message]
 
-    def _serve_by_callbacks(self, on_message: Callable[[WebSocket, Message], Any] | None) -> bool:
+    def _serve_by_callbacks(self, on_message: Callable[[WebSocket, Message], Any] | None,
+                            in_loop: bool = False) -> bool:
         """Hand every future message to ``on_message`` and try to detach.
 
-        Messages are dispatched by a greenlet spawned per burst (it exits
-        once the inbound queue is empty), so an idle session holds no
-        greenlet. Returns True when the connection was detached from the
-        request greenlet (gstream's server); False means the caller must
-        keep its greenlet until :attr:`closed` is set.
+        Messages are dispatched by a greenlet spawned per burst (it lingers
+        LINGER seconds for the next one), so an idle session holds no
+        greenlet; with ``in_loop`` a message that finds nothing queued either
+        way is handed over from the read callback itself (_call_in_loop).
+        Returns True when the connection was detached from the request
+        greenlet (gstream's server); False means the caller must keep its
+        greenlet until :attr:`closed` is set.
         """
         self._on_message = on_message if on_message is not None else _discard
+        self._in_loop = in_loop
         if self._inbound:
             self._kick_dispatch()
         detacher = self._hijack.detacher
@@ -100,6 +107,25 @@ class CallbackSession:
         if self._finalized:  # closed while detaching: undo the claim now
             self._close_detached()
         return True
+
+    def _call_in_loop(self, message: Message) -> None:
+        # From the read callback, in the hub: nothing is queued either way,
+        # so this message is next in order and its replies have room.
+        on_message = self._on_message
+        assert on_message is not None
+        try:
+            on_message(cast("WebSocket", self), message)
+        except Closed:
+            pass
+        except BlockingSwitchOutError:
+            log.error("websocket %s: on_message %r blocked in the event loop (in_loop=True: "
+                      "it must not block); closing with 1011", self._fd,
+                      getattr(on_message, "__name__", on_message), exc_info=True)
+            self.close(1011, "internal error", wait=False)
+        except Exception:
+            log.exception("websocket %s: on_message %r failed; closing with 1011", self._fd,
+                          getattr(on_message, "__name__", on_message))
+            self.close(1011, "internal error", wait=False)
 
     def _kick_dispatch(self) -> None:
         if self._dispatcher is None and self._on_message is not None:

@@ -97,7 +97,7 @@ class WebSocket(OutboundQueue, CallbackSession):
         "_out_msgs", "_eof_pending", "_eof_sent", "_flush_scheduled", "_writer", "_space",
         "_reader", "_reading", "_keepalive", "_close_timer", "_last_rx", "_ping_nonce",
         "_ping_sent_at", "_ping_count", "_finalized", "_callbacks", "_peer_eof",
-        "_on_message", "_dispatcher", "_release", "_pause_budget",
+        "_on_message", "_dispatcher", "_release", "_pause_budget", "_in_loop",
     )
 
     def __init__(self, protocol: GStreamProtocol, hijack: Hijack, config: WSConfig,
@@ -158,6 +158,7 @@ class WebSocket(OutboundQueue, CallbackSession):
             [config.on_close] if config.on_close is not None else [])
         self._on_message: Callable[[WebSocket, Message], Any] | None = None
         self._dispatcher: gevent.Greenlet | None = None
+        self._in_loop = False  # on_message may be called from the read callback
         self._release: Callable[[], None] | None = None
 
     # ------------------------------------------------------------------ start
@@ -497,7 +498,14 @@ class WebSocket(OutboundQueue, CallbackSession):
             self._deliver(done)
 
     def _deliver(self, msg: Message) -> None:
-        if self._on_message is _discard:
+        on_message = self._on_message
+        if on_message is _discard:
+            return
+        if (self._in_loop and not self._inbound and not self._out_msgs
+                and (self._dispatcher is None or self._waiter is not None)):
+            # Nothing queued either way (and the dispatcher, if any, parked
+            # idle): call it here, in order, without a greenlet switch.
+            self._call_in_loop(msg)
             return
         cfg = self.config
         if len(self._inbound) >= cfg.max_queue:
