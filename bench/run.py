@@ -41,6 +41,7 @@ from report import render_tables, save_plots  # noqa: E402
 SERVERS: dict[str, tuple[str, str]] = {
     "gstream": ("gstream_server.py", "gstream"),
     "gstream_w2": ("gstream_w2_server.py", "gstream, 2 workers"),
+    "gstream_w2_loop": ("gstream_w2_loop_server.py", "gstream, 2 workers, in-loop callbacks"),
     "websockets": ("websockets_server.py", "websockets asyncio"),
     "geventws": ("geventws_server.py", "gevent-websocket"),
     "pywsgi_sse": ("pywsgi_sse_server.py", "plain pywsgi SSE"),
@@ -51,8 +52,9 @@ SERVERS: dict[str, tuple[str, str]] = {
 }
 #: Not Python peers: ratios are against the best of the others. Go net/http is
 #: a reference anchor (issue 21), not a library a Python shop would pick.
-#: gstream_w2 is gstream itself (`gstream serve --workers 2`), echo only.
-NOT_PEERS = {"gstream", "gstream_w2", "raw_epoll", "gonethttp"}
+#: gstream_w2 is gstream itself (`gstream serve --workers 2`), echo only;
+#: gstream_w2_loop the same with the echo as websocket_callback_app(in_loop=True).
+NOT_PEERS = {"gstream", "gstream_w2", "gstream_w2_loop", "raw_epoll", "gonethttp"}
 #: Servers whose script must build something first (``script --build``): run
 #: once before the probe, outside the 30 s start timeout.
 BUILD_FIRST = {"gonethttp"}

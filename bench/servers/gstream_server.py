@@ -139,10 +139,13 @@ def hub_member(ws):  # type: ignore[no-untyped-def]
 
 
 echo_app = _ws_app(echo_handler) if websocket_app is not None else None
-if echo_app is not None and websocket_callback_app is not None and os.environ.get(
-        "BENCH_GSTREAM_ECHO_CALLBACK"):
-    # The callback form of the same echo (docs/performance.md, eighth round).
-    echo_app = websocket_callback_app(lambda ws: None, lambda ws, m: ws.send(m), ws_config)
+ECHO_CALLBACK = os.environ.get("BENCH_GSTREAM_ECHO_CALLBACK", "")
+if echo_app is not None and websocket_callback_app is not None and ECHO_CALLBACK:
+    # The callback form of the same echo (docs/performance.md, eighth round);
+    # "in_loop": on_message called from the read callback (ninth round).
+    in_loop = {"in_loop": True} if ECHO_CALLBACK == "in_loop" else {}
+    echo_app = websocket_callback_app(lambda ws: None, lambda ws, m: ws.send(m), ws_config,
+                                      **in_loop)
 def idle_member(ws):  # type: ignore[no-untyped-def]
     for _ in ws:
         pass
