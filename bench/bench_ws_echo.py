@@ -45,6 +45,18 @@ srv = WSGIServer(("127.0.0.1", int(sys.argv[1])), app, handler_class=GStreamHand
                  log=None, backlog=2048)
 srv.serve_forever()
 """,
+    "gstream-in-loop": """
+from gevent import monkey; monkey.patch_all()
+import sys
+from gevent.pywsgi import WSGIServer
+import gstream
+from gstream.handler import GStreamHandler
+app = gstream.websocket_callback_app(lambda ws: None, lambda ws, m: ws.send(m),
+                                     gstream.WSConfig(check_origin=["*"]), in_loop=True)
+srv = WSGIServer(("127.0.0.1", int(sys.argv[1])), app, handler_class=GStreamHandler,
+                 log=None, backlog=2048)
+srv.serve_forever()
+""",
     "websockets-asyncio": """
 import asyncio, sys
 from websockets.asyncio.server import serve
