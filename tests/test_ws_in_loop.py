@@ -5,6 +5,7 @@ blocking handler refused with 1011 and a log line, replies ahead of a later prot
 from __future__ import annotations
 
 import logging
+import socket
 import struct
 from typing import Any
 
@@ -181,3 +182,22 @@ def test_a_close_from_the_loop_is_answered_cleanly(start: Any) -> None:
     s.sendall(wsraw.close_frame(4000))
     assert r.at_eof()
     s.close()
+
+
+def test_vanishing_in_loop_clients_leak_nothing(gserver: Any) -> None:
+    # Clients that send and reset at once, mid-reply: the in-loop path must
+    # leave no session, seat or greenlet behind.
+    from gstream.websocket import detached_sessions
+    from tests.leakcheck import LeakCheck
+
+    srv = gserver(websocket_callback_app(lambda ws: None, lambda ws, m: ws.send(m * 1000),
+                                         in_loop=True))
+    with LeakCheck(extra={"detached": lambda: detached_sessions()}):
+        for i in range(100):
+            s, status, _, _ = wsraw.handshake(srv.port)
+            assert status == 101
+            if i % 2:  # half send a burst first (replies still queued), then all reset
+                s.sendall(b"".join(wsraw.text("hi") for _ in range(20)))
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.close()
+        assert wait_until(lambda: not detached_sessions() and srv.connections == 0, 10)
