@@ -203,6 +203,21 @@ def wait_until(predicate: Any, timeout: float = 5.0, interval: float = 0.01) -> 
         gevent.sleep(interval)
 
 
+def close_code_received(client: Any, timeout: float = 5.0) -> int | None:
+    """Read from a ``websockets`` sync client until it is closed; the code the
+    server sent (None without a close frame). Fails if a message comes first.
+
+    ``.rcvd``, not ``.close_code``: websockets 13.1's client has no close_code.
+    """
+    from websockets.exceptions import ConnectionClosed
+
+    try:
+        message = client.recv(timeout=timeout)
+    except ConnectionClosed as exc:
+        return exc.rcvd.code if exc.rcvd is not None else None
+    raise AssertionError(f"expected a close, got a message: {message!r}")
+
+
 def iter_sse(resp: Any) -> Iterator[ParsedEvent]:
     """Parse events from a ``requests`` streaming response as they arrive."""
     parser = EventStreamParser()
