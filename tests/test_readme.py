@@ -57,6 +57,16 @@ def test_callback_example_runs(gserver):
     ns["room"].stop(2)
 
 
+def test_in_loop_example_runs(gserver):
+    ns: dict = {}
+    exec(_block("in_loop=True"), ns)
+    srv = gserver(ns["echo_fast"])
+    with connect(f"ws://127.0.0.1:{srv.port}/") as c:
+        for i in range(3):
+            c.send(f"m{i}")
+            assert c.recv(timeout=5) == f"m{i}"
+
+
 def test_broker_example_runs(serve):
     ns: dict = {}
     exec(_block('feed = SSEBroker(topic="feed"'), ns)
