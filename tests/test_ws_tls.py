@@ -62,3 +62,25 @@ def test_wss_callback_session(gserver: Any, tmp_path: Any) -> None:
         assert b.recv(timeout=5) == "over tls"
         assert a.recv(timeout=5) == "over tls"
     hub.stop()
+
+
+def test_wss_in_loop_echo_small_large_and_burst(gserver: Any, tmp_path: Any) -> None:
+    # in_loop over TLS: the reply of a message read from the TLS buffer is
+    # queued from the loop; large replies exceed the kernel buffer (writer path).
+    cert, key = make_cert(str(tmp_path))
+    srv = gserver(websocket_callback_app(lambda ws: None, lambda ws, m: ws.send(m), in_loop=True),
+                  certfile=cert, keyfile=key)
+    with ws_connect(f"wss://127.0.0.1:{srv.port}/", ssl=client_context(cert),
+                    max_size=None) as c:
+        for i in range(20):
+            c.send(f"m{i}")
+            assert c.recv(timeout=5) == f"m{i}"
+        msgs = [f"burst-{i}-" + "x" * 2000 for i in range(100)]
+        for m in msgs:
+            c.send(m)
+        assert [c.recv(timeout=5) for _ in msgs] == msgs
+        big = os.urandom(300_000)
+        for _ in range(3):
+            c.send(big)
+        for _ in range(3):
+            assert c.recv(timeout=10) == big
