@@ -27,7 +27,7 @@ from .backplane import Backplane, DurableBackplane, LocalBackplane, TopicHistory
 from .detached import DetachedStream
 from .errors import BackplaneUnavailable, BrokerClosed, PresenceRefused, TopicError
 from .events import Event, EventType, encode, encode_comment, encode_retry, truncate_field
-from .lifecycle import lifecycle
+from .lifecycle import Lifecycle, lifecycle_for
 from .presence import JOIN_EVENT, LEAVE_EVENT, UPDATE_EVENT, Presence, PresenceChange, PresenceEvent
 from .replay import History, ReplayStatus
 from .sse import SSE_HEADERS, last_event_id
@@ -218,13 +218,19 @@ class BrokerStats(BrokerCounters):
     """Open multi-topic streams now."""
 
 
+def _register(sub: _Subscriber, environ: Environ) -> None:
+    """Register ``sub`` with its request's lifecycle registry (its server's, else the process's)."""
+    sub.lifecycle = found = lifecycle_for(environ)
+    found.register(sub)
+
+
 class _Subscriber:
     """One open stream. Kept small: memory per idle subscriber matters."""
 
     __slots__ = (
         "broker", "key", "sid", "principal", "names", "block", "capacity", "items",
         "parked", "due", "beat", "last_write", "room", "final", "ended", "greenlet",
-        "dropped", "missed", "delivered", "since", "start", "__weakref__",
+        "dropped", "missed", "delivered", "since", "start", "lifecycle", "__weakref__",
     )
 
     def __init__(self, broker: SSEBroker, key: str, sid: str, principal: str,
@@ -261,6 +267,8 @@ class _Subscriber:
         # absolute position of the first batch frame not yet taken; -1: its
         # frames go to ``items`` one by one.
         self.start = -1
+        # The registry a graceful stop reaches it through (set on registering).
+        self.lifecycle: Lifecycle | None = None
 
     def shutdown(self, reason: str = "server shutting down") -> None:
         """Lifecycle hook: end this stream with a final event and retry hint."""
@@ -931,7 +939,7 @@ class SSEBroker:
         self._subs[key] = sub
         self._direct[sub] = None
         self._views[key] = view
-        lifecycle.register(sub)
+        _register(sub, environ)
         try:
             for sel in allowed:
                 self._topics.join(sel, key, view)
@@ -1188,7 +1196,7 @@ class SSEBroker:
             return "405 Method Not Allowed", _TEXT + [("Allow", "GET")], [b"use GET\n"]
         if self._closed:
             return "503 Service Unavailable", list(_TEXT), [b"broker closed\n"]
-        if lifecycle.shutting_down:
+        if lifecycle_for(environ).shutting_down:
             return self._busy(b"server shutting down\n")
         if not self._in_hub_thread():
             return "500 Internal Server Error", list(_TEXT), [b"broker used from a foreign thread\n"]
@@ -1239,7 +1247,7 @@ class SSEBroker:
                           block, capacity)
         self._subs[key] = sub
         self._direct[sub] = None
-        lifecycle.register(sub)
+        _register(sub, environ)
         prelude = [OPEN_COMMENT]
         if cfg.retry > 0:
             prelude.append(encode_retry(cfg.retry))
@@ -1515,7 +1523,8 @@ class SSEBroker:
             self._unfollow(sub)
         if self._views:
             self._drop_view(sub)
-        lifecycle.unregister(sub)
+        if sub.lifecycle is not None:
+            sub.lifecycle.unregister(sub)
         if self._presence_conns:
             self._presence_leave(sub)  # presence hook (issue 22)
         sub.items.clear()

@@ -3,6 +3,8 @@
 On SIGTERM the server calls :meth:`Lifecycle.shutdown_all`, which asks each
 registered stream (SSE subscriber, WebSocket) to end politely and waits up to a
 deadline. Streams are held weakly, so one that forgets to unregister cannot leak here.
+Each gstream :class:`~gstream.server.Server` has a registry of its own, handed to its streams
+in the WSGI environ (:func:`lifecycle_for`); under other servers they use the process-wide one.
 """
 
 from __future__ import annotations
@@ -10,11 +12,11 @@ from __future__ import annotations
 import logging
 import time
 import weakref
-from typing import Protocol
+from typing import Any, Protocol
 
 import gevent
 
-__all__ = ["Drainable", "Lifecycle", "lifecycle"]
+__all__ = ["ENVIRON_KEY", "Drainable", "Lifecycle", "lifecycle", "lifecycle_for"]
 
 log = logging.getLogger("gstream.lifecycle")
 
@@ -81,5 +83,15 @@ class Lifecycle:
         self.shutting_down = False
 
 
-#: The process-wide registry used by gstream's server and streams.
+#: The process-wide registry: streams served by anything but a gstream Server
+#: (plain pywsgi, gunicorn's workers) register here.
 lifecycle = Lifecycle()
+
+#: The WSGI environ key under which a gstream Server hands its streams its registry.
+ENVIRON_KEY = "gstream.lifecycle"
+
+
+def lifecycle_for(environ: dict[str, Any]) -> Lifecycle:
+    """The registry a stream of this request registers with: its server's, else the process-wide one."""
+    found = environ.get(ENVIRON_KEY)
+    return found if isinstance(found, Lifecycle) else lifecycle

@@ -29,8 +29,8 @@ from . import limits
 from .accessline import AccessLine
 from .deadline import HeadDeadline
 from .handler import GStreamHandler as _DefaultHandler
+from .lifecycle import ENVIRON_KEY as LIFECYCLE_KEY
 from .lifecycle import Lifecycle
-from .lifecycle import lifecycle as default_lifecycle
 from .policies import Overflow
 from .proxy import DEFAULT_FORWARDED_ALLOW_IPS, ProxyHeaders
 from .seats import Seats
@@ -131,6 +131,7 @@ def _managed_handler(base: Any) -> Any:
             ctl = self.server.controller
             ctl.seats.busy(self)
             env = super().get_environ()
+            env[LIFECYCLE_KEY] = ctl.lifecycle  # its streams register there (lifecycle_for)
             proxy = ctl.proxy_headers
             if proxy is not None:  # behind a reverse proxy: the client's view
                 proxy.apply(env)
@@ -346,7 +347,9 @@ class Server:
             WebSocket-aware handler when available, else pywsgi's).
         backlog: the listen backlog (where queued connections wait); default
             :func:`gstream.limits.default_backlog`, ``min(4096, somaxconn)``.
-        lifecycle: the stream registry to drain (default: the process-wide one).
+        lifecycle: the stream registry to drain (default: a new one of its own).
+            Streams find it in the environ (``gstream.lifecycle``), so stopping
+            one server of a process never ends another's streams.
         shutdown_reason: the reason given to streams when shutting down.
         forwarded_allow_ips: the peers (addresses, networks, or ``"*"``)
             whose ``X-Forwarded-For``/``-Proto``/``-Host`` and ``Forwarded``
@@ -390,7 +393,7 @@ class Server:
         self.shutdown_timeout = shutdown_timeout
         self.header_timeout = header_timeout
         self.max_header_bytes = max_header_bytes or 0
-        self.lifecycle = lifecycle if lifecycle is not None else default_lifecycle
+        self.lifecycle = lifecycle if lifecycle is not None else Lifecycle()
         self.shutdown_reason = shutdown_reason
         self.proxy_headers = (None if forwarded_allow_ips is None
                               else ProxyHeaders(forwarded_allow_ips))

@@ -23,7 +23,6 @@ import pytest
 from gstream.broker import SSEBroker
 from gstream.detached import MAX_DISCARD, DetachedStream, detached_streams
 from gstream.events import Event
-from gstream.lifecycle import lifecycle
 from gstream.sseparse import EventStreamParser
 from tests.helpers import ChunkedReader, SSEStream, read_response_head, wait_until
 
@@ -69,7 +68,7 @@ def _reset(sock: socket.socket) -> None:
 
 def _all_given_back(srv: Any, broker: SSEBroker) -> bool:
     return (detached_streams() == 0 and srv.connections == 0
-            and broker.subscriber_count == 0 and len(lifecycle) == 0)
+            and broker.subscriber_count == 0 and len(srv.lifecycle) == 0)
 
 
 def _read_to_eof(sock: socket.socket, timeout: float = 20) -> bytes:
@@ -240,7 +239,7 @@ def test_stop_with_a_pending_remainder_ends_by_the_deadline(
     # A stream closed at the deadline did not end in time: stop() says so.
     assert clean is False
     assert _all_given_back(srv, broker), (detached_streams(), srv.connections,
-                                           broker.subscriber_count, len(lifecycle))
+                                           broker.subscriber_count, len(srv.lifecycle))
     raw = _read_to_eof(stuck.sock)
     assert b"gstream.shutdown" not in raw  # aborted: its last bytes were pending
     stuck.close()
@@ -278,7 +277,7 @@ def test_broker_close_with_a_pending_remainder(gserver: Any, hub_errors: list[An
     events = slow.read_until_end(20)
     assert events[-1].data == "[DONE]"
     assert wait_until(lambda: detached_streams() == 1 and srv.connections == 1, 5), (
-        detached_streams(), srv.connections, len(lifecycle))
+        detached_streams(), srv.connections, len(srv.lifecycle))
     # The one that never reads keeps its seat until it leaves (as a greenlet in a
     # blocked write would); its reset gives everything back.
     _reset(stuck.sock)

@@ -21,7 +21,7 @@ from websockets.protocol import CLOSED, OPEN
 
 from ..errors import Closed
 from ..hijack import Hijack
-from ..lifecycle import lifecycle
+from ..lifecycle import Lifecycle, lifecycle_for
 from ..tlsio import TLSTransport, is_tls, os_socket
 from .assembler import Assembler, MessageError, whole_message
 from .callbacks import CallbackSession, _discard
@@ -97,7 +97,7 @@ class WebSocket(OutboundQueue, CallbackSession):
         "_out_msgs", "_eof_pending", "_eof_sent", "_flush_scheduled", "_writer", "_space",
         "_reader", "_reading", "_keepalive", "_close_timer", "_last_rx", "_ping_nonce",
         "_ping_sent_at", "_ping_count", "_finalized", "_callbacks", "_peer_eof",
-        "_on_message", "_dispatcher", "_release", "_pause_budget", "_in_loop",
+        "_on_message", "_dispatcher", "_release", "_pause_budget", "_in_loop", "_lifecycle",
     )
 
     def __init__(self, protocol: GStreamProtocol, hijack: Hijack, config: WSConfig,
@@ -159,13 +159,15 @@ class WebSocket(OutboundQueue, CallbackSession):
         self._on_message: Callable[[WebSocket, Message], Any] | None = None
         self._dispatcher: gevent.Greenlet | None = None
         self._in_loop = False  # on_message may be called from the read callback
+        # The registry a graceful stop reaches it through: its server's (lifecycle_for).
+        self._lifecycle: Lifecycle = lifecycle_for(environ)
         self._release: Callable[[], None] | None = None
 
     # ------------------------------------------------------------------ start
     def _start(self, pre_read: bytes) -> None:
         if self._tls:
             self._raw = TLSTransport(self._sock)
-        lifecycle.register(self)
+        self._lifecycle.register(self)
         _open.add(self)
         self._reader = self._loop.io(self._fd, 1)
         self._resume_reading()
@@ -632,7 +634,7 @@ class WebSocket(OutboundQueue, CallbackSession):
         if self._space is not None:
             self._space.set()
         self._closed.set()
-        lifecycle.unregister(self)
+        self._lifecycle.unregister(self)
         _open.discard(self)
         self._close_detached()
         if self._callbacks:

@@ -21,7 +21,7 @@ from websockets.protocol import OPEN
 
 from .. import hijack as _hijack
 from ..errors import Closed, HandshakeError
-from ..lifecycle import lifecycle
+from ..lifecycle import lifecycle_for
 from .config import WSConfig
 from .connection import WebSocket
 from .protocol import GStreamProtocol
@@ -109,7 +109,7 @@ def upgrade(environ: dict[str, Any], start_response: Any = None,
     must return ``ws.wsgi_result()``.
     """
     config = config or _DEFAULT_CONFIG
-    if lifecycle.shutting_down:
+    if lifecycle_for(environ).shutting_down:
         raise _refuse(503, "server shutting down")
     if environ.get("REQUEST_METHOD", "GET") != "GET":
         raise _refuse(405, "WebSocket upgrade requires GET")
