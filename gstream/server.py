@@ -31,6 +31,7 @@ from .deadline import HeadDeadline
 from .handler import GStreamHandler as _DefaultHandler
 from .lifecycle import ENVIRON_KEY as LIFECYCLE_KEY
 from .lifecycle import Lifecycle
+from .lifecycle import lifecycle as process_lifecycle
 from .policies import Overflow
 from .proxy import DEFAULT_FORWARDED_ALLOW_IPS, ProxyHeaders
 from .seats import Seats
@@ -347,9 +348,11 @@ class Server:
             WebSocket-aware handler when available, else pywsgi's).
         backlog: the listen backlog (where queued connections wait); default
             :func:`gstream.limits.default_backlog`, ``min(4096, somaxconn)``.
-        lifecycle: the stream registry to drain (default: a new one of its own).
-            Streams find it in the environ (``gstream.lifecycle``), so stopping
-            one server of a process never ends another's streams.
+        lifecycle: the stream registry to drain (default: one of its own, a
+            child of the process-wide one). Streams find it in the environ
+            (``gstream.lifecycle``); stopping the server ends them and streams
+            registered with the process-wide registry by hand, never another
+            server's.
         shutdown_reason: the reason given to streams when shutting down.
         forwarded_allow_ips: the peers (addresses, networks, or ``"*"``)
             whose ``X-Forwarded-For``/``-Proto``/``-Host`` and ``Forwarded``
@@ -393,7 +396,7 @@ class Server:
         self.shutdown_timeout = shutdown_timeout
         self.header_timeout = header_timeout
         self.max_header_bytes = max_header_bytes or 0
-        self.lifecycle = lifecycle if lifecycle is not None else Lifecycle()
+        self.lifecycle = lifecycle if lifecycle is not None else Lifecycle(parent=process_lifecycle)
         self.shutdown_reason = shutdown_reason
         self.proxy_headers = (None if forwarded_allow_ips is None
                               else ProxyHeaders(forwarded_allow_ips))

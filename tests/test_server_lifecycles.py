@@ -69,7 +69,8 @@ def test_stopping_one_server_leaves_the_streams_of_another_alone(gserver: Any) -
         stack.callback(b_sse.close)
         assert wait_until(lambda: len(a.lifecycle) == 2 and len(b.lifecycle) == 3, 5), (
             len(a.lifecycle), len(b.lifecycle))
-        assert len(lifecycle) == 0  # nothing of either server in the process-wide registry
+        # The process-wide registry still holds every live stream (stats count it).
+        assert len(lifecycle) >= 5
         assert a.stop(timeout=3)
         # a's streams were ended politely...
         assert a_sse.until(lambda evs: any(e.event == "gstream.shutdown" for e in evs))
