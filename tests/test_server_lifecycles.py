@@ -109,3 +109,21 @@ def test_a_server_with_its_own_registry_drains_its_broker_streams(gserver: Any) 
         assert wait_until(lambda: len(mine) == 0 and broker.subscriber_count == 0, 5)
     finally:
         stream.close()
+
+
+def test_the_process_wide_registry_still_reaches_every_server_stream(gserver: Any) -> None:
+    broker = SSEBroker()
+    srv = gserver(_routes(broker))
+    stream = _Stream(srv.url + "/")
+    try:
+        assert wait_until(lambda: len(srv.lifecycle) == 1, 5)
+        try:
+            assert lifecycle.shutdown_all(timeout=3) == 0  # what gunicorn's workers call
+            assert srv.lifecycle.shutting_down  # the parent's state is the server's too
+            assert stream.until(lambda evs: any(e.event == "gstream.shutdown" for e in evs))
+        finally:
+            lifecycle.reset()
+        assert not srv.lifecycle.shutting_down
+        assert wait_until(lambda: len(srv.lifecycle) == 0, 5)
+    finally:
+        stream.close()
