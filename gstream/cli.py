@@ -65,6 +65,16 @@ def _allow_ips(value: str) -> str:
     return value
 
 
+def _seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}") from None
+    if not 0 <= seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, got {value!r}")
+    return seconds
+
+
 def _workers(value: str) -> int:
     from .limits import WORKERS_PER_CPU, max_workers  # stdlib only: safe before monkey-patching
 
@@ -105,6 +115,10 @@ def _add_server_options(p: argparse.ArgumentParser, default_port: int) -> None:
                         "N > 1: a supervisor forks N workers, each importing the app; "
                         "max 4 x CPUs). Memory, and so an in-memory broker or hub, is per "
                         "worker: see docs/redis.md")
+    p.add_argument("--worker-timeout", type=_seconds, default=30.0,
+                   help="with --workers: seconds a worker's event loop may go without a "
+                        "heartbeat (blocked by a CPU-bound or unpatched blocking call) before "
+                        "the worker is killed and replaced (default 30; 0 disables)")
     p.add_argument("--log-level", default="info",
                    choices=("debug", "info", "warning", "error"))
 
@@ -189,6 +203,7 @@ def _supervise(load: Any, args: argparse.Namespace, banner: str) -> int:
         host=args.host, port=args.port, workers=args.workers, load_app=load_in_worker,
         ready=lambda sup: print(banner.format(url=sup.url), flush=True),
         on_server=lambda server: _bind_server(holder["app"], server),
+        worker_timeout=args.worker_timeout or None,
         **_server_options(args),
     )
     try:

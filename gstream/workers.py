@@ -3,7 +3,9 @@
 :class:`Supervisor` binds the port once, forks ``workers`` processes that each
 run gstream's :class:`gstream.server.Server` on the inherited socket, replaces
 a worker that dies (with a bounded back-off, giving up on a crash loop), and
-on SIGTERM/SIGINT drains every worker within the shutdown timeout. ``gstream
+on SIGTERM/SIGINT drains every worker within the shutdown timeout. A worker whose
+event loop stops running (a CPU-bound or unpatched blocking call holds it) stops
+sending heartbeats and is killed and replaced after ``worker_timeout``. ``gstream
 serve --workers N`` uses it. The reasoning is in docs/server.md ("Workers").
 """
 
@@ -47,6 +49,8 @@ BACKOFF_MAX = 2.0
 KILL_GRACE = 3.0
 #: How long the supervisor sleeps at most between two looks at its workers.
 _TICK = 0.5
+#: A worker sends a heartbeat this many times per ``worker_timeout``.
+HEARTBEATS_PER_TIMEOUT = 4
 
 WSGIApp = Callable[..., Any]
 
@@ -80,13 +84,14 @@ def check_workers(workers: int) -> int:
 class _Worker:
     """The supervisor's record of one worker process."""
 
-    __slots__ = ("slot", "pid", "started", "state")
+    __slots__ = ("slot", "pid", "started", "state", "last_beat")
 
     def __init__(self, slot: int, pid: int) -> None:
         self.slot = slot
         self.pid = pid
         self.started = time.monotonic()
         self.state = WorkerState.STARTING
+        self.last_beat = self.started  # its last "<pid>\n" on the ready pipe
 
 
 # The supervisor never runs gevent's loop: in a monkey-patched process it
@@ -121,6 +126,9 @@ class Supervisor:
             serves (once, at start).
         on_server: called in each worker with its :class:`Server` before it starts.
         boot_timeout: seconds a worker has to start serving before it is killed.
+        worker_timeout: seconds a serving worker may go without a heartbeat
+            (its event loop sends one every ``worker_timeout / 4``) before it
+            is killed and replaced; None never kills.
         options: :class:`Server` keyword arguments (``backlog`` is the listen
             backlog of the shared socket; ``shutdown_timeout`` also bounds the
             supervisor's shutdown).
@@ -137,10 +145,13 @@ class Supervisor:
         ready: Callable[[Supervisor], Any] | None = None,
         on_server: Callable[[Server], Any] | None = None,
         boot_timeout: float = 60.0,
+        worker_timeout: float | None = 30.0,
         **options: Any,
     ) -> None:
         if (app is None) == (load_app is None):
             raise ValueError("give exactly one of app and load_app")
+        if worker_timeout is not None and not worker_timeout > 0:
+            raise ValueError(f"worker_timeout must be positive or None, got {worker_timeout!r}")
         self.workers = check_workers(workers)
         bad = (set(options) - set(inspect.signature(Server).parameters)) | (
             {"app", "host", "port", "listener"} & set(options))
@@ -152,6 +163,7 @@ class Supervisor:
         """The listen backlog of the shared socket (the kernel clamps it to somaxconn)."""
         self.shutdown_timeout: float = options.get("shutdown_timeout", 10.0)
         self.boot_timeout = boot_timeout
+        self.worker_timeout = worker_timeout
         self.options = options
         self.failure: str | None = None
         """Why the supervisor gave up (a crash loop), or None."""
@@ -245,7 +257,8 @@ class Supervisor:
     # -- parent --------------------------------------------------------------
 
     def _open_pipes(self) -> None:
-        self._ready_r, self._ready_w = os.pipe()  # workers -> parent: "<pid>\n" once serving
+        # workers -> parent: "<pid>\n" once serving, then as heartbeats (atomic: < PIPE_BUF)
+        self._ready_r, self._ready_w = os.pipe()
         self._alive_r, self._alive_w = os.pipe()  # parent holds the write end; EOF: it is gone
         self._wake_r, self._wake_w = os.pipe()  # signal wakeups
         for fd in (self._wake_r, self._wake_w):
@@ -293,6 +306,7 @@ class Supervisor:
             if self.failure is not None:
                 break
             self._check_boot_timeouts()
+            self._check_heartbeats()
             self._respawn_due()
             if self._phase == _Phase.STARTING and self._all_ready():
                 self._phase = _Phase.RUNNING
@@ -329,9 +343,13 @@ class Supervisor:
                 break
             self._ready_buf += os.read(self._ready_r, 4096)
         *lines, self._ready_buf = self._ready_buf.split(b"\n")
+        now = time.monotonic()
         for line in lines:
             worker = self._children.get(int(line) if line.isdigit() else 0)
-            if worker is None or worker.state != WorkerState.STARTING:
+            if worker is None:
+                continue
+            worker.last_beat = now
+            if worker.state != WorkerState.STARTING:
                 continue
             worker.state = WorkerState.READY
             log.log(logging.INFO if self._phase == _Phase.RUNNING else logging.DEBUG,
@@ -383,6 +401,18 @@ class Supervisor:
                 worker.state = WorkerState.STOPPING
                 _kill(worker.pid, signal.SIGKILL)
 
+    def _check_heartbeats(self) -> None:
+        if self.worker_timeout is None:
+            return
+        now = time.monotonic()
+        for worker in self._children.values():
+            if worker.state == WorkerState.READY and now - worker.last_beat > self.worker_timeout:
+                log.error("worker %d (pid %d) sent no heartbeat for %.1f s (its event loop is "
+                          "blocked: a CPU-bound or unpatched blocking call?): killing it",
+                          worker.slot, worker.pid, now - worker.last_beat)
+                worker.state = WorkerState.STOPPING
+                _kill(worker.pid, signal.SIGKILL)
+
     def _shutdown(self, stop_seen: int) -> None:
         """SIGTERM every worker (each drains), SIGKILL what is left at the deadline."""
         self._phase = _Phase.STOPPING
@@ -399,6 +429,7 @@ class Supervisor:
         deadline = time.monotonic() + max(0.0, self.shutdown_timeout) + KILL_GRACE
         while self._children and time.monotonic() < deadline:
             self._wait(min(_TICK, max(0.0, deadline - time.monotonic())))
+            self._read_ready()  # heartbeats of draining workers: read, or the wait spins
             self._reap()
             if self._stop_signals > stop_seen:  # again: the workers cut their drains short
                 stop_seen = self._stop_signals
@@ -412,6 +443,7 @@ class Supervisor:
         end = time.monotonic() + 5.0
         while self._children and time.monotonic() < end:
             self._wait(0.05)
+            self._read_ready()
             self._reap()
         if self._children:
             log.error("%d workers could not be reaped", len(self._children))
@@ -453,7 +485,10 @@ class Supervisor:
                 raise
             code = 1
             os.write(self._ready_w, f"{os.getpid()}\n".encode())
-            os.close(self._ready_w)
+            if self.worker_timeout is not None:
+                gevent.spawn(_heartbeat, self._ready_w, self.worker_timeout / HEARTBEATS_PER_TIMEOUT)
+            else:
+                os.close(self._ready_w)
             gevent.spawn(_exit_with_parent, self._alive_r, server)
             server.install_signal_handlers((signal.SIGTERM,))
             server.serve_forever(install_signals=False)
@@ -493,6 +528,20 @@ def _exit_with_parent(fd: int, server: Server) -> None:
     log.warning("the supervisor (pid %d) is gone: worker %d shutting down", os.getppid(),
                 os.getpid())
     server.stop()
+
+
+def _heartbeat(fd: int, interval: float) -> None:
+    """In a worker: "<pid>\n" every ``interval`` s from the event loop, so only a running loop beats."""
+    import gevent
+
+    line = f"{os.getpid()}\n".encode()
+    os.set_blocking(fd, False)  # a full pipe must not block the loop it reports on
+    while True:
+        gevent.sleep(interval)
+        try:
+            os.write(fd, line)  # a full pipe (a stuck supervisor) raises: stop beating
+        except OSError:
+            return
 
 
 def _on_child(signum: int, frame: Any) -> None:

@@ -223,6 +223,33 @@ def test_killed_worker_is_replaced_and_service_continues(supervised: Any) -> Non
     assert s.exit_code(10) == 0
 
 
+def test_a_worker_whose_loop_is_blocked_is_killed_and_replaced(supervised: Any) -> None:
+    s = serve(supervised, "--worker-timeout", "2")
+    before = s.workers()
+    # A block shorter than the timeout is tolerated (heartbeats every 0.5 s).
+    assert int(requests.get(s.url + "/hog?t=0.3", timeout=10).text) in before
+    gevent.sleep(2.5)
+    assert s.workers() == before and "sent no heartbeat" not in s.log, s.log
+    # A loop blocked for good: no heartbeat, so the worker is killed and replaced.
+    stuck = gevent.spawn(requests.get, s.url + "/hog?t=60", timeout=70)
+    assert wait_until(lambda: "sent no heartbeat" in s.log, 15), s.log
+    m = re.search(r"worker \d+ \(pid (\d+)\) sent no heartbeat for ([\d.]+) s", s.log)
+    assert m, s.log
+    victim, silent = int(m.group(1)), float(m.group(2))
+    assert victim in before and 2 <= silent < 10
+    assert wait_until(lambda: victim not in s.workers() and len(s.workers()) == 2
+                      and s.log.count(") ready") >= 1, 15), s.log
+    assert f"(pid {victim}) was killed by SIGKILL" in s.log
+    stuck.join(timeout=10)  # its connection died with the worker
+    assert stuck.ready() and not stuck.successful()
+    (new,) = s.workers() - before
+    assert wait_until(lambda: f"(pid {new}) ready" in s.log, 15), s.log
+    seen = {pid for pid, _ in both_workers(s, lambda: (s.pid_of_one_request(), None))}
+    assert seen == s.workers()
+    s.p.send_signal(signal.SIGTERM)
+    assert s.exit_code(15) == 0
+
+
 def test_sigterm_drains_every_worker(supervised: Any) -> None:
     s = serve(supervised, "--shutdown-timeout", "4")
     ws_url = s.url.replace("http://", "ws://")
@@ -315,6 +342,10 @@ def test_bad_spec_and_busy_port_fail_before_forking(supervised: Any) -> None:
         s = supervised("serve", APP, "--port", str(port), "--workers", "2")
         assert s.exit_code(15) == 1
     assert f"cannot listen on 127.0.0.1:{port}" in s.log and "started" not in s.log
+    for bad in ("-1", "nan", "soon"):
+        s = supervised("serve", APP, "--port", "0", "--workers", "2", "--worker-timeout", bad)
+        assert s.exit_code(15) == 2
+        assert "--worker-timeout" in s.log and "started" not in s.log, s.log
 
 
 def test_server_serves_a_socket_bound_elsewhere() -> None:
@@ -348,6 +379,9 @@ def test_supervisor_refuses_bad_arguments_before_binding() -> None:
         Supervisor(app, load_app=lambda: app)
     with pytest.raises(TypeError, match="max_conections"):
         Supervisor(app, max_conections=5)
+    for bad_timeout in (0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="worker_timeout must be positive or None"):
+            Supervisor(app, worker_timeout=bad_timeout)
     sup = Supervisor(app, port=0, workers=2, max_connections=5)
     assert sup.pids == [] and sup.url == "http://127.0.0.1:0"  # nothing bound or forked yet
 
