@@ -231,7 +231,7 @@ def test_a_worker_whose_loop_is_blocked_is_killed_and_replaced(supervised: Any) 
     gevent.sleep(2.5)
     assert s.workers() == before and "sent no heartbeat" not in s.log, s.log
     # A loop blocked for good: no heartbeat, so the worker is killed and replaced.
-    stuck = gevent.spawn(requests.get, s.url + "/hog?t=60", timeout=70)
+    stuck = gevent.spawn(requests.get, s.url + "/hog?t=20", timeout=30)
     assert wait_until(lambda: "sent no heartbeat" in s.log, 15), s.log
     m = re.search(r"worker \d+ \(pid (\d+)\) sent no heartbeat for ([\d.]+) s", s.log)
     assert m, s.log

@@ -1,9 +1,10 @@
 """The app of tests/test_workers.py, served by ``gstream serve --workers 2``.
 
 * ``/pid`` answers the worker's process id;
-* ``/hog?t=S`` blocks its worker's whole event loop for S seconds (the original,
-  unpatched ``time.sleep``), then answers the pid: meanwhile only the other
-  worker accepts, which spreads the next connections deterministically;
+* ``/hog?t=S`` blocks its worker's whole event loop for S seconds, at most 20 (the
+  original, unpatched ``time.sleep``), then answers the pid: meanwhile only the other
+  worker accepts, which spreads the next connections deterministically, and a long
+  one stops the worker's heartbeat;
 * ``/ignore-sigterm`` makes its worker ignore SIGTERM from now on (a straggler the
   supervisor must kill at its deadline) and answers the pid;
 * ``/stream`` is an SSE stream registered with gstream's lifecycle: its first
@@ -48,7 +49,7 @@ def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
         return _text(start_response, str(os.getpid()))
     if path == "/hog":
         seconds = float(parse_qs(environ.get("QUERY_STRING", "")).get("t", ["0.2"])[0])
-        _blocking_sleep(min(seconds, 2.0))
+        _blocking_sleep(min(seconds, 20.0))  # bounded: a test's stuck loop must end
         return _text(start_response, str(os.getpid()))
     if path == "/ignore-sigterm":
         # The original signal(): replacing the disposition bypasses the server's handler.
