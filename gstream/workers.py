@@ -396,10 +396,7 @@ class Supervisor:
         now = time.monotonic()
         for worker in self._children.values():
             if worker.state == WorkerState.STARTING and now - worker.started > self.boot_timeout:
-                log.error("worker %d (pid %d) did not start serving within %.0f s: killing it",
-                          worker.slot, worker.pid, self.boot_timeout)
-                worker.state = WorkerState.STOPPING
-                _kill(worker.pid, signal.SIGKILL)
+                _kill_stuck(worker, f"did not start serving within {self.boot_timeout:.0f} s")
 
     def _check_heartbeats(self) -> None:
         if self.worker_timeout is None:
@@ -407,11 +404,8 @@ class Supervisor:
         now = time.monotonic()
         for worker in self._children.values():
             if worker.state == WorkerState.READY and now - worker.last_beat > self.worker_timeout:
-                log.error("worker %d (pid %d) sent no heartbeat for %.1f s (its event loop is "
-                          "blocked: a CPU-bound or unpatched blocking call?): killing it",
-                          worker.slot, worker.pid, now - worker.last_beat)
-                worker.state = WorkerState.STOPPING
-                _kill(worker.pid, signal.SIGKILL)
+                _kill_stuck(worker, f"sent no heartbeat for {now - worker.last_beat:.1f} s (its "
+                                    "event loop is blocked: a CPU-bound or unpatched blocking call?)")
 
     def _shutdown(self, stop_seen: int) -> None:
         """SIGTERM every worker (each drains), SIGKILL what is left at the deadline."""
@@ -546,6 +540,13 @@ def _heartbeat(fd: int, interval: float) -> None:
 
 def _on_child(signum: int, frame: Any) -> None:
     """SIGCHLD: nothing to do here; the wakeup fd ends the supervisor's wait."""
+
+
+def _kill_stuck(worker: _Worker, why: str) -> None:
+    """SIGKILL a worker that will not serve (it is replaced when reaped), saying why."""
+    log.error("worker %d (pid %d) %s: killing it", worker.slot, worker.pid, why)
+    worker.state = WorkerState.STOPPING
+    _kill(worker.pid, signal.SIGKILL)
 
 
 def _kill(pid: int, signum: int) -> None:

@@ -117,15 +117,18 @@ class CallbackSession:
             on_message(cast("WebSocket", self), message)
         except Closed:
             pass
-        except BlockingSwitchOutError:
-            log.error("websocket %s: on_message %r blocked in the event loop (in_loop=True: "
-                      "it must not block); closing with 1011", self._fd,
-                      getattr(on_message, "__name__", on_message), exc_info=True)
-            self.close(1011, "internal error", wait=False)
-        except Exception:
-            log.exception("websocket %s: on_message %r failed; closing with 1011", self._fd,
-                          getattr(on_message, "__name__", on_message))
-            self.close(1011, "internal error", wait=False)
+        except Exception as exc:
+            self._on_message_failed(on_message, exc)
+
+    def _on_message_failed(self, on_message: Callable[[WebSocket, Message], Any],
+                           exc: Exception) -> None:
+        # Either way of calling on_message: log why, drop what is queued, close 1011.
+        how = ("blocked in the event loop (in_loop=True: it must not block)"
+               if isinstance(exc, BlockingSwitchOutError) else "failed")
+        log.error("websocket %s: on_message %r %s; closing with 1011", self._fd,
+                  getattr(on_message, "__name__", on_message), how, exc_info=exc)
+        self._inbound.clear()
+        self.close(1011, "internal error", wait=False)  # a no-op once closing
 
     def _kick_dispatch(self) -> None:
         if self._dispatcher is None and self._on_message is not None:
@@ -160,11 +163,8 @@ class CallbackSession:
                     return  # lingered (or closed): an idle session holds no greenlet
         except Closed:
             pass
-        except Exception:
-            log.exception("websocket %s: on_message %r failed; closing with 1011", self._fd,
-                          getattr(on_message, "__name__", on_message))
-            self._inbound.clear()
-            self.close(1011, "internal error", wait=False)  # a no-op once closing
+        except Exception as exc:
+            self._on_message_failed(on_message, exc)
         finally:
             if timer is not None:
                 timer.close()

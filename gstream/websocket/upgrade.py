@@ -260,7 +260,7 @@ def websocket_callback_app(
     With ``in_loop=True`` a message that finds nothing queued either way (no
     earlier message waiting, no reply waiting to be sent) is handed to
     ``on_message`` straight from the event loop's read callback, with no
-    greenlet switch: about a sixth less server CPU per request/response
+    greenlet switch: about a fifth less server CPU per request/response
     round trip (docs/performance.md). ``on_message`` must then not block:
     no sleeps, no blocking I/O or locks, at most ``send_buffer`` sends per
     call (``hub.broadcast`` never blocks). A blocking call raises gevent's
